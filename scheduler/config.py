@@ -1,0 +1,33 @@
+"""The scheduler's configuration: one typed object, built from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from scheduler.policy import POLICIES
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    worker: str                  # gRPC target of worker rank 0
+    listen: str                  # gRPC address served to gateways
+    max_num_batched_tokens: int  # 0: what the worker advertises
+    max_num_seqs: int            # 0: what the worker advertises
+    policy: str
+    connect_timeout: float       # seconds to wait for the worker at start and after a failure
+    log_level: str
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--worker", default="127.0.0.1:50061")
+        parser.add_argument("--listen", default="127.0.0.1:50060")
+        parser.add_argument("--max-num-batched-tokens", type=int, default=0)
+        parser.add_argument("--max-num-seqs", type=int, default=0)
+        parser.add_argument("--policy", default="fcfs", choices=sorted(POLICIES))
+        parser.add_argument("--connect-timeout", type=float, default=600.0)
+        parser.add_argument("--log-level", default="info")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SchedulerConfig":
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})

@@ -1,0 +1,224 @@
+"""The scheduler's one owner of state: plans a step, sends it, applies the result, repeats.
+
+Every mutation of the planner happens in this module's synchronous code; the only await
+in a step is the worker round trip. Aborts that land during that await free their blocks
+at once and their results are dropped when the step returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from inflight.v1 import common_pb2, scheduler_pb2, worker_pb2
+from scheduler.config import SchedulerConfig
+from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits, RequestOutput
+from scheduler.policy import POLICIES
+from scheduler.request import Request
+from scheduler.worker_link import WorkerLink, WorkerUnavailable, plan_to_proto
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Ends a request's stream with a gRPC status."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+class RequestRejected(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+StreamItem = scheduler_pb2.TokenEvent | Failure
+
+
+class EngineLoop:
+    def __init__(self, config: SchedulerConfig, on_ready_change: Callable[[bool], None]) -> None:
+        self.config = config
+        self.link = WorkerLink(config.worker)
+        self.planner: BatchPlanner | None = None
+        self.description: worker_pb2.WorkerDescription | None = None
+        self.streams: dict[str, asyncio.Queue[StreamItem]] = {}
+        self._on_ready_change = on_ready_change
+        self._wake = asyncio.Event()
+        self._arrivals = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.planner is not None
+
+    # --- called by the gRPC service ------------------------------------------------------
+
+    def submit(self, submit: scheduler_pb2.SubmitRequest) -> asyncio.Queue[StreamItem]:
+        planner, description = self.planner, self.description
+        if planner is None or description is None:
+            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "the worker group is not ready")
+        request = self._make_request(submit, planner, description)
+        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+        self.streams[request.request_id] = queue
+        planner.add(request)
+        log.info("request_queued", request_id=request.request_id, prompt_tokens=len(request.prompt_token_ids),
+                 max_new_tokens=request.max_new_tokens)
+        self._wake.set()
+        return queue
+
+    def abort(self, request_id: str) -> bool:
+        request = self.planner.abort(request_id) if self.planner else None
+        queue = self.streams.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(scheduler_pb2.TokenEvent(finish_reason=common_pb2.FINISH_REASON_ABORT))
+        if request is not None:
+            log.info("request_aborted", request_id=request_id, generated=len(request.output_token_ids))
+        return request is not None
+
+    def stats(self) -> common_pb2.Stats:
+        planner = self.planner
+        if planner is None:
+            return common_pb2.Stats()
+        s = planner.stats
+        return common_pb2.Stats(
+            kv_blocks_total=planner.allocator.num_usable,
+            kv_blocks_free=planner.allocator.num_free,
+            kv_blocks_cached=planner.allocator.num_cached,
+            requests_running=len(planner.running),
+            requests_waiting=len(planner.waiting),
+            steps_total=s.steps_total,
+            preemptions_total=s.preemptions_total,
+            prompt_tokens_total=s.prompt_tokens_total,
+            generated_tokens_total=s.generated_tokens_total,
+            max_batch_size_seen=s.max_batch_size_seen,
+            batched_sequences_total=s.batched_sequences_total,
+        )
+
+    def _make_request(self, submit: scheduler_pb2.SubmitRequest, planner: BatchPlanner,
+                      description: worker_pb2.WorkerDescription) -> Request:
+        prompt = list(submit.prompt_token_ids)
+        limits = planner.limits
+        if not submit.request_id:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        if submit.request_id in self.streams:
+            raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {submit.request_id!r} is in flight")
+        if not prompt:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: must not be empty")
+        if max(prompt) >= description.vocab_size:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"prompt_token_ids: ids must be below the vocabulary size {description.vocab_size}")
+        if len(prompt) >= limits.max_model_len:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"prompt_token_ids: {len(prompt)} tokens leave no room in the context length {limits.max_model_len}")
+        if submit.max_new_tokens == 0:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens: must be at least 1")
+        max_new_tokens = min(submit.max_new_tokens, limits.max_model_len - len(prompt))
+        if planner.blocks_needed_alone(len(prompt), max_new_tokens) > planner.allocator.num_usable:
+            raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"the request needs more KV blocks than the whole cache holds ({planner.allocator.num_usable})")
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(submit.sampling)
+        if not sampling.HasField("seed"):
+            sampling.seed = random.getrandbits(63)
+        stop = set(submit.stop_token_ids)
+        if not submit.ignore_eos:
+            stop |= set(description.eos_token_ids)
+        self._arrivals += 1
+        return Request(
+            request_id=submit.request_id, prompt_token_ids=prompt, max_new_tokens=max_new_tokens,
+            sampling=sampling, stop_token_ids=frozenset(stop), arrival_order=self._arrivals,
+            priority=submit.priority, tenant=submit.tenant,
+        )
+
+    # --- the loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await self._connect()
+            try:
+                await self._serve_steps()
+            except WorkerUnavailable as error:
+                log.error("worker_lost", error=str(error))
+                self._fail_all(grpc.StatusCode.UNAVAILABLE, f"the worker group failed: {error}")
+
+    async def _connect(self) -> None:
+        while True:
+            try:
+                description, warmup = await self.link.connect(self.config.connect_timeout)
+                break
+            except WorkerUnavailable as error:
+                log.warning("worker_unreachable", error=str(error))
+                await asyncio.sleep(1.0)
+        limits = PlannerLimits(
+            max_num_batched_tokens=min(self.config.max_num_batched_tokens or description.max_num_batched_tokens,
+                                       description.max_num_batched_tokens),
+            max_num_seqs=min(self.config.max_num_seqs or description.max_num_seqs, description.max_num_seqs),
+            max_model_len=description.max_model_len,
+            block_size=description.block_size,
+            num_kv_blocks=min(description.num_kv_blocks, warmup.num_kv_blocks or description.num_kv_blocks),
+        )
+        self.description = description
+        self.planner = BatchPlanner(limits, POLICIES[self.config.policy]())
+        log.info("worker_ready", model=description.model_name, tp_size=description.tp_size,
+                 kv_blocks=limits.num_kv_blocks - 1, block_size=limits.block_size,
+                 max_num_batched_tokens=limits.max_num_batched_tokens, max_num_seqs=limits.max_num_seqs,
+                 warmup_seconds=round(warmup.warmup_seconds, 3))
+        self._on_ready_change(True)
+
+    async def _serve_steps(self) -> None:
+        planner = self.planner
+        assert planner is not None
+        while True:
+            if not planner.has_work():
+                planner.check_invariants()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            step = planner.schedule()
+            if not step.chunks:
+                raise AssertionError("work is waiting but nothing could be scheduled")
+            result = await self.link.step(plan_to_proto(step))
+            if result.error:
+                self._fail_step(step, result.error)
+                continue
+            self._deliver(planner.update(step, {s.slot_id: s.token_id for s in result.sampled}))
+            await asyncio.sleep(0)  # let handlers read their tokens and aborts arrive
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            request = output.request
+            queue = self.streams.get(request.request_id)
+            if queue is None:
+                continue
+            event = scheduler_pb2.TokenEvent(token_ids=output.new_token_ids, finish_reason=output.finish_reason)
+            if len(request.output_token_ids) == len(output.new_token_ids):
+                event.num_cached_prompt_tokens = request.num_cached_prompt_tokens
+            queue.put_nowait(event)
+            if output.finish_reason:
+                del self.streams[request.request_id]
+                log.info("request_finished", request_id=request.request_id,
+                         reason=common_pb2.FinishReason.Name(output.finish_reason),
+                         generated=len(request.output_token_ids), preemptions=request.num_preemptions)
+
+    def _fail_step(self, step: PlannedStep, error: str) -> None:
+        log.error("step_failed", step_id=step.step_id, error=error)
+        for chunk in step.chunks:
+            request_id = chunk.request.request_id
+            if self.planner and self.planner.abort(request_id):
+                queue = self.streams.pop(request_id, None)
+                if queue is not None:
+                    queue.put_nowait(Failure(grpc.StatusCode.INTERNAL, f"the worker rejected the step: {error}"))
+
+    def _fail_all(self, code: grpc.StatusCode, message: str) -> None:
+        self._on_ready_change(False)
+        self.planner = None
+        for queue in self.streams.values():
+            queue.put_nowait(Failure(code, message))
+        self.streams.clear()

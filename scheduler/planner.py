@@ -1,0 +1,239 @@
+"""The batch planner: which sequences run in the next step, and how many tokens each.
+
+One token budget per step is shared by decodes and prompt chunks: running sequences
+first (in policy order), then waiting ones, the last prompt chunked to fit. KV blocks are
+allocated optimistically; when they run out, the running request that sorts last under
+the policy is preempted (its blocks freed, recomputed later from its tokens).
+All state changes happen in plain synchronous methods called by one owner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from inflight.v1 import common_pb2
+from scheduler.block_allocator import BlockAllocator
+from scheduler.kv_manager import KvManager
+from scheduler.policy import Policy, WaitingQueue
+from scheduler.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class PlannerLimits:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    block_size: int
+    num_kv_blocks: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    request: Request
+    token_ids: list[int]
+    num_computed_tokens: int
+    new_block_ids: list[int]
+    sample: bool
+
+
+@dataclass
+class PlannedStep:
+    step_id: int
+    released_slot_ids: list[int]
+    admitted: list[Request]
+    chunks: list[Chunk]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request: Request
+    new_token_ids: list[int]
+    finish_reason: int  # FINISH_REASON_UNSPECIFIED while the request runs on
+
+
+@dataclass
+class PlannerStats:
+    steps_total: int = 0
+    preemptions_total: int = 0
+    prompt_tokens_total: int = 0
+    generated_tokens_total: int = 0
+    max_batch_size_seen: int = 0
+    batched_sequences_total: int = 0
+
+
+@dataclass
+class BatchPlanner:
+    limits: PlannerLimits
+    policy: Policy
+    allocator: BlockAllocator = field(init=False)
+    kv: KvManager = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.allocator = BlockAllocator(self.limits.num_kv_blocks)
+        self.kv = KvManager(self.allocator, self.limits.block_size)
+        self.waiting = WaitingQueue(self.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = PlannerStats()
+        self._free_slots = list(range(self.limits.max_num_seqs - 1, -1, -1))
+        self._released_slots: list[int] = []
+        self._next_step_id = 1
+
+    # --- requests in and out -------------------------------------------------------------
+
+    def blocks_needed_alone(self, num_prompt_tokens: int, max_new_tokens: int) -> int:
+        total = min(num_prompt_tokens + max_new_tokens, self.limits.max_model_len)
+        return -(-total // self.limits.block_size)
+
+    def add(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.stats.prompt_tokens_total += len(request.prompt_token_ids)
+        self.waiting.push(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Finish a request now and free its blocks; safe while its step is in flight."""
+        request = self.requests.get(request_id)
+        if request is None or request.status is RequestStatus.FINISHED:
+            return None
+        if request.status is RequestStatus.WAITING:
+            self.waiting.discard(request)
+        self._finish(request, common_pb2.FINISH_REASON_ABORT)
+        return request
+
+    def abort_all(self) -> list[Request]:
+        return [r for r in list(self.requests.values()) if self.abort(r.request_id)]
+
+    def has_work(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    # --- planning ----------------------------------------------------------------------
+
+    def schedule(self) -> PlannedStep:
+        budget = self.limits.max_num_batched_tokens
+        chunks: list[Chunk] = []
+        admitted: list[Request] = []
+        preemptions_before = self.stats.preemptions_total
+        for request in sorted(self.running, key=self.policy.key):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_tokens = min(request.num_uncomputed_tokens, budget)
+            if self._make_room(request, num_tokens, chunks):
+                chunks.append(self._chunk(request, num_tokens))
+                budget -= num_tokens
+        # After a preemption the cache is full: admitting now would only thrash.
+        if self.stats.preemptions_total == preemptions_before:
+            while budget > 0 and self._free_slots:
+                request = self.waiting.peek()
+                if request is None:
+                    break
+                num_tokens = min(request.num_uncomputed_tokens, budget)
+                if not self.kv.can_allocate(request, num_tokens):
+                    break
+                self._admit(self.waiting.pop())
+                admitted.append(request)
+                chunks.append(self._chunk(request, num_tokens))
+                budget -= num_tokens
+        return self._planned(admitted, chunks)
+
+    def _make_room(self, request: Request, num_tokens: int, scheduled: list[Chunk]) -> bool:
+        """Preempt until request's next tokens fit; False if request itself had to go."""
+        scheduled_ids = {id(c.request) for c in scheduled}
+        while not self.kv.can_allocate(request, num_tokens):
+            candidates = [r for r in self.running if id(r) not in scheduled_ids]
+            victim = max(candidates, key=self.policy.key)
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _chunk(self, request: Request, num_tokens: int) -> Chunk:
+        start = request.num_computed_tokens
+        self.kv.allocate(request, num_tokens)
+        return Chunk(
+            request=request,
+            token_ids=request.token_ids(start, start + num_tokens),
+            num_computed_tokens=start,
+            new_block_ids=request.new_block_ids(),
+            sample=start + num_tokens == request.num_tokens,
+        )
+
+    def _planned(self, admitted: list[Request], chunks: list[Chunk]) -> PlannedStep:
+        step = PlannedStep(self._next_step_id, self._released_slots, admitted, chunks)
+        self._released_slots = []
+        if chunks:
+            self._next_step_id += 1
+            self.stats.steps_total += 1
+            self.stats.batched_sequences_total += len(chunks)
+            self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, len(chunks))
+        return step
+
+    def _admit(self, request: Request) -> None:
+        request.status = RequestStatus.RUNNING
+        request.slot_id = self._free_slots.pop()
+        self.running.append(request)
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.stats.preemptions_total += 1
+        self.waiting.push(request)
+
+    def _release(self, request: Request) -> None:
+        """Give back a running request's blocks and slot."""
+        self.kv.free(request)
+        if request.slot_id is not None:
+            self._released_slots.append(request.slot_id)
+            self._free_slots.append(request.slot_id)
+            request.slot_id = None
+        if request in self.running:
+            self.running.remove(request)
+
+    def _finish(self, request: Request, reason: int) -> None:
+        self._release(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self.requests[request.request_id]
+
+    # --- results -----------------------------------------------------------------------
+
+    def update(self, step: PlannedStep, sampled: dict[int, int]) -> list[RequestOutput]:
+        """Apply a step's result (slot id -> sampled token); returns what each request produced."""
+        outputs = []
+        for chunk in step.chunks:
+            request = chunk.request
+            if request.status is not RequestStatus.RUNNING or chunk.num_computed_tokens != request.num_computed_tokens:
+                continue  # aborted or preempted while the step ran
+            request.num_computed_tokens += len(chunk.token_ids)
+            if not chunk.sample:
+                continue
+            token = sampled[request.slot_id]  # type: ignore[index]
+            request.output_token_ids.append(token)
+            self.stats.generated_tokens_total += 1
+            reason = self._finish_reason(request, token)
+            if reason:
+                self._finish(request, reason)
+            outputs.append(RequestOutput(request, [token], reason))
+        return outputs
+
+    def _finish_reason(self, request: Request, token: int) -> int:
+        if token in request.stop_token_ids:
+            return common_pb2.FINISH_REASON_STOP
+        if len(request.output_token_ids) >= request.max_new_tokens or request.num_tokens >= self.limits.max_model_len:
+            return common_pb2.FINISH_REASON_LENGTH
+        return common_pb2.FINISH_REASON_UNSPECIFIED
+
+    def check_invariants(self) -> None:
+        self.allocator.check_invariants([r.block_ids for r in self.running])
+        slots = [r.slot_id for r in self.running]
+        assert None not in slots and len(set(slots)) == len(slots), "running requests share a slot"
+        assert len(self._free_slots) + len(slots) == self.limits.max_num_seqs, "a slot leaked"
+        for request in self.running:
+            assert len(request.block_ids) * self.limits.block_size >= request.num_computed_tokens

@@ -1,0 +1,58 @@
+"""A request as the scheduler sees it: token ids, progress through the KV cache, its blocks."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from inflight.v1 import common_pb2
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    max_new_tokens: int
+    sampling: common_pb2.SamplingParams
+    stop_token_ids: frozenset[int]
+    arrival_order: int
+    priority: int = 0
+    tenant: str = ""
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0       # tokens whose K/V are in the cache
+    block_ids: list[int] = field(default_factory=list)
+    num_blocks_on_worker: int = 0      # prefix of block_ids the worker's block table already holds
+    slot_id: int | None = None
+    finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
+    num_cached_prompt_tokens: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Token ids in [start, end) of prompt followed by output."""
+        prompt_len = len(self.prompt_token_ids)
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len : end - prompt_len]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_len]
+
+    def new_block_ids(self) -> list[int]:
+        """Blocks the worker has not been told about yet; marks them as told."""
+        new = self.block_ids[self.num_blocks_on_worker :]
+        self.num_blocks_on_worker = len(self.block_ids)
+        return new

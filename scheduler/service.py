@@ -1,0 +1,54 @@
+"""The scheduler's gRPC service for gateways: Submit streams, Abort, stats, model info."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from inflight.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler.engine_loop import EngineLoop, Failure, RequestRejected
+
+log = structlog.get_logger()
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, loop: EngineLoop) -> None:
+        self.loop = loop
+
+    async def Submit(self, request: scheduler_pb2.SubmitRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.TokenEvent]:
+        try:
+            queue = self.loop.submit(request)
+        except RequestRejected as rejected:
+            await context.abort(rejected.code, rejected.message)
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, Failure):
+                    finished = True
+                    await context.abort(item.code, item.message)
+                finished = item.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                yield item
+        finally:
+            if not finished:  # the gateway cancelled or went away
+                self.loop.abort(request.request_id)
+
+    async def Abort(self, request: scheduler_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.AbortResponse:
+        return scheduler_pb2.AbortResponse(found=self.loop.abort(request.request_id))
+
+    async def GetStats(self, request: common_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> common_pb2.Stats:
+        return self.loop.stats()
+
+    async def GetModelInfo(self, request: scheduler_pb2.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> scheduler_pb2.ModelInfo:
+        d, planner = self.loop.description, self.loop.planner
+        if d is None or planner is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker group is not ready")
+        return scheduler_pb2.ModelInfo(
+            model_name=d.model_name, vocab_size=d.vocab_size, max_model_len=planner.limits.max_model_len,
+            eos_token_ids=d.eos_token_ids, tp_size=d.tp_size, engine=d.engine, device=d.device,
+            block_size=d.block_size,
+        )

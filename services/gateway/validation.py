@@ -1,0 +1,78 @@
+"""Checks on a GenerateRequest; each failure names the offending field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from inflight.v1 import common_pb2, generation_pb2
+from services.text.codec import Message
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+DEFAULT_MAX_TOKENS = 256
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_INPUT_CHARS = 1_000_000
+
+
+class InvalidField(ValueError):
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ValidLimits:
+    max_model_len: int
+    vocab_size: int
+
+
+def check_request(request: generation_pb2.GenerateRequest) -> list[Message]:
+    """Checks that need no tokenizer; returns the chat messages (empty for a raw prompt)."""
+    if request.prompt and request.messages:
+        raise InvalidField("prompt", "set either prompt or messages, not both")
+    if not request.prompt and not request.messages:
+        raise InvalidField("prompt", "must not be empty (set prompt or messages)")
+    size = len(request.prompt) + sum(len(m.content) for m in request.messages)
+    if size > MAX_INPUT_CHARS:
+        raise InvalidField("prompt" if request.prompt else "messages", f"input over {MAX_INPUT_CHARS} characters")
+    for index, message in enumerate(request.messages):
+        if message.role not in ROLES:
+            raise InvalidField(f"messages[{index}].role", f"unknown role {message.role!r}; use one of {sorted(ROLES)}")
+    if request.HasField("temperature") and (math.isnan(request.temperature) or request.temperature < 0):
+        raise InvalidField("temperature", "must be a number >= 0")
+    if request.HasField("top_p") and not (0 < request.top_p <= 1):
+        raise InvalidField("top_p", "must lie in (0, 1]")
+    if len(request.stop) > MAX_STOP_STRINGS:
+        raise InvalidField("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    for index, stop in enumerate(request.stop):
+        if not stop or len(stop) > MAX_STOP_STRING_CHARS:
+            raise InvalidField(f"stop[{index}]", f"must have 1 to {MAX_STOP_STRING_CHARS} characters")
+    return [Message(m.role, m.content) for m in request.messages]
+
+
+def max_new_tokens(request: generation_pb2.GenerateRequest, num_prompt_tokens: int, limits: ValidLimits) -> int:
+    """Checks that need the prompt's length; returns how many tokens may be generated."""
+    room = limits.max_model_len - num_prompt_tokens
+    if num_prompt_tokens == 0:
+        raise InvalidField("prompt", "tokenizes to no tokens")
+    if room <= 0:
+        raise InvalidField("prompt", f"{num_prompt_tokens} tokens leave no room in the context length {limits.max_model_len}")
+    if request.max_tokens > room:
+        raise InvalidField("max_tokens", f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) "
+                                         f"exceeds the context length {limits.max_model_len}")
+    for index, token_id in enumerate(request.stop_token_ids):
+        if token_id >= limits.vocab_size:
+            raise InvalidField(f"stop_token_ids[{index}]", f"{token_id} is outside the vocabulary ({limits.vocab_size})")
+    return request.max_tokens or min(DEFAULT_MAX_TOKENS, room)
+
+
+def sampling_params(request: generation_pb2.GenerateRequest) -> common_pb2.SamplingParams:
+    params = common_pb2.SamplingParams(
+        temperature=request.temperature if request.HasField("temperature") else 0.0,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        top_k=request.top_k,
+    )
+    if request.HasField("seed"):
+        params.seed = request.seed
+    return params

@@ -1,0 +1,210 @@
+"""`inflight serve`: the whole stack on one host — an MPI worker group, the scheduler, the gateway.
+
+The launcher prepares the model, starts the three parts as separate processes talking over
+Unix sockets (the gateway listens on TCP), restarts the worker group if it dies, and on
+SIGINT/SIGTERM stops everything in order, leaving no MPI rank behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inflight.log import configure_logging
+from inflight.model_store import DEFAULT_MODEL, resolve_model
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str
+    host: str
+    port: int
+    device: str
+    dtype: str
+    tp: int
+    num_kv_blocks: int
+    kv_cache_gb: float
+    block_size: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    policy: str
+    cache_dir: str
+    mpiexec: str
+    log_level: str
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", default=DEFAULT_MODEL,
+                            help=f"model folder, .gguf file, random:<shape>, or {DEFAULT_MODEL} (embedded)")
+        parser.add_argument("--host", default="0.0.0.0")
+        parser.add_argument("--port", type=int, default=50051)
+        parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (mpiexec -n)")
+        parser.add_argument("--num-kv-blocks", type=int, default=0, help="0: size from --kv-cache-gb")
+        parser.add_argument("--kv-cache-gb", type=float, default=0.0)
+        parser.add_argument("--block-size", type=int, default=16)
+        parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
+        parser.add_argument("--max-num-seqs", type=int, default=128)
+        parser.add_argument("--max-model-len", type=int, default=0)
+        parser.add_argument("--policy", default="fcfs")
+        parser.add_argument("--cache-dir", default="", help="where converted models are kept")
+        parser.add_argument("--mpiexec", default="", help="mpiexec to use (default: beside this Python, else PATH)")
+        parser.add_argument("--log-level", default="info")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ServeConfig":
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+
+
+def find_mpiexec(explicit: str) -> str:
+    if explicit:
+        return explicit
+    beside_python = Path(sys.executable).parent / "mpiexec"
+    found = str(beside_python) if beside_python.exists() else shutil.which("mpiexec")
+    if not found:
+        raise SystemExit("mpiexec not found: install the mpich wheel (pip install mpich) or an MPI")
+    return found
+
+
+class Stack:
+    """The child processes of one `inflight serve`, each in its own process group."""
+
+    def __init__(self, config: ServeConfig, model_path: str, runtime_dir: Path) -> None:
+        self.config = config
+        self.model_path = model_path
+        self.worker_address = f"unix://{runtime_dir}/worker.sock"
+        self.scheduler_address = f"unix://{runtime_dir}/scheduler.sock"
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        self.processes[name] = subprocess.Popen(command, start_new_session=True)
+
+    def start_worker_group(self) -> None:
+        c = self.config
+        self._spawn("worker", [
+            find_mpiexec(c.mpiexec), "-n", str(c.tp), sys.executable, "-m", "worker",
+            "--model", self.model_path, "--listen", self.worker_address, "--device", c.device, "--dtype", c.dtype,
+            "--block-size", str(c.block_size), "--num-kv-blocks", str(c.num_kv_blocks),
+            "--kv-cache-gb", str(c.kv_cache_gb), "--max-num-batched-tokens", str(c.max_num_batched_tokens),
+            "--max-num-seqs", str(c.max_num_seqs), "--max-model-len", str(c.max_model_len),
+            "--log-level", c.log_level,
+        ])
+
+    def start(self) -> None:
+        c = self.config
+        self.start_worker_group()
+        self._spawn("scheduler", [
+            sys.executable, "-m", "scheduler", "--worker", self.worker_address, "--listen", self.scheduler_address,
+            "--policy", c.policy, "--log-level", c.log_level,
+        ])
+        self._spawn("gateway", [
+            sys.executable, "-m", "services.gateway", "--model", self.model_path, "--scheduler",
+            self.scheduler_address, "--host", c.host, "--port", str(c.port), "--log-level", c.log_level,
+        ])
+
+    def exited(self) -> dict[str, int]:
+        return {name: code for name, p in self.processes.items() if (code := p.poll()) is not None}
+
+    def stop_one(self, name: str, timeout: float) -> None:
+        process = self.processes[name]
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(process.pid, sig)  # the whole group: mpiexec, its proxies and every rank
+            except ProcessLookupError:
+                pass
+            try:
+                process.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # ranks that outlived mpiexec in the same group
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        for name, timeout in (("gateway", 10.0), ("scheduler", 5.0), ("worker", 5.0)):
+            if name in self.processes:
+                self.stop_one(name, timeout)
+
+
+def wait_until_serving(port: int, stack: Stack, timeout: float) -> bool:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not stack.exited():
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        return False
+    finally:
+        channel.close()
+
+
+def serve(config: ServeConfig) -> int:
+    log = configure_logging("launcher", config.log_level)
+    if config.model.startswith("random:"):
+        model_path = config.model
+    else:
+        cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        model_path = str(resolve_model(config.model, cache_dir))
+    log.info("launcher_starting", model=model_path, port=config.port, tp=config.tp, device=config.device)
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    with tempfile.TemporaryDirectory(prefix="inflight-") as runtime_dir:
+        stack = Stack(config, model_path, Path(runtime_dir))
+        stack.start()
+        try:
+            return _supervise(stack, config, log, lambda: stopping)
+        finally:
+            log.info("launcher_stopping")
+            stack.stop()
+            log.info("launcher_stopped")
+
+
+def _supervise(stack: Stack, config: ServeConfig, log: object, stopping: object) -> int:
+    announced = False
+    restarts: list[float] = []
+    while not stopping():  # type: ignore[operator]
+        exited = stack.exited()
+        if "gateway" in exited or "scheduler" in exited:
+            log.error("process_exited", exited=exited)  # type: ignore[attr-defined]
+            return 1
+        if "worker" in exited:
+            restarts = [t for t in restarts if time.monotonic() - t < 60] + [time.monotonic()]
+            if len(restarts) > 5:
+                log.error("worker_group_keeps_failing", exit_code=exited["worker"])  # type: ignore[attr-defined]
+                return 1
+            log.error("worker_group_exited_restarting", exit_code=exited["worker"])  # type: ignore[attr-defined]
+            stack.stop_one("worker", 1.0)
+            stack.start_worker_group()
+        if not announced and wait_until_serving(config.port, stack, timeout=0.5):
+            announced = True
+            log.info("inflight_ready", port=config.port)  # type: ignore[attr-defined]
+            print(f"inflight is serving on port {config.port}", file=sys.stderr, flush=True)
+        time.sleep(0.2)
+    return 0

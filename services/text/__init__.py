@@ -1,0 +1,1 @@
+"""Text on the gateway's side: tokenizer, chat template, streaming detokenization, stop strings."""

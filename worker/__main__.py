@@ -1,0 +1,108 @@
+"""A worker rank: `mpiexec -n TP python -m worker --model DIR --listen ADDR ...`."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import sys
+from concurrent import futures
+
+import grpc
+import torch
+import torch.distributed as dist
+from mpi4py import MPI
+
+from inflight.log import configure_logging
+from inflight.v1 import worker_pb2_grpc
+from worker.config import WorkerConfig
+from worker.group import WorkerGroup, follow
+from worker.parallel import Collectives, ShardPlan
+from worker.service import WorkerService
+from worker.torch_engine.engine import TorchEngine
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Linux: if the MPI launcher's proxy dies (even by SIGKILL), take this rank down too."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _init_distributed(comm: MPI.Comm, device: str) -> None:
+    """torch.distributed for the tensor all-reduces; its rendezvous address goes out once over MPI."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    hosts = comm.allgather(MPI.Get_processor_name())
+    if rank == 0:
+        host = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(socket.gethostname())
+        address = f"tcp://{host}:{_free_port()}"
+    else:
+        address = None
+    address = comm.bcast(address, root=0)
+    if device == "cuda":
+        local_rank = hosts[: rank].count(hosts[rank])
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=address, rank=rank, world_size=size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="inflight worker", description=__doc__)
+    WorkerConfig.add_arguments(parser)
+    config = WorkerConfig.from_args(parser.parse_args(argv))
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    log = configure_logging(f"worker-{rank}", config.log_level)
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if config.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    if size > 1:
+        _init_distributed(comm, config.device)
+    elif config.device == "cuda":
+        torch.cuda.set_device(0)
+    try:
+        engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size))
+    except Exception:
+        log.exception("engine_failed_to_load")
+        comm.Abort(1)
+        raise
+    log.info("engine_loaded", rank=rank, tp_size=size, kv_blocks=engine.num_kv_blocks, device=str(engine.device))
+    if rank != 0:
+        try:
+            follow(comm, engine)
+        except Exception:
+            log.exception("rank_failed")
+            comm.Abort(1)
+        return
+    serve(config, WorkerGroup(comm, engine), log)
+
+
+def serve(config: WorkerConfig, group: WorkerGroup, log: object) -> None:
+    # One thread runs steps; the stream is strictly one plan, then its result.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                         options=[("grpc.max_receive_message_length", 64 * 2**20)])
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(group), server)
+    if server.add_insecure_port(config.listen) == 0:
+        print(f"worker: cannot listen on {config.listen}", file=sys.stderr)
+        group.comm.Abort(1)
+    server.start()
+    log.info("worker_serving", listen=config.listen, description=str(group.describe()))  # type: ignore[attr-defined]
+    try:
+        server.wait_for_termination()
+    finally:
+        group.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Conversion between the step contract's protobuf messages and the worker's dataclasses."""
+
+from __future__ import annotations
+
+from inflight.v1 import worker_pb2
+from worker.step import Admission, EngineDescription, ScheduledChunk, Step, StepOutput
+
+
+def step_from_proto(plan: worker_pb2.StepPlan) -> Step:
+    return Step(
+        step_id=plan.step_id,
+        released_slot_ids=list(plan.released_slot_ids),
+        admissions=[
+            Admission(
+                request_id=new.request_id,
+                slot_id=new.slot_id,
+                temperature=new.sampling.temperature,
+                top_p=new.sampling.top_p or 1.0,
+                top_k=new.sampling.top_k,
+                seed=new.sampling.seed,
+            )
+            for new in plan.new_sequences
+        ],
+        chunks=[
+            ScheduledChunk(
+                slot_id=seq.slot_id,
+                token_ids=list(seq.token_ids),
+                num_computed_tokens=seq.num_computed_tokens,
+                new_block_ids=list(seq.new_block_ids),
+                sample=seq.sample,
+            )
+            for seq in plan.sequences
+        ],
+    )
+
+
+def output_to_proto(output: StepOutput) -> worker_pb2.StepResult:
+    return worker_pb2.StepResult(
+        step_id=output.step_id,
+        sampled=[worker_pb2.SampledToken(slot_id=s.slot_id, token_id=s.token_id, logprob=s.logprob)
+                 for s in output.sampled],
+        forward_seconds=output.forward_seconds,
+    )
+
+
+def description_to_proto(d: EngineDescription) -> worker_pb2.WorkerDescription:
+    return worker_pb2.WorkerDescription(
+        model_name=d.model_name, vocab_size=d.vocab_size, eos_token_ids=list(d.eos_token_ids),
+        tp_size=d.tp_size, block_size=d.block_size, num_kv_blocks=d.num_kv_blocks,
+        max_num_batched_tokens=d.max_num_batched_tokens, max_num_seqs=d.max_num_seqs,
+        max_model_len=d.max_model_len, device=d.device, dtype=d.dtype, engine=d.engine,
+    )

@@ -1,0 +1,41 @@
+"""The worker's configuration: one typed object, built from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str             # a prepared model folder, or random:<shape> for benchmarks
+    listen: str            # gRPC address rank 0 serves the scheduler on
+    device: str            # cpu or cuda
+    dtype: str             # auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16, float16
+    block_size: int
+    num_kv_blocks: int     # 0: size the cache from kv_cache_gb
+    kv_cache_gb: float     # 0: cpu 1 GiB, cuda 85% of what is free after the weights
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int     # 0: the model's context length
+    seed: int              # for random weights
+    log_level: str
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", required=True)
+        parser.add_argument("--listen", default="127.0.0.1:50061")
+        parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        parser.add_argument("--block-size", type=int, default=16)
+        parser.add_argument("--num-kv-blocks", type=int, default=0)
+        parser.add_argument("--kv-cache-gb", type=float, default=0.0)
+        parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
+        parser.add_argument("--max-num-seqs", type=int, default=128)
+        parser.add_argument("--max-model-len", type=int, default=0)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--log-level", default="info")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "WorkerConfig":
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})

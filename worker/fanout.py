@@ -1,0 +1,66 @@
+"""Fixed-layout encoding of the commands rank 0 broadcasts to the other ranks.
+
+A command is a header of int64s [kind, payload length] and an int64 payload: no pickles
+on the per-step path, and a decode step costs a few words per sequence.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from worker.step import Admission, ScheduledChunk, Step
+
+HEADER_WORDS = 2
+
+
+class Command(enum.IntEnum):
+    STEP = 1
+    WARMUP = 2
+    RELEASE_ALL = 3
+    SHUTDOWN = 4
+
+
+def _float_bits(value: float) -> int:
+    return int(np.array(value, dtype=np.float64).view(np.int64))
+
+
+def _bits_float(word: np.int64) -> float:
+    return float(np.array(word, dtype=np.int64).view(np.float64))
+
+
+def encode_step(step: Step) -> np.ndarray:
+    words: list[int] = [step.step_id, len(step.released_slot_ids), len(step.admissions), len(step.chunks)]
+    words += step.released_slot_ids
+    for a in step.admissions:
+        words += [a.slot_id, a.top_k, int(np.uint64(a.seed).view(np.int64)), _float_bits(a.temperature), _float_bits(a.top_p)]
+    for c in step.chunks:
+        words += [c.slot_id, c.num_computed_tokens, len(c.token_ids), len(c.new_block_ids), int(c.sample)]
+    for c in step.chunks:
+        words += c.token_ids
+        words += c.new_block_ids
+    return np.array(words, dtype=np.int64)
+
+
+def decode_step(payload: np.ndarray) -> Step:
+    step_id, num_released, num_admissions, num_chunks = (int(x) for x in payload[:4])
+    at = 4
+    released = payload[at : at + num_released].tolist()
+    at += num_released
+    admissions = []
+    for _ in range(num_admissions):
+        slot, top_k, seed, temperature, top_p = payload[at : at + 5]
+        admissions.append(Admission("", int(slot), _bits_float(temperature), _bits_float(top_p), int(top_k),
+                                    int(np.int64(seed).view(np.uint64))))
+        at += 5
+    heads = payload[at : at + 5 * num_chunks].reshape(num_chunks, 5).tolist()
+    at += 5 * num_chunks
+    chunks = []
+    for slot, computed, num_tokens, num_blocks, sample in heads:
+        tokens = payload[at : at + num_tokens].tolist()
+        at += num_tokens
+        blocks = payload[at : at + num_blocks].tolist()
+        at += num_blocks
+        chunks.append(ScheduledChunk(slot, tokens, computed, blocks, bool(sample)))
+    return Step(step_id, released, admissions, chunks)

@@ -1,0 +1,72 @@
+"""The worker group: rank 0 fans each command out over MPI, every rank runs it on its shard."""
+
+from __future__ import annotations
+
+import numpy as np
+import structlog
+from mpi4py import MPI
+
+from worker.fanout import HEADER_WORDS, Command, decode_step, encode_step
+from worker.step import EngineDescription, Step, StepOutput
+from worker.torch_engine.engine import TorchEngine
+
+log = structlog.get_logger()
+
+
+class WorkerGroup:
+    """Rank 0's handle on all ranks: every call runs on every rank, in the same order."""
+
+    def __init__(self, comm: MPI.Comm, engine: TorchEngine) -> None:
+        self.comm = comm
+        self.engine = engine
+        self.tp_size = comm.Get_size()
+
+    def _broadcast(self, command: Command, payload: np.ndarray | None = None) -> None:
+        if self.tp_size == 1:
+            return
+        size = 0 if payload is None else len(payload)
+        self.comm.Bcast(np.array([command, size], dtype=np.int64), root=0)
+        if size:
+            self.comm.Bcast(payload, root=0)
+
+    def describe(self) -> EngineDescription:
+        return self.engine.describe()
+
+    def block_tables(self) -> dict[int, list[int]]:
+        return self.engine.block_tables()
+
+    def warmup(self) -> int:
+        self._broadcast(Command.WARMUP)
+        return self.engine.warmup()
+
+    def step(self, step: Step) -> StepOutput:
+        self._broadcast(Command.STEP, encode_step(step))
+        return self.engine.step(step)
+
+    def release_all(self) -> None:
+        self._broadcast(Command.RELEASE_ALL)
+        self.engine.release(list(self.engine.slots))
+
+    def shutdown(self) -> None:
+        self._broadcast(Command.SHUTDOWN)
+        self.engine.shutdown()
+
+
+def follow(comm: MPI.Comm, engine: TorchEngine) -> None:
+    """Ranks 1..N-1: run whatever rank 0 broadcasts until it says shut down."""
+    header = np.empty(HEADER_WORDS, dtype=np.int64)
+    while True:
+        comm.Bcast(header, root=0)
+        command, size = Command(int(header[0])), int(header[1])
+        payload = np.empty(size, dtype=np.int64)
+        if size:
+            comm.Bcast(payload, root=0)
+        if command is Command.STEP:
+            engine.step(decode_step(payload))
+        elif command is Command.WARMUP:
+            engine.warmup()
+        elif command is Command.RELEASE_ALL:
+            engine.release(list(engine.slots))
+        elif command is Command.SHUTDOWN:
+            engine.shutdown()
+            return

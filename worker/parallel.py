@@ -1,0 +1,56 @@
+"""Tensor-parallel layout: which heads and rows a rank owns, and the collectives between ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """This rank's slice of a Llama model split across tp_size ranks."""
+
+    rank: int
+    tp_size: int
+
+    def query_heads(self, num_heads: int) -> range:
+        if num_heads % self.tp_size:
+            raise ValueError(f"{num_heads} attention heads cannot be split across tp={self.tp_size} ranks")
+        per_rank = num_heads // self.tp_size
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def kv_heads(self, num_heads: int, num_kv_heads: int) -> range:
+        """The KV heads this rank's query heads read: a split where tp divides them, else replicas."""
+        heads = self.query_heads(num_heads)
+        group = num_heads // num_kv_heads
+        return range(heads.start // group, (heads.stop - 1) // group + 1)
+
+    def rows(self, total: int) -> range:
+        """A near-even contiguous split of total rows (MLP columns, vocabulary)."""
+        per_rank = -(-total // self.tp_size)
+        start = min(self.rank * per_rank, total)
+        return range(start, min(start + per_rank, total))
+
+
+class Collectives:
+    """All-reduce and all-gather over torch.distributed; no-ops for a single rank."""
+
+    def __init__(self, tp_size: int) -> None:
+        self.tp_size = tp_size
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather_last_dim(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Concatenate each rank's [..., sizes[r]] slice along the last dimension."""
+        if self.tp_size == 1:
+            return tensor
+        width = max(sizes)
+        padded = torch.nn.functional.pad(tensor, (0, width - tensor.shape[-1]))
+        parts = [torch.empty_like(padded) for _ in range(self.tp_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[..., :size] for part, size in zip(parts, sizes)], dim=-1)

@@ -1,0 +1,57 @@
+"""Rank 0's gRPC service: the scheduler's handshake and its bidirectional step stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import structlog
+
+from inflight.v1 import worker_pb2, worker_pb2_grpc
+from worker.codec import description_to_proto, output_to_proto, step_from_proto
+from worker.group import WorkerGroup
+from worker.step import StepRejected
+from worker.validation import check_step
+
+log = structlog.get_logger()
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, group: WorkerGroup) -> None:
+        self.group = group
+        self.description = group.describe()
+        self._stream_lock = threading.Lock()
+
+    def Describe(self, request: worker_pb2.DescribeRequest, context: grpc.ServicerContext) -> worker_pb2.WorkerDescription:
+        return description_to_proto(self.description)
+
+    def Warmup(self, request: worker_pb2.WarmupRequest, context: grpc.ServicerContext) -> worker_pb2.WarmupResponse:
+        start = time.perf_counter()
+        num_blocks = self.group.warmup()
+        seconds = time.perf_counter() - start
+        log.info("warmup_done", num_kv_blocks=num_blocks, seconds=round(seconds, 3))
+        return worker_pb2.WarmupResponse(num_kv_blocks=num_blocks, warmup_seconds=seconds)
+
+    def Run(self, plans: Iterator[worker_pb2.StepPlan], context: grpc.ServicerContext) -> Iterator[worker_pb2.StepResult]:
+        if not self._stream_lock.acquire(blocking=False):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler is already driving this worker")
+        log.info("scheduler_connected", peer=context.peer())
+        try:
+            for plan in plans:
+                yield self._run_step(plan)
+        finally:
+            # A new stream starts from a clean slate: the scheduler re-admits what it still runs.
+            self.group.release_all()
+            self._stream_lock.release()
+            log.info("scheduler_disconnected")
+
+    def _run_step(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
+        step = step_from_proto(plan)
+        try:
+            check_step(step, self.description, self.group.block_tables())
+        except StepRejected as error:
+            log.warning("step_rejected", step_id=step.step_id, error=str(error))
+            return worker_pb2.StepResult(step_id=step.step_id, error=str(error))
+        return output_to_proto(self.group.step(step))

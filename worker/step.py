@@ -1,0 +1,76 @@
+"""The step contract inside the worker group, independent of protobuf.
+
+Rank 0 decodes the scheduler's StepPlan into a Step, checks it, and hands it to every
+rank's engine; the engine answers with a StepOutput.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A sequence's fixed data, sent once when it first gets a slot."""
+
+    request_id: str
+    slot_id: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    slot_id: int
+    token_ids: list[int]
+    num_computed_tokens: int
+    new_block_ids: list[int]
+    sample: bool
+
+
+@dataclass(frozen=True)
+class Step:
+    step_id: int
+    released_slot_ids: list[int] = field(default_factory=list)
+    admissions: list[Admission] = field(default_factory=list)
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(chunk.token_ids) for chunk in self.chunks)
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    slot_id: int
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    step_id: int
+    sampled: list[SampledToken]
+    forward_seconds: float
+
+
+@dataclass(frozen=True)
+class EngineDescription:
+    model_name: str
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    tp_size: int
+    block_size: int
+    num_kv_blocks: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    device: str
+    dtype: str
+    engine: str
+
+
+class StepRejected(ValueError):
+    """A step plan that breaks the contract; nothing of it was applied."""

@@ -1,0 +1,146 @@
+"""The reference engine: owns the weights, the paged KV cache and each slot's block table."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inflight.model_config import ModelConfig
+from worker.config import WorkerConfig
+from worker.parallel import Collectives, ShardPlan
+from worker.step import Admission, EngineDescription, SampledToken, Step, StepOutput
+from worker.torch_engine.batch import SequenceChunk, build_batch
+from worker.torch_engine.model import LlamaModel
+from worker.torch_engine.random_models import random_model
+from worker.torch_engine.sampler import sample
+from worker.torch_engine.weights import SafetensorsWeights, WeightSource
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_NULL_BLOCK = 0
+
+
+@dataclass
+class SlotState:
+    admission: Admission
+    block_table: list[int]
+
+
+def _resolve_dtype(config: WorkerConfig) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.float32 if config.device == "cpu" else torch.bfloat16
+    return _DTYPES[config.dtype]
+
+
+def load_weights(model: str, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[ModelConfig, WeightSource]:
+    if model.startswith("random:"):
+        return random_model(model.removeprefix("random:"), seed, device, dtype)
+    folder = Path(model)
+    return ModelConfig.load(folder), SafetensorsWeights(folder)
+
+
+class TorchEngine:
+    """One rank's engine; every rank runs the same steps on its shard."""
+
+    name = "torch"
+
+    def __init__(self, config: WorkerConfig, shard: ShardPlan, collectives: Collectives) -> None:
+        self.config = config
+        self.device = torch.device(config.device, torch.cuda.current_device()) if config.device == "cuda" else torch.device("cpu")
+        self.dtype = _resolve_dtype(config)
+        self.model_config, weights = load_weights(config.model, self.device, self.dtype, config.seed)
+        self.model = LlamaModel(self.model_config, weights, shard, collectives, self.device, self.dtype)
+        del weights
+        self.tp_size = shard.tp_size
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        self.num_kv_blocks = config.num_kv_blocks or self._blocks_that_fit()
+        self.kv_cache = self._allocate_cache(self.num_kv_blocks)
+        self.slots: dict[int, SlotState] = {}
+
+    def _block_bytes(self) -> int:
+        c = self.model_config
+        return (c.num_hidden_layers * 2 * self.config.block_size * self.model.num_kv_heads
+                * c.head_dim * torch.tensor([], dtype=self.dtype).element_size())
+
+    def _blocks_that_fit(self) -> int:
+        if self.config.kv_cache_gb:
+            budget = self.config.kv_cache_gb * 2**30
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * 0.85 - 2 * 2**30
+        else:
+            budget = 2**30
+        return max(2, int(budget // self._block_bytes()))
+
+    def _allocate_cache(self, num_blocks: int) -> torch.Tensor:
+        c = self.model_config
+        shape = (c.num_hidden_layers, 2, num_blocks * self.config.block_size, self.model.num_kv_heads, c.head_dim)
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
+
+    def describe(self) -> EngineDescription:
+        return EngineDescription(
+            model_name=self.model_config.name,
+            vocab_size=self.model_config.vocab_size,
+            eos_token_ids=self.model_config.eos_token_ids,
+            tp_size=self.tp_size,
+            block_size=self.config.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            max_num_seqs=self.config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            engine=self.name,
+        )
+
+    @torch.inference_mode()
+    def warmup(self) -> int:
+        """Run the largest step once (into the null block) so later steps cannot run out of memory."""
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        blocks = [_NULL_BLOCK] * -(-num_tokens // self.config.block_size)
+        chunk = SequenceChunk([0] * num_tokens, 0, blocks, sample=True)
+        batch = build_batch([chunk], self.config.block_size, self.device)
+        hidden = self.model.forward(batch, self.kv_cache)
+        self.model.logits(hidden[batch.sample_index])
+        self.kv_cache.zero_()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.num_kv_blocks
+
+    def block_tables(self) -> dict[int, list[int]]:
+        return {slot: state.block_table for slot, state in self.slots.items()}
+
+    def release(self, slot_ids: list[int]) -> None:
+        for slot in slot_ids:
+            self.slots.pop(slot, None)
+
+    @torch.inference_mode()
+    def step(self, step: Step) -> StepOutput:
+        start = time.perf_counter()
+        self.release(step.released_slot_ids)
+        for admission in step.admissions:
+            self.slots[admission.slot_id] = SlotState(admission, [])
+        if not step.chunks:
+            return StepOutput(step.step_id, [], 0.0)
+        chunks = []
+        for scheduled in step.chunks:
+            state = self.slots[scheduled.slot_id]
+            state.block_table.extend(scheduled.new_block_ids)
+            chunks.append(SequenceChunk(scheduled.token_ids, scheduled.num_computed_tokens,
+                                        state.block_table, scheduled.sample))
+        batch = build_batch(chunks, self.config.block_size, self.device)
+        hidden = self.model.forward(batch, self.kv_cache)
+        sampled_slots = [c.slot_id for c in step.chunks if c.sample]
+        if not sampled_slots:
+            return StepOutput(step.step_id, [], time.perf_counter() - start)
+        logits = self.model.logits(hidden[batch.sample_index])
+        params = [self.slots[slot].admission for slot in sampled_slots]
+        tokens, logprobs = sample(logits, params, batch.sample_positions)
+        sampled = [SampledToken(s, t, lp) for s, t, lp in zip(sampled_slots, tokens, logprobs)]
+        return StepOutput(step.step_id, sampled, time.perf_counter() - start)
+
+    def shutdown(self) -> None:
+        self.slots.clear()

@@ -1,0 +1,125 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2-style GQA, SmolLM2) over a paged KV cache.
+
+Plain tensors and functional ops: each rank holds its shard (column-parallel q/k/v and
+gate/up, row-parallel o and down with an all-reduce, vocabulary-parallel head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from inflight.model_config import ModelConfig
+from worker.parallel import Collectives, ShardPlan
+from worker.torch_engine.batch import BatchInput
+from worker.torch_engine.rope import RotaryTable
+from worker.torch_engine.weights import WeightSource
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    qkv: torch.Tensor  # [q_local + 2 * kv_local rows, hidden]: one matmul for q, k and v
+    o: torch.Tensor    # [hidden, q_local] row-parallel
+    gate_up: torch.Tensor  # [2 * intermediate_local, hidden]
+    down: torch.Tensor  # [hidden, intermediate_local] row-parallel
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's LlamaRMSNorm: normalize in float32, cast back, then scale."""
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: WeightSource, shard: ShardPlan,
+                 collectives: Collectives, device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.collectives = collectives
+        self.device, self.dtype = device, dtype
+        q_heads = shard.query_heads(config.num_attention_heads)
+        kv_heads = shard.kv_heads(config.num_attention_heads, config.num_key_value_heads)
+        self.num_q_heads, self.num_kv_heads = len(q_heads), len(kv_heads)
+        group = config.num_attention_heads // config.num_key_value_heads
+        # Local KV head each local query head reads (GQA); uniform groups use SDPA's enable_gqa.
+        kv_of_q = torch.tensor([h // group - kv_heads.start for h in q_heads], device=device)
+        local_group = self.num_q_heads // self.num_kv_heads
+        uniform = self.num_q_heads % self.num_kv_heads == 0 and torch.equal(
+            kv_of_q, torch.arange(self.num_kv_heads, device=device).repeat_interleave(local_group))
+        self._kv_of_q = None if uniform else kv_of_q
+        self.rope = RotaryTable(config.head_dim, config.rope_theta, config.rope_scaling,
+                                config.max_position_embeddings, device, dtype)
+        self.vocab_rows = shard.rows(config.vocab_size)
+        self.vocab_sizes = [len(ShardPlan(r, shard.tp_size).rows(config.vocab_size)) for r in range(shard.tp_size)]
+        self._load(weights, shard, q_heads, kv_heads)
+
+    def _load(self, weights: WeightSource, shard: ShardPlan, q_heads: range, kv_heads: range) -> None:
+        c, d = self.config, self.config.head_dim
+
+        def get(name: str, rows: range | None = None, cols: range | None = None) -> torch.Tensor:
+            return weights.get(name, rows, cols).to(device=self.device, dtype=self.dtype)
+
+        q_rows = range(q_heads.start * d, q_heads.stop * d)
+        kv_rows = range(kv_heads.start * d, kv_heads.stop * d)
+        mlp_rows = shard.rows(c.intermediate_size)
+        self.embed_tokens = get("model.embed_tokens.weight")
+        head_name = "model.embed_tokens.weight" if c.tie_word_embeddings or not weights.has("lm_head.weight") else "lm_head.weight"
+        self.lm_head = get(head_name, self.vocab_rows)
+        self.norm = get("model.norm.weight")
+        self.layers: list[LayerWeights] = []
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(LayerWeights(
+                input_norm=get(p + "input_layernorm.weight"),
+                post_attention_norm=get(p + "post_attention_layernorm.weight"),
+                qkv=torch.cat([get(p + "self_attn.q_proj.weight", q_rows),
+                               get(p + "self_attn.k_proj.weight", kv_rows),
+                               get(p + "self_attn.v_proj.weight", kv_rows)]),
+                o=get(p + "self_attn.o_proj.weight", None, q_rows),
+                gate_up=torch.cat([get(p + "mlp.gate_proj.weight", mlp_rows),
+                                   get(p + "mlp.up_proj.weight", mlp_rows)]),
+                down=get(p + "mlp.down_proj.weight", None, mlp_rows),
+            ))
+
+    def forward(self, batch: BatchInput, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, hidden] for the batch's tokens; writes their K/V into kv_cache."""
+        eps = self.config.rms_norm_eps
+        hidden = F.embedding(batch.token_ids, self.embed_tokens)
+        for layer, layer_cache in zip(self.layers, kv_cache):
+            attn = self._attention(rms_norm(hidden, layer.input_norm, eps), layer, layer_cache, batch)
+            hidden = hidden + attn
+            hidden = hidden + self._mlp(rms_norm(hidden, layer.post_attention_norm, eps), layer)
+        return rms_norm(hidden, self.norm, eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary float32 logits for the given rows (gathered across ranks)."""
+        local = F.linear(hidden, self.lm_head).float()
+        return self.collectives.all_gather_last_dim(local, self.vocab_sizes)
+
+    def _attention(self, x: torch.Tensor, layer: LayerWeights, cache: torch.Tensor, batch: BatchInput) -> torch.Tensor:
+        num_tokens, d = x.shape[0], self.config.head_dim
+        q_size, kv_size = self.num_q_heads * d, self.num_kv_heads * d
+        q, k, v = F.linear(x, layer.qkv).split([q_size, kv_size, kv_size], dim=-1)
+        q = self.rope.apply(q.view(num_tokens, self.num_q_heads, d), batch.positions)
+        k = self.rope.apply(k.view(num_tokens, self.num_kv_heads, d), batch.positions)
+        cache[0][batch.slot_mapping] = k
+        cache[1][batch.slot_mapping] = v.view(num_tokens, self.num_kv_heads, d)
+        queries = q[batch.query_index].transpose(1, 2)        # [B, Hq, Qmax, d]
+        keys = cache[0][batch.key_slots].transpose(1, 2)      # [B, Hkv, Lmax, d]
+        values = cache[1][batch.key_slots].transpose(1, 2)
+        if self._kv_of_q is None:
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.attn_mask,
+                                                 enable_gqa=self.num_q_heads != self.num_kv_heads)
+        else:
+            out = F.scaled_dot_product_attention(queries, keys[:, self._kv_of_q], values[:, self._kv_of_q],
+                                                 attn_mask=batch.attn_mask)
+        out = out.transpose(1, 2).reshape(-1, q_size)[batch.output_index]
+        return self.collectives.all_reduce(F.linear(out, layer.o))
+
+    def _mlp(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+        return self.collectives.all_reduce(F.linear(F.silu(gate) * up, layer.down))

@@ -1,0 +1,52 @@
+"""Named real model shapes with random weights, for benchmarks and tests (no downloads needed)."""
+
+from __future__ import annotations
+
+import torch
+
+from inflight.model_config import ModelConfig
+from worker.torch_engine.weights import RandomWeights
+
+SHAPES: dict[str, dict[str, object]] = {
+    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, eos_token_ids=(128001,)),
+    "llama-3-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, tie_word_embeddings=True, eos_token_ids=(128001,)),
+    # Small shapes for tensor-parallel tests on CPU: 8 heads, 2 KV heads (replicated at tp=4).
+    "tiny-gqa": dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                     eos_token_ids=(1,)),
+}
+
+
+def _weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    hidden, d = config.hidden_size, config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, hidden),
+        "model.norm.weight": (hidden,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (config.num_attention_heads * d, hidden),
+            p + "self_attn.k_proj.weight": (config.num_key_value_heads * d, hidden),
+            p + "self_attn.v_proj.weight": (config.num_key_value_heads * d, hidden),
+            p + "self_attn.o_proj.weight": (hidden, config.num_attention_heads * d),
+            p + "mlp.gate_proj.weight": (config.intermediate_size, hidden),
+            p + "mlp.up_proj.weight": (config.intermediate_size, hidden),
+            p + "mlp.down_proj.weight": (hidden, config.intermediate_size),
+        })
+    return shapes
+
+
+def random_model(shape: str, seed: int, device: torch.device, dtype: torch.dtype) -> tuple[ModelConfig, RandomWeights]:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown random model shape {shape!r}; known: {', '.join(SHAPES)}")
+    config = ModelConfig(name=f"random:{shape}", **SHAPES[shape])  # type: ignore[arg-type]
+    return config, RandomWeights(_weight_shapes(config), seed, device, dtype)

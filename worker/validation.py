@@ -1,0 +1,51 @@
+"""The invariants a worker checks before it touches anything for a step."""
+
+from __future__ import annotations
+
+from worker.step import EngineDescription, Step, StepRejected
+
+
+def check_step(step: Step, limits: EngineDescription, block_tables: dict[int, list[int]]) -> None:
+    """Raise StepRejected if step breaks the contract, given the slots' current block tables."""
+    live = {slot: len(table) for slot, table in block_tables.items()}
+    for slot in step.released_slot_ids:
+        if slot not in live:
+            raise StepRejected(f"released slot {slot} is not admitted")
+        del live[slot]
+    for admission in step.admissions:
+        _check_slot(admission.slot_id, limits)
+        if admission.slot_id in live:
+            raise StepRejected(f"slot {admission.slot_id} is admitted twice")
+        live[admission.slot_id] = 0
+    if step.num_tokens > limits.max_num_batched_tokens:
+        raise StepRejected(f"{step.num_tokens} tokens exceed the step maximum {limits.max_num_batched_tokens}")
+    seen: set[int] = set()
+    for chunk in step.chunks:
+        _check_chunk(chunk, limits, live, seen)
+
+
+def _check_slot(slot: int, limits: EngineDescription) -> None:
+    if not 0 <= slot < limits.max_num_seqs:
+        raise StepRejected(f"slot {slot} is outside [0, {limits.max_num_seqs})")
+
+
+def _check_chunk(chunk, limits: EngineDescription, live: dict[int, int], seen: set[int]) -> None:  # type: ignore[no-untyped-def]
+    slot = chunk.slot_id
+    if slot in seen:
+        raise StepRejected(f"slot {slot} is scheduled twice in one step")
+    seen.add(slot)
+    if slot not in live:
+        raise StepRejected(f"slot {slot} is not admitted")
+    if not chunk.token_ids:
+        raise StepRejected(f"slot {slot} has no tokens to process")
+    if any(not 0 <= t < limits.vocab_size for t in chunk.token_ids):
+        raise StepRejected(f"slot {slot} has a token id outside the vocabulary")
+    if any(not 1 <= b < limits.num_kv_blocks for b in chunk.new_block_ids):
+        raise StepRejected(f"slot {slot} has a block id outside [1, {limits.num_kv_blocks})")
+    end = chunk.num_computed_tokens + len(chunk.token_ids)
+    if end > limits.max_model_len:
+        raise StepRejected(f"slot {slot} reaches {end} tokens, over max_model_len {limits.max_model_len}")
+    blocks = live[slot] + len(chunk.new_block_ids)
+    if blocks * limits.block_size < end:
+        raise StepRejected(f"slot {slot}: {blocks} blocks cannot hold {end} tokens")
+    live[slot] = blocks
