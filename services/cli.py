@@ -42,3 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         from services.client_cli import main as generate_main
 
         raise SystemExit(generate_main(rest))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Start of the stop string that completes first in text (the longest, if several end together)."""
+    found = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+    return min(found)[1] if found else None
+
+
 class StopStringMatcher:
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
@@ -11,10 +17,10 @@ class StopStringMatcher:
     def push(self, delta: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was found). Nothing follows a stop."""
         text = self._held + delta
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        cut = first_stop(text, self.stops)
+        if cut is not None:
             self._held = ""
-            return text[: min(hits)], True
+            return text[:cut], True
         hold = self._longest_partial_stop(text)
         self._held = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold], False

@@ -1,0 +1,124 @@
+"""The step contract, spoken to a real MPI-launched worker over gRPC."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from inflight.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tests.stack import REPO
+from worker.fanout import decode_step, encode_step
+from worker.step import Admission, ScheduledChunk, Step
+
+admissions = st.builds(Admission, request_id=st.just(""), slot_id=st.integers(0, 255),
+                       temperature=st.floats(0, 2), top_p=st.floats(0.01, 1), top_k=st.integers(0, 100),
+                       seed=st.integers(0, 2**64 - 1))
+chunks = st.builds(ScheduledChunk, slot_id=st.integers(0, 255), token_ids=st.lists(st.integers(0, 2**17), min_size=1),
+                   num_computed_tokens=st.integers(0, 10**5), new_block_ids=st.lists(st.integers(1, 10**5)),
+                   sample=st.booleans())
+
+
+@given(step=st.builds(Step, step_id=st.integers(0, 2**62), released_slot_ids=st.lists(st.integers(0, 255)),
+                      admissions=st.lists(admissions, max_size=4), chunks=st.lists(chunks, max_size=6)))
+def test_broadcast_encoding_round_trips(step):
+    assert decode_step(encode_step(step)) == step
+
+
+@pytest.fixture(scope="module")
+def worker(model_dir, tmp_path_factory):
+    socket = tmp_path_factory.mktemp("worker") / "worker.sock"
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    process = subprocess.Popen([mpiexec, "-n", "1", sys.executable, "-m", "worker", "--model", str(model_dir),
+                                "--listen", f"unix://{socket}", "--num-kv-blocks", "32", "--max-num-seqs", "4",
+                                "--max-num-batched-tokens", "64"], cwd=REPO, start_new_session=True)
+    channel = grpc.insecure_channel(f"unix://{socket}")
+    stub = worker_pb2_grpc.WorkerStub(channel)
+    description = stub.Describe(worker_pb2.DescribeRequest(), wait_for_ready=True, timeout=120)
+    stub.Warmup(worker_pb2.WarmupRequest(), timeout=120)
+    yield stub, description
+    channel.close()
+    process.terminate()
+    process.wait(20)
+
+
+class StepStream:
+    def __init__(self, stub):
+        self._plans: queue.Queue = queue.Queue()
+        self._results = stub.Run(iter(self._plans.get, None))
+
+    def send(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
+        self._plans.put(plan)
+        return next(self._results)
+
+    def close(self) -> None:
+        self._plans.put(None)
+
+
+def prefill(slot: int, tokens: list[int], blocks: list[int], step_id: int) -> worker_pb2.StepPlan:
+    return worker_pb2.StepPlan(
+        step_id=step_id,
+        new_sequences=[worker_pb2.NewSequence(request_id=f"r{slot}", slot_id=slot,
+                                              sampling=common_pb2.SamplingParams(seed=1))],
+        sequences=[worker_pb2.ScheduledSequence(slot_id=slot, token_ids=tokens, num_computed_tokens=0,
+                                                new_block_ids=blocks, sample=True)])
+
+
+@pytest.mark.slow
+def test_worker_describes_itself(worker):
+    _, description = worker
+    assert description.vocab_size == 49152 and description.num_kv_blocks == 32
+    assert description.block_size == 16 and description.max_num_seqs == 4 and description.tp_size == 1
+    assert list(description.eos_token_ids) == [2]
+
+
+BAD_PLANS = [
+    ("block id out of range", prefill(0, [1, 2, 3], [32], 1), "block id"),
+    ("null block in table", prefill(0, [1, 2, 3], [0], 1), "block id"),
+    ("table too short", prefill(0, list(range(1, 18)), [1], 1), "cannot hold"),
+    ("slot out of range", prefill(4, [1, 2, 3], [1], 1), "slot 4"),
+    ("token outside vocabulary", prefill(0, [49152], [1], 1), "vocabulary"),
+    ("over the step budget", prefill(0, [1] * 65, [1, 2, 3, 4, 5], 1), "exceed"),
+    ("unknown slot", worker_pb2.StepPlan(step_id=1, sequences=[worker_pb2.ScheduledSequence(
+        slot_id=2, token_ids=[1], num_computed_tokens=0, new_block_ids=[1], sample=True)]), "not admitted"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,plan,message", BAD_PLANS, ids=[b[0] for b in BAD_PLANS])
+def test_worker_rejects_a_plan_that_breaks_the_contract_and_applies_none_of_it(worker, name, plan, message):
+    stub, _ = worker
+    stream = StepStream(stub)
+    try:
+        result = stream.send(plan)
+        assert message in result.error and not result.sampled
+        # Nothing of the rejected plan was applied: the same slot can be admitted cleanly.
+        good = stream.send(prefill(0, [1, 4093, 198], [1], 2))
+        assert good.error == "" and len(good.sampled) == 1 and good.sampled[0].slot_id == 0
+    finally:
+        stream.close()
+
+
+@pytest.mark.slow
+def test_prefill_in_chunks_gives_the_same_token_as_in_one_piece(worker):
+    stub, _ = worker
+    prompt = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198, 504, 3575, 282]
+    stream = StepStream(stub)
+    try:
+        whole = stream.send(prefill(0, prompt, [1, 2], 1)).sampled[0].token_id
+        first = worker_pb2.StepPlan(step_id=2, released_slot_ids=[0], new_sequences=[worker_pb2.NewSequence(
+            request_id="c", slot_id=1, sampling=common_pb2.SamplingParams(seed=1))], sequences=[
+            worker_pb2.ScheduledSequence(slot_id=1, token_ids=prompt[:7], num_computed_tokens=0,
+                                         new_block_ids=[3], sample=False)])
+        assert stream.send(first).sampled == []
+        second = worker_pb2.StepPlan(step_id=3, sequences=[worker_pb2.ScheduledSequence(
+            slot_id=1, token_ids=prompt[7:], num_computed_tokens=7, new_block_ids=[4], sample=True)])
+        assert stream.send(second).sampled[0].token_id == whole
+    finally:
+        stream.close()
