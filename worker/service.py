@@ -54,4 +54,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except StepRejected as error:
             log.warning("step_rejected", step_id=step.step_id, error=str(error))
             return worker_pb2.StepResult(step_id=step.step_id, error=str(error))
+        for admission in step.admissions:
+            log.info("sequence_admitted", request_id=admission.request_id, slot_id=admission.slot_id,
+                     step_id=step.step_id)
         return output_to_proto(self.group.step(step))
