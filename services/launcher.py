@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inflight.log import configure_logging
+from inflight.model_config import ModelConfig
 from inflight.model_store import DEFAULT_MODEL, resolve_model
 
 
@@ -159,6 +160,18 @@ def wait_until_serving(port: int, stack: Stack, timeout: float) -> bool:
         channel.close()
 
 
+def check_tensor_parallel(model_path: str, tp: int) -> None:
+    """Fail before starting anything if the model's heads cannot be split across tp ranks."""
+    if model_path.startswith("random:"):
+        from worker.torch_engine.random_models import SHAPES
+
+        heads = int(SHAPES[model_path.removeprefix("random:")]["num_attention_heads"])  # type: ignore[call-overload]
+    else:
+        heads = ModelConfig.load(Path(model_path)).num_attention_heads
+    if tp < 1 or heads % tp:
+        raise SystemExit(f"inflight serve: --tp {tp}: {heads} attention heads cannot be split across tp={tp} ranks")
+
+
 def serve(config: ServeConfig) -> int:
     log = configure_logging("launcher", config.log_level)
     if config.model.startswith("random:"):
@@ -166,6 +179,7 @@ def serve(config: ServeConfig) -> int:
     else:
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
         model_path = str(resolve_model(config.model, cache_dir))
+    check_tensor_parallel(model_path, config.tp)
     log.info("launcher_starting", model=model_path, port=config.port, tp=config.tp, device=config.device)
     stopping = False
 
@@ -193,6 +207,9 @@ def _supervise(stack: Stack, config: ServeConfig, log: object, stopping: object)
         exited = stack.exited()
         if "gateway" in exited or "scheduler" in exited:
             log.error("process_exited", exited=exited)  # type: ignore[attr-defined]
+            return 1
+        if "worker" in exited and not announced:
+            log.error("worker_group_failed_to_start", exit_code=exited["worker"])  # type: ignore[attr-defined]
             return 1
         if "worker" in exited:
             restarts = [t for t in restarts if time.monotonic() - t < 60] + [time.monotonic()]

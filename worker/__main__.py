@@ -6,18 +6,17 @@ import argparse
 import ctypes
 import os
 import signal
-import socket
 import sys
 from concurrent import futures
 
 import grpc
 import torch
-import torch.distributed as dist
 from mpi4py import MPI
 
 from inflight.log import configure_logging
 from inflight.v1 import worker_pb2_grpc
 from worker.config import WorkerConfig
+from worker.distributed import init_distributed
 from worker.group import WorkerGroup, follow
 from worker.parallel import Collectives, ShardPlan
 from worker.service import WorkerService
@@ -34,28 +33,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _init_distributed(comm: MPI.Comm, device: str) -> None:
-    """torch.distributed for the tensor all-reduces; its rendezvous address goes out once over MPI."""
-    rank, size = comm.Get_rank(), comm.Get_size()
-    hosts = comm.allgather(MPI.Get_processor_name())
-    if rank == 0:
-        host = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(socket.gethostname())
-        address = f"tcp://{host}:{_free_port()}"
-    else:
-        address = None
-    address = comm.bcast(address, root=0)
-    if device == "cuda":
-        local_rank = hosts[: rank].count(hosts[rank])
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=address, rank=rank, world_size=size)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inflight worker", description=__doc__)
     WorkerConfig.add_arguments(parser)
@@ -68,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     if size > 1:
-        _init_distributed(comm, config.device)
+        init_distributed(comm, config.device)
     elif config.device == "cuda":
         torch.cuda.set_device(0)
     try:
@@ -77,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         log.exception("engine_failed_to_load")
         comm.Abort(1)
         raise
-    log.info("engine_loaded", rank=rank, tp_size=size, kv_blocks=engine.num_kv_blocks, device=str(engine.device))
+    log.info("engine_loaded", rank=rank, tp_size=size, kv_blocks=engine.num_kv_blocks, device=str(engine.device),
+             weight_bytes=engine.model.weight_bytes())
     if rank != 0:
         try:
             follow(comm, engine)

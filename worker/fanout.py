@@ -26,7 +26,7 @@ def _float_bits(value: float) -> int:
     return int(np.array(value, dtype=np.float64).view(np.int64))
 
 
-def _bits_float(word: np.int64) -> float:
+def _bits_float(word: int) -> float:
     return float(np.array(word, dtype=np.int64).view(np.float64))
 
 
@@ -44,23 +44,23 @@ def encode_step(step: Step) -> np.ndarray:
 
 
 def decode_step(payload: np.ndarray) -> Step:
-    step_id, num_released, num_admissions, num_chunks = (int(x) for x in payload[:4])
+    words: list[int] = payload.tolist()  # one conversion; Python list slices are cheap
+    step_id, num_released, num_admissions, num_chunks = words[:4]
     at = 4
-    released = payload[at : at + num_released].tolist()
+    released = words[at : at + num_released]
     at += num_released
     admissions = []
     for _ in range(num_admissions):
-        slot, top_k, seed, temperature, top_p = payload[at : at + 5]
-        admissions.append(Admission("", int(slot), _bits_float(temperature), _bits_float(top_p), int(top_k),
+        slot, top_k, seed, temperature, top_p = words[at : at + 5]
+        admissions.append(Admission("", slot, _bits_float(temperature), _bits_float(top_p), top_k,
                                     int(np.int64(seed).view(np.uint64))))
         at += 5
-    heads = payload[at : at + 5 * num_chunks].reshape(num_chunks, 5).tolist()
+    heads = words[at : at + 5 * num_chunks]
     at += 5 * num_chunks
     chunks = []
-    for slot, computed, num_tokens, num_blocks, sample in heads:
-        tokens = payload[at : at + num_tokens].tolist()
-        at += num_tokens
-        blocks = payload[at : at + num_blocks].tolist()
-        at += num_blocks
-        chunks.append(ScheduledChunk(slot, tokens, computed, blocks, bool(sample)))
+    for i in range(0, 5 * num_chunks, 5):
+        slot, computed, num_tokens, num_blocks, sample = heads[i : i + 5]
+        chunks.append(ScheduledChunk(slot, words[at : at + num_tokens], computed,
+                                     words[at + num_tokens : at + num_tokens + num_blocks], bool(sample)))
+        at += num_tokens + num_blocks
     return Step(step_id, released, admissions, chunks)

@@ -85,6 +85,13 @@ class LlamaModel:
                 down=get(p + "mlp.down_proj.weight", None, mlp_rows),
             ))
 
+    def weight_bytes(self) -> int:
+        """Bytes of weights this rank holds."""
+        tensors = [self.embed_tokens, self.lm_head, self.norm]
+        for layer in self.layers:
+            tensors += [layer.input_norm, layer.post_attention_norm, layer.qkv, layer.o, layer.gate_up, layer.down]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def forward(self, batch: BatchInput, kv_cache: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] for the batch's tokens; writes their K/V into kv_cache."""
         eps = self.config.rms_norm_eps

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
 
 from inflight.model_config import ModelConfig
 from worker.torch_engine.weights import RandomWeights
@@ -50,3 +54,15 @@ def random_model(shape: str, seed: int, device: torch.device, dtype: torch.dtype
         raise ValueError(f"unknown random model shape {shape!r}; known: {', '.join(SHAPES)}")
     config = ModelConfig(name=f"random:{shape}", **SHAPES[shape])  # type: ignore[arg-type]
     return config, RandomWeights(_weight_shapes(config), seed, device, dtype)
+
+
+def save_random_model(shape: str, folder: Path, seed: int = 0, **overrides: object) -> ModelConfig:
+    """Write a Hugging Face style folder (config.json, model.safetensors) with random float32 weights."""
+    fields = {**SHAPES[shape], **overrides}
+    config = ModelConfig(name=f"random-{shape}", **fields)  # type: ignore[arg-type]
+    weights = RandomWeights(_weight_shapes(config), seed, torch.device("cpu"), torch.float32)
+    tensors = {name: weights.get(name) for name in _weight_shapes(config)}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    return config

@@ -68,7 +68,9 @@ class RandomWeights:
             seed = (self._seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
             generator = torch.Generator(device=self._device).manual_seed(seed)
             full = torch.randn(shape, generator=generator, device=self._device, dtype=torch.float32)
-            full = full.mul_(shape[-1] ** -0.5).to(self._dtype)
+            # Values are bfloat16-representable whatever the compute dtype, so a float32 run and a
+            # bfloat16 run hold the same model.
+            full = full.mul_(shape[-1] ** -0.5).to(torch.bfloat16).to(self._dtype)
         if rows is not None:
             full = full[rows.start : rows.stop]
         if cols is not None:

@@ -1,0 +1,153 @@
+"""Tensor-parallel check and decode benchmark, straight on the engine (no gRPC).
+
+    mpiexec -n N python benchmarks/tp_decode.py --model random:llama-3-8b --device cuda --out tp.json
+
+Every rank builds the same steps, so the engine and the all-reduces are all that run.
+Part 1: greedy generation of a few random prompts, batched; the tokens go in the report so
+runs at different N can be compared. Part 2: decode step time at the given batch sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from worker.distributed import init_distributed  # noqa: E402
+from worker.config import WorkerConfig  # noqa: E402
+from worker.parallel import Collectives, ShardPlan  # noqa: E402
+from worker.step import Admission, ScheduledChunk, Step  # noqa: E402
+from worker.torch_engine.engine import TorchEngine  # noqa: E402
+
+
+class Driver:
+    """Allocates blocks and slots for sequences and runs steps on the engine."""
+
+    def __init__(self, engine: TorchEngine) -> None:
+        self.engine = engine
+        self.block_size = engine.config.block_size
+        self.next_block = 1
+        self.step_id = 0
+        self.tables: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}
+
+    def _blocks_for(self, slot: int, new_length: int) -> list[int]:
+        have = len(self.tables[slot])
+        need = -(-new_length // self.block_size) - have
+        blocks = list(range(self.next_block, self.next_block + need))
+        self.next_block += need
+        self.tables[slot] += blocks
+        return blocks
+
+    def run(self, admissions: list[Admission], inputs: dict[int, list[int]]) -> dict[int, int]:
+        for admission in admissions:
+            self.tables[admission.slot_id] = []
+            self.lengths[admission.slot_id] = 0
+        chunks = []
+        for slot, tokens in inputs.items():
+            start = self.lengths[slot]
+            chunks.append(ScheduledChunk(slot, tokens, start, self._blocks_for(slot, start + len(tokens)), True))
+            self.lengths[slot] = start + len(tokens)
+        self.step_id += 1
+        output = self.engine.step(Step(self.step_id, [], admissions, chunks))
+        return {s.slot_id: s.token_id for s in output.sampled}
+
+    def reset(self) -> None:
+        self.engine.release(list(self.tables))
+        self.tables, self.lengths, self.next_block = {}, {}, 1
+
+
+def greedy(driver: Driver, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    admissions = [Admission(f"p{i}", i, 0.0, 1.0, 0, 0) for i in range(len(prompts))]
+    last = driver.run(admissions, dict(enumerate(prompts)))
+    outputs = [[last[i]] for i in range(len(prompts))]
+    for _ in range(new_tokens - 1):
+        last = driver.run([], {i: [out[-1]] for i, out in enumerate(outputs)})
+        for i, out in enumerate(outputs):
+            out.append(last[i])
+    driver.reset()
+    return outputs
+
+
+def decode_step_ms(driver: Driver, batch: int, context: int, steps: int, sync: callable) -> dict[str, float]:
+    rng = np.random.default_rng(1)
+    vocab = driver.engine.model_config.vocab_size
+    admissions = [Admission(f"b{i}", i, 0.0, 1.0, 0, 0) for i in range(batch)]
+    prompts = {i: rng.integers(3, vocab, context).tolist() for i in range(batch)}
+    # Prefill in pieces that fit the step budget.
+    per_step = max(1, driver.engine.config.max_num_batched_tokens // context)
+    slots = list(prompts)
+    last: dict[int, int] = {}
+    for start in range(0, batch, per_step):
+        group = slots[start : start + per_step]
+        last.update(driver.run([a for a in admissions if a.slot_id in group], {s: prompts[s] for s in group}))
+    times = []
+    for i in range(steps + 3):
+        sync()
+        began = time.perf_counter()
+        last = driver.run([], {s: [last[s]] for s in slots})
+        sync()
+        if i >= 3:
+            times.append((time.perf_counter() - began) * 1000)
+    driver.reset()
+    return {"batch": batch, "context": context, "median_ms": statistics.median(times), "min_ms": min(times),
+            "mean_ms": statistics.fmean(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="random:llama-3-8b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--num-kv-blocks", type=int, default=2048)
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if size > 1:
+        init_distributed(comm, args.device)
+    elif args.device == "cuda":
+        torch.cuda.set_device(0)
+    config = WorkerConfig(model=args.model, listen="", device=args.device, dtype=args.dtype, block_size=16,
+                          num_kv_blocks=args.num_kv_blocks, kv_cache_gb=0, max_num_batched_tokens=2048,
+                          max_num_seqs=64, max_model_len=4096, seed=0, log_level="warning")
+    began = time.perf_counter()
+    engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size))
+    engine.warmup()
+    load_seconds = time.perf_counter() - began
+    sync = (lambda: torch.cuda.synchronize()) if args.device == "cuda" else (lambda: None)
+    driver = Driver(engine)
+    rng = np.random.default_rng(0)
+    vocab = engine.model_config.vocab_size
+    prompts = [rng.integers(3, vocab, n).tolist() for n in (17, 64, 100, 33)]
+    tokens = greedy(driver, prompts, args.new_tokens)
+    timings = [decode_step_ms(driver, int(b), args.context, args.steps, sync) for b in args.batches.split(",") if b]
+    weight_bytes = comm.gather(engine.model.weight_bytes(), root=0)
+    if rank == 0:
+        report = {
+            "model": args.model, "tp": size, "device": args.device, "dtype": args.dtype,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "torch": torch.__version__, "load_seconds": round(load_seconds, 2),
+            "weight_bytes_per_rank": weight_bytes, "greedy_tokens": tokens, "decode": timings,
+        }
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(json.dumps({k: v for k, v in report.items() if k != "greedy_tokens"}))
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

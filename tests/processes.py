@@ -1,0 +1,49 @@
+"""Finding a stack's processes through /proc: the worker ranks under a launcher."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def descendants(root: int) -> list[int]:
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    parents = {pid: _parent(pid) for pid in pids}
+    found, frontier = [], {root}
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = set(children)
+    return found
+
+
+def worker_ranks(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of every `python -m worker` rank below the launcher."""
+    ranks = {}
+    for pid in descendants(launcher_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker" in cmdline and b"-m" in cmdline:
+            rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"PMI_RANK=")), None)
+            if rank is not None:
+                ranks[int(rank)] = pid
+    return ranks
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"
