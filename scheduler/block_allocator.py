@@ -1,11 +1,13 @@
-"""Paged KV blocks: who holds which block, with a check that nothing leaks.
+"""Paged KV blocks with a prefix cache: who holds which block, and what a free block still holds.
 
-Block 0 is the worker's null block (padding reads it) and is never handed out.
+A full block is keyed by a chained hash of (parent block's hash, its token ids, a salt).
+A block whose last holder lets go stays in the cache, on an LRU free list, until a new
+allocation needs it. Block 0 is the worker's null block (padding reads it); never handed out.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 
 class OutOfBlocks(RuntimeError):
@@ -17,8 +19,10 @@ class BlockAllocator:
         if num_blocks < 2:
             raise ValueError("the KV cache needs at least 2 blocks (one is reserved)")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(1, num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))  # oldest first
         self._ref_counts = [0] * num_blocks
+        self._hash_of: list[int | None] = [None] * num_blocks
+        self._block_of: dict[int, int] = {}
 
     @property
     def num_usable(self) -> int:
@@ -30,34 +34,69 @@ class BlockAllocator:
 
     @property
     def num_cached(self) -> int:
-        return 0
+        """Free blocks that still hold a cached prefix."""
+        return sum(1 for b in self._free if self._hash_of[b] is not None)
+
+    def ref_count(self, block: int) -> int:
+        return self._ref_counts[block]
 
     def allocate(self, count: int) -> list[int]:
+        """Fresh blocks, evicting the least recently freed cached ones first."""
         if count > len(self._free):
             raise OutOfBlocks(f"{count} blocks asked, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(count)]
-        for block in blocks:
+        blocks = []
+        for _ in range(count):
+            block, _ = self._free.popitem(last=False)
+            self._evict(block)
             self._ref_counts[block] = 1
+            blocks.append(block)
         return blocks
 
-    def free(self, blocks: list[int]) -> None:
+    def touch(self, blocks: list[int]) -> None:
+        """Take a reference on cached blocks (a prefix-cache hit)."""
         for block in blocks:
+            if self._ref_counts[block] == 0:
+                del self._free[block]
+            self._ref_counts[block] += 1
+
+    def free(self, blocks: list[int]) -> None:
+        """Drop one reference on each block; the last block of a sequence is the first to be evicted."""
+        for block in reversed(blocks):
             if self._ref_counts[block] <= 0:
                 raise AssertionError(f"block {block} freed twice")
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
-                self._free.append(block)
+                self._free[block] = None
+
+    def lookup(self, block_hash: int) -> int | None:
+        return self._block_of.get(block_hash)
+
+    def register(self, block: int, block_hash: int) -> None:
+        """Record that block holds the full block keyed by block_hash (first holder wins)."""
+        if block_hash not in self._block_of and self._hash_of[block] is None:
+            self._block_of[block_hash] = block
+            self._hash_of[block] = block_hash
+
+    def _evict(self, block: int) -> None:
+        block_hash = self._hash_of[block]
+        if block_hash is not None:
+            del self._block_of[block_hash]
+            self._hash_of[block] = None
 
     def check_invariants(self, held: list[list[int]]) -> None:
-        """free + used = usable; every held block counted once per holder; no block both free and held."""
+        """free + used = usable; refcounts = holders; a block held twice is a cached prefix block."""
         counts = [0] * self.num_blocks
         for blocks in held:
             for block in blocks:
                 counts[block] += 1
-        free = set(self._free)
-        assert len(free) == len(self._free), "a block is on the free list twice"
-        assert 0 not in free and counts[0] == 0, "the null block was handed out"
+        assert counts[0] == 0 and 0 not in self._free, "the null block was handed out"
         assert counts == self._ref_counts, "reference counts disagree with the holders"
-        used = sum(1 for c in counts if c > 0)
-        assert not free & {b for b, c in enumerate(counts) if c > 0}, "a held block is on the free list"
-        assert len(free) + used == self.num_usable, f"{len(free)} free + {used} used != {self.num_usable}"
+        assert all(c >= 0 for c in self._ref_counts)
+        used = {b for b, c in enumerate(counts) if c > 0}
+        assert not used & set(self._free), "a held block is on the free list"
+        assert len(self._free) + len(used) == self.num_usable, f"{len(self._free)} free + {len(used)} used"
+        for block, count in enumerate(counts):
+            if count > 1:
+                assert self._hash_of[block] is not None, f"block {block} is shared but not a cached prefix block"
+        for block_hash, block in self._block_of.items():
+            assert self._hash_of[block] == block_hash, "the prefix index disagrees with the blocks"

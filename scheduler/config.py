@@ -14,8 +14,11 @@ class SchedulerConfig:
     listen: str                  # gRPC address served to gateways
     max_num_batched_tokens: int  # 0: what the worker advertises
     max_num_seqs: int            # 0: what the worker advertises
-    policy: str
+    policy: str                  # fcfs, priority or fair (weighted fair sharing across tenants)
+    tenant_weights: str          # for fair: "tenantA=2,tenantB=1" (others weigh 1)
+    no_prefix_caching: bool
     connect_timeout: float       # seconds to wait for the worker at start and after a failure
+    max_waiting_requests: int    # a full queue answers RESOURCE_EXHAUSTED
     log_level: str
 
     @staticmethod
@@ -24,8 +27,11 @@ class SchedulerConfig:
         parser.add_argument("--listen", default="127.0.0.1:50060")
         parser.add_argument("--max-num-batched-tokens", type=int, default=0)
         parser.add_argument("--max-num-seqs", type=int, default=0)
-        parser.add_argument("--policy", default="fcfs", choices=sorted(POLICIES))
+        parser.add_argument("--policy", default="fcfs", choices=POLICIES)
+        parser.add_argument("--tenant-weights", default="")
+        parser.add_argument("--no-prefix-caching", action="store_true")
         parser.add_argument("--connect-timeout", type=float, default=600.0)
+        parser.add_argument("--max-waiting-requests", type=int, default=1024)
         parser.add_argument("--log-level", default="info")
 
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import structlog
 from inflight.v1 import common_pb2, scheduler_pb2, worker_pb2
 from scheduler.config import SchedulerConfig
 from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits, RequestOutput
-from scheduler.policy import POLICIES
+from scheduler.policy import make_policy
 from scheduler.request import Request
 from scheduler.worker_link import WorkerLink, WorkerUnavailable, plan_to_proto
 
@@ -99,6 +100,7 @@ class EngineLoop:
             generated_tokens_total=s.generated_tokens_total,
             max_batch_size_seen=s.max_batch_size_seen,
             batched_sequences_total=s.batched_sequences_total,
+            prefix_cache_hit_tokens_total=s.prefix_cache_hit_tokens_total,
         )
 
     def _make_request(self, submit: scheduler_pb2.SubmitRequest, planner: BatchPlanner,
@@ -107,6 +109,9 @@ class EngineLoop:
         limits = planner.limits
         if not submit.request_id:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        if len(planner.waiting) >= self.config.max_waiting_requests:
+            raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"the queue is full ({self.config.max_waiting_requests} requests waiting)")
         if submit.request_id in self.streams:
             raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {submit.request_id!r} is in flight")
         if not prompt:
@@ -134,7 +139,8 @@ class EngineLoop:
         return Request(
             request_id=submit.request_id, prompt_token_ids=prompt, max_new_tokens=max_new_tokens,
             sampling=sampling, stop_token_ids=frozenset(stop), arrival_order=self._arrivals,
-            priority=submit.priority, tenant=submit.tenant,
+            priority=submit.priority, tenant=submit.tenant, arrived_at=time.monotonic(),
+            logprobs=submit.logprobs or submit.sampling.top_logprobs > 0,
         )
 
     # --- the loop ----------------------------------------------------------------------
@@ -165,7 +171,8 @@ class EngineLoop:
             num_kv_blocks=min(description.num_kv_blocks, warmup.num_kv_blocks or description.num_kv_blocks),
         )
         self.description = description
-        self.planner = BatchPlanner(limits, POLICIES[self.config.policy]())
+        self.planner = BatchPlanner(limits, make_policy(self.config.policy, self.config.tenant_weights),
+                                    enable_prefix_caching=not self.config.no_prefix_caching)
         log.info("worker_ready", model=description.model_name, tp_size=description.tp_size,
                  kv_blocks=limits.num_kv_blocks - 1, block_size=limits.block_size,
                  max_num_batched_tokens=limits.max_num_batched_tokens, max_num_seqs=limits.max_num_seqs,
@@ -188,7 +195,9 @@ class EngineLoop:
             if result.error:
                 self._fail_step(step, result.error)
                 continue
-            self._deliver(planner.update(step, {s.slot_id: s.token_id for s in result.sampled}))
+            outputs = planner.update(step, {s.slot_id: s.token_id for s in result.sampled},
+                                     {s.slot_id: s for s in result.sampled})
+            self._deliver(outputs)
             await asyncio.sleep(0)  # let handlers read their tokens and aborts arrive
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
@@ -198,8 +207,13 @@ class EngineLoop:
             if queue is None:
                 continue
             event = scheduler_pb2.TokenEvent(token_ids=output.new_token_ids, finish_reason=output.finish_reason)
+            if request.logprobs and output.sampled is not None:
+                s = output.sampled
+                event.logprobs.add(token_id=s.token_id, logprob=s.logprob, top_token_ids=s.top_token_ids,  # type: ignore[attr-defined]
+                                   top_logprobs=s.top_logprobs)  # type: ignore[attr-defined]
             if len(request.output_token_ids) == len(output.new_token_ids):
                 event.num_cached_prompt_tokens = request.num_cached_prompt_tokens
+                event.queue_seconds = max(0.0, request.first_scheduled_at - request.arrived_at)
             queue.put_nowait(event)
             if output.finish_reason:
                 del self.streams[request.request_id]

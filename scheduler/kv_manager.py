@@ -1,4 +1,4 @@
-"""Each request's blocks: how many more its next tokens need, and giving them all back."""
+"""Each request's blocks: prefix-cache hits at admission, growth per step, giving them all back."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from scheduler.request import Request
 
 
 class KvManager:
-    def __init__(self, allocator: BlockAllocator, block_size: int) -> None:
+    def __init__(self, allocator: BlockAllocator, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.allocator = allocator
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
 
     def blocks_to_add(self, request: Request, num_new_tokens: int) -> int:
         needed = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size)
@@ -21,7 +22,54 @@ class KvManager:
     def allocate(self, request: Request, num_new_tokens: int) -> None:
         request.block_ids.extend(self.allocator.allocate(self.blocks_to_add(request, num_new_tokens)))
 
+    # --- prefix cache ---------------------------------------------------------------------
+
+    def _extend_hashes(self, request: Request, num_blocks: int) -> None:
+        """Chained hashes of the request's first num_blocks full blocks (computed once each)."""
+        bs = self.block_size
+        hashes = request.block_hashes
+        for index in range(len(hashes), num_blocks):
+            parent = hashes[-1] if hashes else None
+            tokens = tuple(request.token_ids(index * bs, (index + 1) * bs))
+            hashes.append(hash((parent, tokens, request.tenant)))
+
+    def cached_prefix(self, request: Request) -> list[int]:
+        """Cached blocks that hold the start of the request; never its last token (it must be computed)."""
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        self._extend_hashes(request, max_blocks)
+        hits = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block = self.allocator.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def can_admit(self, request: Request, hits: list[int], num_new_tokens: int) -> bool:
+        """Room for the hits (those on the free list leave it) and the new tokens' blocks."""
+        reclaimed = sum(1 for b in hits if self.allocator.ref_count(b) == 0)
+        total_blocks = -(-(len(hits) * self.block_size + num_new_tokens) // self.block_size)
+        return reclaimed + total_blocks - len(hits) <= self.allocator.num_free
+
+    def admit(self, request: Request, hits: list[int]) -> None:
+        self.allocator.touch(hits)
+        request.block_ids = list(hits)
+        request.num_computed_tokens = len(hits) * self.block_size
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Index the blocks the request has completely computed, for later requests to reuse."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = request.num_computed_tokens // self.block_size
+        self._extend_hashes(request, num_full)
+        for index in range(request.num_indexed_blocks, num_full):
+            self.allocator.register(request.block_ids[index], request.block_hashes[index])
+        request.num_indexed_blocks = max(request.num_indexed_blocks, num_full)
+
     def free(self, request: Request) -> None:
         self.allocator.free(request.block_ids)
         request.block_ids = []
         request.num_blocks_on_worker = 0
+        request.num_indexed_blocks = 0

@@ -9,6 +9,7 @@ All state changes happen in plain synchronous methods called by one owner.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from inflight.v1 import common_pb2
@@ -27,7 +28,7 @@ class PlannerLimits:
     num_kv_blocks: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Chunk:
     request: Request
     token_ids: list[int]
@@ -53,6 +54,7 @@ class RequestOutput:
     request: Request
     new_token_ids: list[int]
     finish_reason: int  # FINISH_REASON_UNSPECIFIED while the request runs on
+    sampled: object = None  # the worker's SampledToken (logprobs), passed through
 
 
 @dataclass
@@ -63,18 +65,20 @@ class PlannerStats:
     generated_tokens_total: int = 0
     max_batch_size_seen: int = 0
     batched_sequences_total: int = 0
+    prefix_cache_hit_tokens_total: int = 0
 
 
 @dataclass
 class BatchPlanner:
     limits: PlannerLimits
     policy: Policy
+    enable_prefix_caching: bool = True
     allocator: BlockAllocator = field(init=False)
     kv: KvManager = field(init=False)
 
     def __post_init__(self) -> None:
         self.allocator = BlockAllocator(self.limits.num_kv_blocks)
-        self.kv = KvManager(self.allocator, self.limits.block_size)
+        self.kv = KvManager(self.allocator, self.limits.block_size, self.enable_prefix_caching)
         self.waiting = WaitingQueue(self.policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -92,6 +96,7 @@ class BatchPlanner:
     def add(self, request: Request) -> None:
         self.requests[request.request_id] = request
         self.stats.prompt_tokens_total += len(request.prompt_token_ids)
+        self.policy.on_arrival(request)
         self.waiting.push(request)
 
     def abort(self, request_id: str) -> Request | None:
@@ -132,10 +137,11 @@ class BatchPlanner:
                 request = self.waiting.peek()
                 if request is None:
                     break
-                num_tokens = min(request.num_uncomputed_tokens, budget)
-                if not self.kv.can_allocate(request, num_tokens):
+                hits = self.kv.cached_prefix(request)
+                num_tokens = min(request.num_tokens - len(hits) * self.limits.block_size, budget)
+                if not self.kv.can_admit(request, hits, num_tokens):
                     break
-                self._admit(self.waiting.pop())
+                self._admit(self.waiting.pop(), hits)
                 admitted.append(request)
                 chunks.append(self._chunk(request, num_tokens))
                 budget -= num_tokens
@@ -143,8 +149,8 @@ class BatchPlanner:
 
     def _make_room(self, request: Request, num_tokens: int, scheduled: list[Chunk]) -> bool:
         """Preempt until request's next tokens fit; False if request itself had to go."""
-        scheduled_ids = {id(c.request) for c in scheduled}
         while not self.kv.can_allocate(request, num_tokens):
+            scheduled_ids = {id(c.request) for c in scheduled}
             candidates = [r for r in self.running if id(r) not in scheduled_ids]
             victim = max(candidates, key=self.policy.key)
             self._preempt(victim)
@@ -173,7 +179,14 @@ class BatchPlanner:
             self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, len(chunks))
         return step
 
-    def _admit(self, request: Request) -> None:
+    def _admit(self, request: Request, hits: list[int]) -> None:
+        self.kv.admit(request, hits)
+        hit_tokens = request.num_computed_tokens
+        self.stats.prefix_cache_hit_tokens_total += hit_tokens
+        if not request.output_token_ids and not request.num_preemptions:
+            request.num_cached_prompt_tokens = hit_tokens
+            request.first_scheduled_at = time.monotonic()
+        self.policy.on_admit(request)
         request.status = RequestStatus.RUNNING
         request.slot_id = self._free_slots.pop()
         self.running.append(request)
@@ -204,7 +217,8 @@ class BatchPlanner:
 
     # --- results -----------------------------------------------------------------------
 
-    def update(self, step: PlannedStep, sampled: dict[int, int]) -> list[RequestOutput]:
+    def update(self, step: PlannedStep, sampled: dict[int, int], details: dict[int, object] | None = None
+               ) -> list[RequestOutput]:
         """Apply a step's result (slot id -> sampled token); returns what each request produced."""
         outputs = []
         for chunk in step.chunks:
@@ -212,15 +226,17 @@ class BatchPlanner:
             if request.status is not RequestStatus.RUNNING or chunk.num_computed_tokens != request.num_computed_tokens:
                 continue  # aborted or preempted while the step ran
             request.num_computed_tokens += len(chunk.token_ids)
+            self.kv.cache_full_blocks(request)
             if not chunk.sample:
                 continue
-            token = sampled[request.slot_id]  # type: ignore[index]
+            slot = request.slot_id
+            token = sampled[slot]  # type: ignore[index]
             request.output_token_ids.append(token)
             self.stats.generated_tokens_total += 1
             reason = self._finish_reason(request, token)
             if reason:
                 self._finish(request, reason)
-            outputs.append(RequestOutput(request, [token], reason))
+            outputs.append(RequestOutput(request, [token], reason, details.get(slot) if details else None))
         return outputs
 
     def _finish_reason(self, request: Request, token: int) -> int:

@@ -29,6 +29,12 @@ class Request:
     num_computed_tokens: int = 0       # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)
     num_blocks_on_worker: int = 0      # prefix of block_ids the worker's block table already holds
+    block_hashes: list[int] = field(default_factory=list)  # chained prefix-cache keys of full blocks
+    num_indexed_blocks: int = 0        # prefix of block_ids registered in the prefix cache
+    fair_tag: float = 0.0              # virtual finish time under weighted fair sharing
+    arrived_at: float = 0.0            # time.monotonic() at arrival
+    first_scheduled_at: float = 0.0
+    logprobs: bool = False             # return each token's log-probability
     slot_id: int | None = None
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     num_cached_prompt_tokens: int = 0

@@ -36,8 +36,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             if not finished:  # the gateway cancelled or went away
                 self.loop.abort(request.request_id)
 
-    async def Abort(self, request: scheduler_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.AbortResponse:
-        return scheduler_pb2.AbortResponse(found=self.loop.abort(request.request_id))
+    async def Abort(self, request: scheduler_pb2.SchedulerAbortRequest,
+                    context: grpc.aio.ServicerContext) -> scheduler_pb2.SchedulerAbortResponse:
+        return scheduler_pb2.SchedulerAbortResponse(found=self.loop.abort(request.request_id))
 
     async def GetStats(self, request: common_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> common_pb2.Stats:
         return self.loop.stats()

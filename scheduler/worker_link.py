@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import grpc
 
-from inflight.v1 import worker_pb2, worker_pb2_grpc
+from inflight.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.planner import PlannedStep
+from scheduler.request import Request
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 2**20),
@@ -20,14 +21,24 @@ class WorkerUnavailable(RuntimeError):
     pass
 
 
+def needs_history(sampling: common_pb2.SamplingParams) -> bool:
+    return (sampling.repetition_penalty not in (0.0, 1.0) or sampling.presence_penalty != 0.0
+            or sampling.frequency_penalty != 0.0)
+
+
+def new_sequence(request: Request) -> worker_pb2.NewSequence:
+    return worker_pb2.NewSequence(
+        request_id=request.request_id, slot_id=request.slot_id, sampling=request.sampling,
+        num_prompt_tokens=len(request.prompt_token_ids), stop_token_ids=sorted(request.stop_token_ids),
+        context_token_ids=request.token_ids(0, request.num_tokens) if needs_history(request.sampling) else [],
+    )
+
+
 def plan_to_proto(step: PlannedStep) -> worker_pb2.StepPlan:
     return worker_pb2.StepPlan(
         step_id=step.step_id,
         released_slot_ids=step.released_slot_ids,
-        new_sequences=[
-            worker_pb2.NewSequence(request_id=r.request_id, slot_id=r.slot_id, sampling=r.sampling)
-            for r in step.admitted
-        ],
+        new_sequences=[new_sequence(r) for r in step.admitted],
         sequences=[
             worker_pb2.ScheduledSequence(
                 slot_id=c.request.slot_id, token_ids=c.token_ids, num_computed_tokens=c.num_computed_tokens,

@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inflight.log import configure_logging
+from services.gateway.config import GatewayConfig
 from inflight.model_config import ModelConfig
 from inflight.model_store import DEFAULT_MODEL, resolve_model
 
@@ -41,9 +42,13 @@ class ServeConfig:
     max_num_seqs: int
     max_model_len: int
     policy: str
+    tenant_weights: str
+    no_prefix_caching: bool
+    max_waiting_requests: int
     cache_dir: str
     mpiexec: str
     log_level: str
+    gateway: GatewayConfig
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,14 +65,22 @@ class ServeConfig:
         parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
         parser.add_argument("--max-num-seqs", type=int, default=128)
         parser.add_argument("--max-model-len", type=int, default=0)
-        parser.add_argument("--policy", default="fcfs")
+        parser.add_argument("--policy", default="fcfs", choices=["fcfs", "priority", "fair"])
+        parser.add_argument("--tenant-weights", default="", help='for --policy fair: "tenantA=2,tenantB=1"')
+        parser.add_argument("--no-prefix-caching", action="store_true")
         parser.add_argument("--cache-dir", default="", help="where converted models are kept")
         parser.add_argument("--mpiexec", default="", help="mpiexec to use (default: beside this Python, else PATH)")
         parser.add_argument("--log-level", default="info")
+        parser.add_argument("--max-waiting-requests", type=int, default=1024)
+        GatewayConfig.add_arguments(parser.add_argument_group("gateway"), include_model=False)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServeConfig":
-        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+        gateway = GatewayConfig(model="", scheduler="", host=args.host, port=args.port, log_level=args.log_level,
+                                **{name: getattr(args, name) for name in GatewayConfig.__dataclass_fields__
+                                   if name not in ("model", "scheduler", "host", "port", "log_level")})
+        own = {name: getattr(args, name) for name in cls.__dataclass_fields__ if name != "gateway"}
+        return cls(**own, gateway=gateway)
 
 
 def find_mpiexec(explicit: str) -> str:
@@ -109,11 +122,14 @@ class Stack:
         self.start_worker_group()
         self._spawn("scheduler", [
             sys.executable, "-m", "scheduler", "--worker", self.worker_address, "--listen", self.scheduler_address,
-            "--policy", c.policy, "--log-level", c.log_level,
+            "--policy", c.policy, "--tenant-weights", c.tenant_weights, "--log-level", c.log_level,
+            "--max-waiting-requests", str(c.max_waiting_requests),
+            *(["--no-prefix-caching"] if c.no_prefix_caching else []),
         ])
         self._spawn("gateway", [
             sys.executable, "-m", "services.gateway", "--model", self.model_path, "--scheduler",
             self.scheduler_address, "--host", c.host, "--port", str(c.port), "--log-level", c.log_level,
+            *c.gateway.to_flags(),
         ])
 
     def exited(self) -> dict[str, int]:
@@ -137,13 +153,14 @@ class Stack:
             pass
 
     def stop(self) -> None:
-        for name, timeout in (("gateway", 10.0), ("scheduler", 5.0), ("worker", 5.0)):
+        for name, timeout in (("gateway", self.config.gateway.drain_seconds + 5), ("scheduler", 5.0), ("worker", 5.0)):
             if name in self.processes:
                 self.stop_one(name, timeout)
 
 
-def wait_until_serving(port: int, stack: Stack, timeout: float) -> bool:
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+def wait_until_serving(stack: Stack, timeout: float) -> bool:
+    """The scheduler's health (on its private socket): SERVING once the worker group is ready."""
+    channel = grpc.insecure_channel(stack.scheduler_address)
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout
     try:
@@ -219,7 +236,7 @@ def _supervise(stack: Stack, config: ServeConfig, log: object, stopping: object)
             log.error("worker_group_exited_restarting", exit_code=exited["worker"])  # type: ignore[attr-defined]
             stack.stop_one("worker", 1.0)
             stack.start_worker_group()
-        if not announced and wait_until_serving(config.port, stack, timeout=0.5):
+        if not announced and wait_until_serving(stack, timeout=0.5):
             announced = True
             log.info("inflight_ready", port=config.port)  # type: ignore[attr-defined]
             print(f"inflight is serving on port {config.port}", file=sys.stderr, flush=True)

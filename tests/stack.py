@@ -25,8 +25,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def health_status(port: int, service: str = "", timeout: float = 2.0) -> int:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+def health_status(port: int, service: str = "", timeout: float = 2.0,
+                  credentials: grpc.ChannelCredentials | None = None) -> int:
+    target = f"localhost:{port}"
+    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    with channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return reply.status
 
@@ -34,7 +37,8 @@ def health_status(port: int, service: str = "", timeout: float = 2.0) -> int:
 class ServedStack:
     """`inflight serve` in a subprocess, with a client on its port."""
 
-    def __init__(self, *args: str, log_path: Path | None = None) -> None:
+    def __init__(self, *args: str, log_path: Path | None = None, tls: dict[str, bytes] | None = None,
+                 token: str | None = None) -> None:
         self.port = free_port()
         self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"inflight-test-{self.port}.log"
         self._log = open(self.log_path, "wb")
@@ -42,8 +46,20 @@ class ServedStack:
                    "--port", str(self.port), *args]
         self.process = subprocess.Popen(command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        self.client = InflightClient(f"127.0.0.1:{self.port}")
-        self.address = f"127.0.0.1:{self.port}"
+        self.tls = tls
+        self.address = f"localhost:{self.port}" if tls else f"127.0.0.1:{self.port}"
+        self.client = self.make_client(token=token)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls:
+            return None
+        return grpc.ssl_channel_credentials(self.tls["root"], self.tls.get("key"), self.tls.get("chain"))
+
+    def make_client(self, **kwargs) -> InflightClient:  # type: ignore[no-untyped-def]
+        if not self.tls:
+            return InflightClient(self.address, **kwargs)
+        return InflightClient(self.address, tls_root_certificates=self.tls["root"], tls_private_key=self.tls.get("key"),
+                              tls_certificate_chain=self.tls.get("chain"), **kwargs)
 
     def wait_ready(self, timeout: float = 300.0) -> "ServedStack":
         deadline = time.monotonic() + timeout
@@ -51,7 +67,7 @@ class ServedStack:
             if self.process.poll() is not None:
                 raise RuntimeError(f"inflight serve exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                if health_status(self.port) == health_pb2.HealthCheckResponse.SERVING:
+                if health_status(self.port, credentials=self.credentials()) == health_pb2.HealthCheckResponse.SERVING:
                     return self
             except grpc.RpcError:
                 pass

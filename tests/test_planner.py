@@ -13,22 +13,50 @@ from hypothesis import strategies as st
 
 from inflight.v1 import common_pb2
 from scheduler.planner import BatchPlanner, PlannerLimits
-from scheduler.policy import FcfsPolicy, PriorityPolicy
+from scheduler.policy import FairSharePolicy, FcfsPolicy, PriorityPolicy
 from scheduler.request import Request, RequestStatus
 
 EOS = 0
 
 
-def make_request(index: int, prompt_len: int, max_new: int, priority: int = 0) -> Request:
+SHARED_PREFIXES = [[10 + (7 * i) % 40 for i in range(64)], [60 + (3 * i) % 30 for i in range(64)]]
+
+
+def make_request(index: int, prompt_len: int, max_new: int, priority: int = 0, shared: int = 0,
+                 tenant: str = "") -> Request:
+    """shared > 0: the prompt starts with one of two common prefixes (what prefix caching serves)."""
+    prefix = SHARED_PREFIXES[shared % 2][: min(prompt_len - 1, 8 * shared)] if shared else []
+    unique = [5 + (index * 13 + i) % 97 for i in range(prompt_len - len(prefix))]
     return Request(
-        request_id=f"r{index}", prompt_token_ids=[5 + (index + i) % 50 for i in range(prompt_len)],
+        request_id=f"r{index}", prompt_token_ids=prefix + unique,
         max_new_tokens=max_new, sampling=common_pb2.SamplingParams(seed=index),
-        stop_token_ids=frozenset({EOS}), arrival_order=index, priority=priority,
+        stop_token_ids=frozenset({EOS}), arrival_order=index, priority=priority, tenant=tenant,
     )
 
 
-def run_step(planner: BatchPlanner, rng: random.Random, eos_rate: float = 0.02):
+class SimulatedKv:
+    """What the worker's cache holds: checks that every block table reads back the request's tokens."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.slots: dict[tuple[int, int], int] = {}
+
+    def run(self, step) -> None:
+        bs = self.block_size
+        for chunk in step.chunks:
+            request, table = chunk.request, chunk.request.block_ids
+            expected = request.token_ids(0, chunk.num_computed_tokens)
+            cached = [self.slots.get((table[p // bs], p % bs)) for p in range(chunk.num_computed_tokens)]
+            assert cached == expected, f"{request.request_id}: the cache does not hold its prefix"
+            for offset, token in enumerate(chunk.token_ids):
+                position = chunk.num_computed_tokens + offset
+                self.slots[(table[position // bs], position % bs)] = token
+
+
+def run_step(planner: BatchPlanner, rng: random.Random, eos_rate: float = 0.02, kv: SimulatedKv | None = None):
     step = planner.schedule()
+    if kv is not None:
+        kv.run(step)
     total = step.num_tokens
     assert total <= planner.limits.max_num_batched_tokens
     slots = [c.request.slot_id for c in step.chunks]
@@ -50,7 +78,8 @@ limits_strategy = st.builds(
 )
 events_strategy = st.lists(
     st.one_of(
-        st.tuples(st.just("arrive"), st.integers(1, 60), st.integers(1, 40), st.integers(0, 3)),
+        st.tuples(st.just("arrive"), st.integers(1, 60), st.integers(1, 40), st.integers(0, 3), st.integers(0, 6),
+                  st.sampled_from(["", "a", "b"])),
         st.tuples(st.just("step"), st.integers(1, 4)),
         st.tuples(st.just("abort"), st.integers(0, 30)),
     ),
@@ -59,23 +88,26 @@ events_strategy = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(limits=limits_strategy, events=events_strategy, use_priority=st.booleans(), seed=st.integers(0, 2**16))
-def test_invariants_hold_after_every_event_and_nothing_leaks(limits, events, use_priority, seed):
-    planner = BatchPlanner(limits, PriorityPolicy() if use_priority else FcfsPolicy())
+@given(limits=limits_strategy, events=events_strategy, policy=st.sampled_from(["fcfs", "priority", "fair"]),
+       prefix_caching=st.booleans(), seed=st.integers(0, 2**16))
+def test_invariants_hold_after_every_event_and_nothing_leaks(limits, events, policy, prefix_caching, seed):
+    policies = {"fcfs": FcfsPolicy, "priority": PriorityPolicy, "fair": lambda: FairSharePolicy({"a": 3.0})}
+    planner = BatchPlanner(limits, policies[policy](), enable_prefix_caching=prefix_caching)
+    kv = SimulatedKv(limits.block_size)
     rng = random.Random(seed)
     arrived: list[Request] = []
     for event in events:
         if event[0] == "arrive":
-            _, prompt_len, max_new, priority = event
+            _, prompt_len, max_new, priority, shared, tenant = event
             if planner.blocks_needed_alone(prompt_len, max_new) > planner.allocator.num_usable:
                 continue  # the scheduler refuses these at admission
-            request = make_request(len(arrived), prompt_len, max_new, priority)
+            request = make_request(len(arrived), prompt_len, max_new, priority, shared, tenant)
             arrived.append(request)
             planner.add(request)
         elif event[0] == "step":
             for _ in range(event[1]):
                 if planner.has_work():
-                    run_step(planner, rng)
+                    run_step(planner, rng, kv=kv)
         elif arrived:
             planner.abort(arrived[event[1] % len(arrived)].request_id)
         planner.check_invariants()
@@ -83,7 +115,7 @@ def test_invariants_hold_after_every_event_and_nothing_leaks(limits, events, use
     for _ in range(10_000):
         if not planner.has_work():
             break
-        run_step(planner, rng)
+        run_step(planner, rng, kv=kv)
         planner.check_invariants()
     assert not planner.has_work()
     assert all(r.status is RequestStatus.FINISHED for r in arrived)
@@ -144,3 +176,60 @@ def test_abort_while_step_in_flight_frees_blocks_and_drops_the_result():
     next_step = planner.schedule()
     assert next_step.released_slot_ids == [0] and next_step.chunks == []
     planner.check_invariants()
+
+
+def test_a_shared_prefix_is_served_from_the_cache_but_never_the_last_token():
+    limits = PlannerLimits(max_num_batched_tokens=256, max_num_seqs=4, max_model_len=512, block_size=4, num_kv_blocks=64)
+    planner = BatchPlanner(limits, FcfsPolicy())
+    kv, rng = SimulatedKv(4), random.Random(0)
+    first = make_request(0, 40, 3, shared=5)  # 40-token prompt: 39 shared tokens, then one of its own
+    planner.add(first)
+    while planner.has_work():
+        run_step(planner, rng, eos_rate=0, kv=kv)
+    assert planner.allocator.num_cached == 10  # 42 computed tokens: 10 full blocks indexed
+    second = make_request(1, 40, 3, shared=5)
+    planner.add(second)
+    step = planner.schedule()
+    kv.run(step)
+    assert second.num_cached_prompt_tokens == 36  # 9 full blocks of the shared 39 tokens
+    assert step.chunks[0].num_computed_tokens == 36 and len(step.chunks[0].token_ids) == 4
+    assert planner.stats.prefix_cache_hit_tokens_total == 36
+    same = make_request(2, 40, 3, shared=5)
+    same.prompt_token_ids = list(first.prompt_token_ids)  # identical prompt: all but the last token hit
+    planner.add(same)
+    step = planner.schedule()
+    kv.run(step)
+    assert same.num_cached_prompt_tokens == 36 and [len(c.token_ids) for c in step.chunks if c.request is same] == [4]
+    planner.check_invariants()
+
+
+def test_tenants_never_share_cached_blocks():
+    limits = PlannerLimits(max_num_batched_tokens=256, max_num_seqs=4, max_model_len=512, block_size=4, num_kv_blocks=64)
+    planner = BatchPlanner(limits, FcfsPolicy())
+    rng = random.Random(0)
+    planner.add(make_request(0, 40, 2, shared=5, tenant="a"))
+    while planner.has_work():
+        run_step(planner, rng, eos_rate=0)
+    other = make_request(1, 40, 2, shared=5, tenant="b")
+    planner.add(other)
+    planner.schedule()
+    assert other.num_cached_prompt_tokens == 0
+
+
+def test_fair_sharing_serves_a_light_tenant_before_a_flooding_one_finishes():
+    limits = PlannerLimits(max_num_batched_tokens=64, max_num_seqs=2, max_model_len=512, block_size=16, num_kv_blocks=64)
+    order = {}
+    for name, policy in (("fcfs", FcfsPolicy()), ("fair", FairSharePolicy())):
+        planner = BatchPlanner(limits, policy)
+        requests = [make_request(i, 20, 10, tenant="flood") for i in range(20)]
+        requests += [make_request(20 + i, 20, 10, tenant="light") for i in range(3)]
+        for request in requests:
+            planner.add(request)
+        admitted = []
+        while planner.has_work():
+            step = planner.schedule()
+            admitted += [r.tenant for r in step.admitted]
+            planner.update(step, {c.request.slot_id: 7 for c in step.chunks if c.sample})
+        order[name] = admitted
+    assert order["fcfs"][-3:] == ["light"] * 3  # FCFS: the light tenant waits behind the whole flood
+    assert max(i for i, t in enumerate(order["fair"]) if t == "light") <= 6  # fair: served within the first few

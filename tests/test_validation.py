@@ -29,6 +29,13 @@ CASES = [
     ("max_tokens over context", chat(max_tokens=9000), "max_tokens"),
     ("oversize input", G(prompt="x" * 1_000_001), "prompt"),
     ("stop token outside vocabulary", chat(stop_token_ids=[10**6]), "stop_token_ids[0]"),
+    ("min_p above one", chat(min_p=1.5), "min_p"),
+    ("repetition penalty zero", chat(repetition_penalty=0.0), "repetition_penalty"),
+    ("presence penalty too large", chat(presence_penalty=3.0), "presence_penalty"),
+    ("frequency penalty NaN", chat(frequency_penalty=float("nan")), "frequency_penalty"),
+    ("too many top logprobs", chat(top_logprobs=21), "top_logprobs"),
+    ("min_tokens over max_tokens", chat(max_tokens=4, min_tokens=5), "min_tokens"),
+    ("request id too long", chat(request_id="x" * 129), "request_id"),
 ]
 
 

@@ -19,7 +19,11 @@ from worker.step import Admission, ScheduledChunk, Step
 
 admissions = st.builds(Admission, request_id=st.just(""), slot_id=st.integers(0, 255),
                        temperature=st.floats(0, 2), top_p=st.floats(0.01, 1), top_k=st.integers(0, 100),
-                       seed=st.integers(0, 2**64 - 1))
+                       seed=st.integers(0, 2**64 - 1), min_p=st.floats(0, 1), repetition_penalty=st.floats(0.1, 10),
+                       presence_penalty=st.floats(-2, 2), frequency_penalty=st.floats(-2, 2),
+                       min_tokens=st.integers(0, 100), top_logprobs=st.integers(0, 20),
+                       num_prompt_tokens=st.integers(0, 8192), stop_token_ids=st.lists(st.integers(0, 2**17), max_size=4),
+                       context_token_ids=st.lists(st.integers(0, 2**17), max_size=20))
 chunks = st.builds(ScheduledChunk, slot_id=st.integers(0, 255), token_ids=st.lists(st.integers(0, 2**17), min_size=1),
                    num_computed_tokens=st.integers(0, 10**5), new_block_ids=st.lists(st.integers(1, 10**5)),
                    sample=st.booleans())

@@ -18,6 +18,15 @@ def step_from_proto(plan: worker_pb2.StepPlan) -> Step:
                 top_p=new.sampling.top_p or 1.0,
                 top_k=new.sampling.top_k,
                 seed=new.sampling.seed,
+                min_p=new.sampling.min_p,
+                repetition_penalty=new.sampling.repetition_penalty or 1.0,
+                presence_penalty=new.sampling.presence_penalty,
+                frequency_penalty=new.sampling.frequency_penalty,
+                min_tokens=new.sampling.min_tokens,
+                top_logprobs=new.sampling.top_logprobs,
+                num_prompt_tokens=new.num_prompt_tokens,
+                stop_token_ids=list(new.stop_token_ids),
+                context_token_ids=list(new.context_token_ids),
             )
             for new in plan.new_sequences
         ],
@@ -37,7 +46,8 @@ def step_from_proto(plan: worker_pb2.StepPlan) -> Step:
 def output_to_proto(output: StepOutput) -> worker_pb2.StepResult:
     return worker_pb2.StepResult(
         step_id=output.step_id,
-        sampled=[worker_pb2.SampledToken(slot_id=s.slot_id, token_id=s.token_id, logprob=s.logprob)
+        sampled=[worker_pb2.SampledToken(slot_id=s.slot_id, token_id=s.token_id, logprob=s.logprob,
+                                         top_token_ids=s.top_token_ids, top_logprobs=s.top_logprobs)
                  for s in output.sampled],
         forward_seconds=output.forward_seconds,
     )

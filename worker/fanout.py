@@ -34,7 +34,12 @@ def encode_step(step: Step) -> np.ndarray:
     words: list[int] = [step.step_id, len(step.released_slot_ids), len(step.admissions), len(step.chunks)]
     words += step.released_slot_ids
     for a in step.admissions:
-        words += [a.slot_id, a.top_k, int(np.uint64(a.seed).view(np.int64)), _float_bits(a.temperature), _float_bits(a.top_p)]
+        words += [a.slot_id, a.top_k, int(np.uint64(a.seed).view(np.int64)), a.min_tokens, a.top_logprobs,
+                  a.num_prompt_tokens, len(a.stop_token_ids), len(a.context_token_ids)]
+        words += [_float_bits(x) for x in (a.temperature, a.top_p, a.min_p, a.repetition_penalty,
+                                            a.presence_penalty, a.frequency_penalty)]
+        words += a.stop_token_ids
+        words += a.context_token_ids
     for c in step.chunks:
         words += [c.slot_id, c.num_computed_tokens, len(c.token_ids), len(c.new_block_ids), int(c.sample)]
     for c in step.chunks:
@@ -51,10 +56,16 @@ def decode_step(payload: np.ndarray) -> Step:
     at += num_released
     admissions = []
     for _ in range(num_admissions):
-        slot, top_k, seed, temperature, top_p = words[at : at + 5]
-        admissions.append(Admission("", slot, _bits_float(temperature), _bits_float(top_p), top_k,
-                                    int(np.int64(seed).view(np.uint64))))
-        at += 5
+        slot, top_k, seed, min_tokens, top_logprobs, num_prompt, num_stop, num_context = words[at : at + 8]
+        floats = [_bits_float(w) for w in words[at + 8 : at + 14]]
+        at += 14
+        stop_ids = words[at : at + num_stop]
+        context = words[at + num_stop : at + num_stop + num_context]
+        at += num_stop + num_context
+        temperature, top_p, min_p, repetition, presence, frequency = floats
+        admissions.append(Admission("", slot, temperature, top_p, top_k, int(np.int64(seed).view(np.uint64)),
+                                    min_p, repetition, presence, frequency, min_tokens, top_logprobs, num_prompt,
+                                    stop_ids, context))
     heads = words[at : at + 5 * num_chunks]
     at += 5 * num_chunks
     chunks = []

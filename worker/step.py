@@ -20,6 +20,19 @@ class Admission:
     top_p: float
     top_k: int
     seed: int
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    top_logprobs: int = 0
+    num_prompt_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    context_token_ids: list[int] = field(default_factory=list)  # sent only when a penalty needs them
+
+    @property
+    def needs_history(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass(slots=True)
@@ -48,6 +61,8 @@ class SampledToken:
     slot_id: int
     token_id: int
     logprob: float
+    top_token_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

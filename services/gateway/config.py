@@ -12,16 +12,42 @@ class GatewayConfig:
     scheduler: str    # gRPC target of the scheduler
     host: str
     port: int
+    metrics_port: int              # Prometheus /metrics over HTTP; 0: off
+    auth_tokens_file: str          # `TOKEN TENANT [admin]` lines; empty: no authentication
+    auth_exempt: str               # comma-separated method prefixes that need no token
+    tls_cert: str                  # PEM certificate chain; with tls_key turns TLS on
+    tls_key: str
+    tls_client_ca: str             # PEM CA bundle: clients must present a certificate it signed (mTLS)
+    max_inflight_per_client: int
+    drain_seconds: float           # on SIGTERM: NOT_SERVING, then this long for in-flight streams
     log_level: str
 
     @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--model", required=True, help="model folder (for the tokenizer)")
-        parser.add_argument("--scheduler", default="127.0.0.1:50060")
-        parser.add_argument("--host", default="0.0.0.0")
-        parser.add_argument("--port", type=int, default=50051)
-        parser.add_argument("--log-level", default="info")
+    def add_arguments(parser: argparse.ArgumentParser, include_model: bool = True) -> None:
+        if include_model:
+            parser.add_argument("--model", required=True, help="model folder (for the tokenizer)")
+            parser.add_argument("--scheduler", default="127.0.0.1:50060")
+            parser.add_argument("--host", default="0.0.0.0")
+            parser.add_argument("--port", type=int, default=50051)
+            parser.add_argument("--log-level", default="info")
+        parser.add_argument("--metrics-port", type=int, default=0)
+        parser.add_argument("--auth-tokens-file", default="")
+        parser.add_argument("--auth-exempt", default="/grpc.health.v1.Health/,/grpc.reflection.")
+        parser.add_argument("--tls-cert", default="")
+        parser.add_argument("--tls-key", default="")
+        parser.add_argument("--tls-client-ca", default="")
+        parser.add_argument("--max-inflight-per-client", type=int, default=64)
+        parser.add_argument("--drain-seconds", type=float, default=30.0)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "GatewayConfig":
         return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+
+    def to_flags(self) -> list[str]:
+        """The optional flags again, for a launcher that starts the gateway."""
+        flags = ["--metrics-port", str(self.metrics_port), "--auth-exempt", self.auth_exempt,
+                 "--max-inflight-per-client", str(self.max_inflight_per_client), "--drain-seconds", str(self.drain_seconds)]
+        for name in ("auth_tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
+            if getattr(self, name):
+                flags += ["--" + name.replace("_", "-"), getattr(self, name)]
+        return flags

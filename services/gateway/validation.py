@@ -13,6 +13,7 @@ DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_INPUT_CHARS = 1_000_000
+MAX_TOP_LOGPROBS = 20
 
 
 class InvalidField(ValueError):
@@ -43,6 +44,20 @@ def check_request(request: generation_pb2.GenerateRequest) -> list[Message]:
         raise InvalidField("temperature", "must be a number >= 0")
     if request.HasField("top_p") and not (0 < request.top_p <= 1):
         raise InvalidField("top_p", "must lie in (0, 1]")
+    if request.HasField("min_p") and not (0 <= request.min_p <= 1):
+        raise InvalidField("min_p", "must lie in [0, 1]")
+    if request.HasField("repetition_penalty") and not (0 < request.repetition_penalty <= 10):
+        raise InvalidField("repetition_penalty", "must lie in (0, 10]")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(request, name)
+        if math.isnan(value) or not -2 <= value <= 2:
+            raise InvalidField(name, "must lie in [-2, 2]")
+    if request.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidField("top_logprobs", f"at most {MAX_TOP_LOGPROBS}")
+    if request.max_tokens and request.min_tokens > request.max_tokens:
+        raise InvalidField("min_tokens", "must not exceed max_tokens")
+    if len(request.request_id) > 128:
+        raise InvalidField("request_id", "at most 128 characters")
     if len(request.stop) > MAX_STOP_STRINGS:
         raise InvalidField("stop", f"at most {MAX_STOP_STRINGS} stop strings")
     for index, stop in enumerate(request.stop):
@@ -72,6 +87,12 @@ def sampling_params(request: generation_pb2.GenerateRequest) -> common_pb2.Sampl
         temperature=request.temperature if request.HasField("temperature") else 0.0,
         top_p=request.top_p if request.HasField("top_p") else 1.0,
         top_k=request.top_k,
+        min_p=request.min_p if request.HasField("min_p") else 0.0,
+        repetition_penalty=request.repetition_penalty if request.HasField("repetition_penalty") else 1.0,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        min_tokens=request.min_tokens,
+        top_logprobs=request.top_logprobs,
     )
     if request.HasField("seed"):
         params.seed = request.seed

@@ -11,11 +11,11 @@ import torch
 from inflight.model_config import ModelConfig
 from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
-from worker.step import Admission, EngineDescription, SampledToken, Step, StepOutput
+from worker.step import EngineDescription, SampledToken, Step, StepOutput
 from worker.torch_engine.batch import SequenceChunk, build_batch
 from worker.torch_engine.model import LlamaModel
 from worker.torch_engine.random_models import random_model
-from worker.torch_engine.sampler import sample
+from worker.torch_engine.sampler import SequenceSampling, sample
 from worker.torch_engine.weights import SafetensorsWeights, WeightSource
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,7 +24,7 @@ _NULL_BLOCK = 0
 
 @dataclass
 class SlotState:
-    admission: Admission
+    sampling: SequenceSampling
     block_table: list[int]
 
 
@@ -125,7 +125,8 @@ class TorchEngine:
         start = time.perf_counter()
         self.release(step.released_slot_ids)
         for admission in step.admissions:
-            self.slots[admission.slot_id] = SlotState(admission, [])
+            history = list(admission.context_token_ids) if admission.needs_history else []
+            self.slots[admission.slot_id] = SlotState(SequenceSampling(admission, history), [])
         if not step.chunks:
             return StepOutput(step.step_id, [], 0.0)
         chunks = []
@@ -140,9 +141,13 @@ class TorchEngine:
         if not sampled_slots:
             return StepOutput(step.step_id, [], time.perf_counter() - start)
         logits = self.model.logits(hidden[batch.sample_index])
-        params = [self.slots[slot].admission for slot in sampled_slots]
-        tokens, logprobs = sample(logits, params, batch.sample_positions)
-        sampled = [SampledToken(s, t, lp) for s, t, lp in zip(sampled_slots, tokens, logprobs)]
+        sequences = [self.slots[slot].sampling for slot in sampled_slots]
+        result = sample(logits, sequences, batch.sample_positions)
+        for sequence, token in zip(sequences, result.token_ids):
+            if sequence.params.needs_history:
+                sequence.history.append(token)
+        sampled = [SampledToken(*fields) for fields in zip(sampled_slots, result.token_ids, result.logprobs,
+                                                           result.top_token_ids, result.top_logprobs)]
         return StepOutput(step.step_id, sampled, time.perf_counter() - start)
 
     def shutdown(self) -> None:

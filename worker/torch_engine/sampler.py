@@ -1,10 +1,13 @@
-"""Token sampling on the worker: greedy, temperature, top-k and top-p.
+"""Token sampling on the worker: penalties, min_tokens, greedy, temperature, top-k, top-p, min-p.
 
-Each random draw uses a generator seeded from (request seed, position of the token), so
-a sequence's tokens depend neither on the rest of the batch nor on preemptions.
+Each random draw uses a generator seeded from (request seed, position of the token), so a
+sequence's tokens depend neither on the rest of the batch nor on preemptions. Log-probabilities
+are those of the model itself (log-softmax of the raw logits), as clients compare them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,32 +16,82 @@ from worker.step import Admission
 _MIX = 0x9E3779B97F4A7C15
 
 
+@dataclass
+class SequenceSampling:
+    """What sampling needs to know about one sequence: its parameters and, for penalties, its tokens."""
+
+    params: Admission
+    history: list[int] = field(default_factory=list)  # prompt then output, when a penalty needs them
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float]
+    top_token_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
 def draw_seed(seed: int, position: int) -> int:
     return (seed * _MIX + position * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
 
 
-def sample(logits: torch.Tensor, params: list[Admission], positions: list[int]) -> tuple[list[int], list[float]]:
-    """One token per row of logits [S, V] (float32), with its log-probability under the model."""
-    logprobs = torch.log_softmax(logits, dim=-1)
-    tokens = torch.argmax(logits, dim=-1)
-    for row, (param, position) in enumerate(zip(params, positions)):
-        if param.temperature > 0 and param.top_k != 1:
-            tokens[row] = _sample_row(logits[row], param, draw_seed(param.seed, position))
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
-    return tokens.tolist(), chosen.tolist()
+def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: list[int]) -> SampleResult:
+    """One token per row of logits [S, V] (float32). positions[i]: tokens before the one sampled."""
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    adjusted = logits.clone() if any(_adjusts(s.params) for s in sequences) else logits
+    for row, (sequence, position) in enumerate(zip(sequences, positions)):
+        _apply_penalties(adjusted[row], sequence, position)
+    tokens = torch.argmax(adjusted, dim=-1)
+    for row, (sequence, position) in enumerate(zip(sequences, positions)):
+        params = sequence.params
+        if params.temperature > 0 and params.top_k != 1:
+            tokens[row] = _sample_row(adjusted[row], params, draw_seed(params.seed, position))
+    chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+    top_ids: list[list[int]] = [[] for _ in sequences]
+    top_values: list[list[float]] = [[] for _ in sequences]
+    max_top = max((s.params.top_logprobs for s in sequences), default=0)
+    if max_top:
+        values, ids = raw_logprobs.topk(max_top, dim=-1)
+        for row, sequence in enumerate(sequences):
+            k = sequence.params.top_logprobs
+            top_ids[row], top_values[row] = ids[row, :k].tolist(), values[row, :k].tolist()
+    return SampleResult(tokens.tolist(), chosen.tolist(), top_ids, top_values)
 
 
-def _sample_row(logits: torch.Tensor, param: Admission, seed: int) -> torch.Tensor:
-    scaled = logits / param.temperature
-    if 0 < param.top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, param.top_k).values[-1]
+def _adjusts(params: Admission) -> bool:
+    return params.needs_history or params.min_tokens > 0
+
+
+def _apply_penalties(row: torch.Tensor, sequence: SequenceSampling, position: int) -> None:
+    params = sequence.params
+    if params.min_tokens and position - params.num_prompt_tokens < params.min_tokens and params.stop_token_ids:
+        row[torch.tensor(params.stop_token_ids, device=row.device)] = float("-inf")
+    if not params.needs_history or not sequence.history:
+        return
+    history = torch.tensor(sequence.history, device=row.device)
+    if params.repetition_penalty != 1.0:
+        seen = history.unique()
+        values = row[seen]
+        row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    output = history[params.num_prompt_tokens :]
+    if output.numel() and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = output.unique(return_counts=True)
+        row[ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty
+
+
+def _sample_row(logits: torch.Tensor, params: Admission, seed: int) -> torch.Tensor:
+    scaled = logits / params.temperature
+    if 0 < params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if 0 < param.top_p < 1:
-        sorted_logits, order = torch.sort(scaled, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= param.top_p
-        scaled = scaled.scatter(0, order, sorted_logits.masked_fill(remove, float("-inf")))
     probs = torch.softmax(scaled, dim=-1)
+    if 0 < params.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        remove = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(remove, 0.0))
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     generator = torch.Generator(device=logits.device).manual_seed(seed)
     return torch.multinomial(probs, 1, generator=generator)[0]

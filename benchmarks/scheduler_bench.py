@@ -1,0 +1,94 @@
+"""Scheduler cost per step, and tenant fairness, with a stand-in engine that answers at once.
+
+    python benchmarks/scheduler_bench.py
+
+The planner is the real one; only the worker is replaced by its contract (one token per
+sampled sequence, returned immediately), so the numbers are the scheduler's own.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from inflight.v1 import common_pb2  # noqa: E402
+from scheduler.planner import BatchPlanner, PlannerLimits  # noqa: E402
+from scheduler.policy import FairSharePolicy, FcfsPolicy, Policy  # noqa: E402
+from scheduler.request import Request  # noqa: E402
+from scheduler.worker_link import plan_to_proto  # noqa: E402
+
+
+def request(index: int, prompt_len: int, max_new: int, tenant: str = "") -> Request:
+    return Request(request_id=f"r{index}", prompt_token_ids=[5 + (index * 31 + i) % 4000 for i in range(prompt_len)],
+                   max_new_tokens=max_new, sampling=common_pb2.SamplingParams(seed=index),
+                   stop_token_ids=frozenset({0}), arrival_order=index, tenant=tenant)
+
+
+def step_once(planner: BatchPlanner):  # type: ignore[no-untyped-def]
+    step = planner.schedule()
+    planner.update(step, {c.request.slot_id: 7 for c in step.chunks if c.sample})
+    return step
+
+
+def per_step_cost(num_running: int, steps: int = 200) -> dict[str, float]:
+    limits = PlannerLimits(max_num_batched_tokens=max(2048, num_running), max_num_seqs=num_running,
+                           max_model_len=8192, block_size=16, num_kv_blocks=num_running * 40 + 1)
+    planner = BatchPlanner(limits, FcfsPolicy())
+    for i in range(num_running):
+        planner.add(request(i, 64, 10_000))
+    while len(planner.running) < num_running or any(r.num_uncomputed_tokens > 1 for r in planner.running):
+        step_once(planner)
+    plan_times, update_times, encode_times = [], [], []
+    for _ in range(steps):
+        began = time.perf_counter()
+        step = planner.schedule()
+        planned = time.perf_counter()
+        plan_to_proto(step).SerializeToString()
+        encoded = time.perf_counter()
+        planner.update(step, {c.request.slot_id: 7 for c in step.chunks if c.sample})
+        updated = time.perf_counter()
+        assert len(step.chunks) == num_running
+        plan_times.append(planned - began)
+        encode_times.append(encoded - planned)
+        update_times.append(updated - encoded)
+    median_us = lambda values: round(statistics.median(values) * 1e6, 1)  # noqa: E731
+    return {"running": num_running, "schedule_us": median_us(plan_times), "update_us": median_us(update_times),
+            "scheduler_total_us": median_us([p + u for p, u in zip(plan_times, update_times)]),
+            "proto_encode_us": median_us(encode_times)}
+
+
+def light_tenant_wait(policy: Policy) -> dict[str, float]:
+    """A tenant floods 200 requests; another sends 5 just after. Steps until each is admitted."""
+    limits = PlannerLimits(max_num_batched_tokens=512, max_num_seqs=16, max_model_len=8192, block_size=16,
+                           num_kv_blocks=2000)
+    planner = BatchPlanner(limits, policy)
+    for i in range(200):
+        planner.add(request(i, 100, 50, tenant="flood"))
+    for i in range(5):
+        planner.add(request(200 + i, 100, 50, tenant="light"))
+    admitted_at: dict[str, list[int]] = {"flood": [], "light": []}
+    step_number = 0
+    while planner.has_work():
+        step_number += 1
+        for r in step_once(planner).admitted:
+            admitted_at[r.tenant].append(step_number)
+    return {"light_mean_wait_steps": statistics.fmean(admitted_at["light"]),
+            "light_last_admitted_step": max(admitted_at["light"]),
+            "flood_mean_wait_steps": statistics.fmean(admitted_at["flood"]), "total_steps": step_number}
+
+
+def main() -> None:
+    report = {
+        "per_step": [per_step_cost(n) for n in (1, 64, 256, 1024)],
+        "fairness": {"fcfs": light_tenant_wait(FcfsPolicy()), "fair": light_tenant_wait(FairSharePolicy())},
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
