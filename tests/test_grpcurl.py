@@ -66,3 +66,21 @@ def test_grpcurl_reports_invalid_argument_with_the_field(stack):
     result = grpcurl("-d", '{"prompt":"hi","top_p":1.5}', stack.address, "inflight.v1.Generation/Generate")
     assert result.returncode != 0
     assert "InvalidArgument" in result.stderr and "top_p" in result.stderr
+
+
+@pytest.mark.slow
+def test_inflight_generate_cli_streams_text_and_json(stack):
+    command = [sys.executable, "-m", "services.cli", "generate", "--address", stack.address]
+    text = subprocess.run([*command, "--chat", "What is the capital of France?", "--max-tokens", "24"],
+                          capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert "Paris" in text.stdout
+    as_json = subprocess.run([*command, "--json", "--ignore-eos", "--max-tokens", "5", "Once upon a time"],
+                             capture_output=True, text=True, timeout=120)
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert lines[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
+    assert sum(len(line.get("token_ids", [])) for line in lines) == 5
+    chat = subprocess.run([*command, "--interactive", "--max-tokens", "16"], input="Hello!\nWhat is 2+2?\n\n",
+                          capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0, chat.stderr
+    assert len([line for line in chat.stdout.splitlines() if line.strip()]) >= 2
