@@ -146,7 +146,9 @@ def main() -> None:
         }
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(json.dumps({k: v for k, v in report.items() if k != "greedy_tokens"}))
-    os._exit(0)
+    comm.Barrier()
+    MPI.Finalize()
+    os._exit(0)  # skip NCCL's teardown, which can hang at interpreter exit
 
 
 if __name__ == "__main__":

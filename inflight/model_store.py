@@ -13,7 +13,6 @@ import os
 import shutil
 from pathlib import Path
 
-from inflight.gguf_import import convert_gguf
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,6 +52,8 @@ def prepare_gguf(gguf_path: Path, cache_dir: Path, name: str) -> Path:
         staging = cache_dir / f".{target.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
+        from inflight.gguf_import import convert_gguf  # needs the gguf package; only for conversion
+
         convert_gguf(gguf_path, staging, name)
         staging.rename(target)
     return target

@@ -46,6 +46,7 @@ class ServeConfig:
     no_prefix_caching: bool
     max_waiting_requests: int
     cache_dir: str
+    tokenizer: str
     mpiexec: str
     log_level: str
     gateway: GatewayConfig
@@ -69,6 +70,9 @@ class ServeConfig:
         parser.add_argument("--tenant-weights", default="", help='for --policy fair: "tenantA=2,tenantB=1"')
         parser.add_argument("--no-prefix-caching", action="store_true")
         parser.add_argument("--cache-dir", default="", help="where converted models are kept")
+        parser.add_argument("--tokenizer", default="",
+                            help="folder with tokenizer.json for the gateway (default: the model's; "
+                                 f"for random:<shape> models, {DEFAULT_MODEL}'s)")
         parser.add_argument("--mpiexec", default="", help="mpiexec to use (default: beside this Python, else PATH)")
         parser.add_argument("--log-level", default="info")
         parser.add_argument("--max-waiting-requests", type=int, default=1024)
@@ -96,9 +100,10 @@ def find_mpiexec(explicit: str) -> str:
 class Stack:
     """The child processes of one `inflight serve`, each in its own process group."""
 
-    def __init__(self, config: ServeConfig, model_path: str, runtime_dir: Path) -> None:
+    def __init__(self, config: ServeConfig, model_path: str, tokenizer_path: str, runtime_dir: Path) -> None:
         self.config = config
         self.model_path = model_path
+        self.tokenizer_path = tokenizer_path
         self.worker_address = f"unix://{runtime_dir}/worker.sock"
         self.scheduler_address = f"unix://{runtime_dir}/scheduler.sock"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -127,7 +132,7 @@ class Stack:
             *(["--no-prefix-caching"] if c.no_prefix_caching else []),
         ])
         self._spawn("gateway", [
-            sys.executable, "-m", "services.gateway", "--model", self.model_path, "--scheduler",
+            sys.executable, "-m", "services.gateway", "--model", self.tokenizer_path, "--scheduler",
             self.scheduler_address, "--host", c.host, "--port", str(c.port), "--log-level", c.log_level,
             *c.gateway.to_flags(),
         ])
@@ -191,11 +196,13 @@ def check_tensor_parallel(model_path: str, tp: int) -> None:
 
 def serve(config: ServeConfig) -> int:
     log = configure_logging("launcher", config.log_level)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else None
     if config.model.startswith("random:"):
         model_path = config.model
     else:
-        cache_dir = Path(config.cache_dir) if config.cache_dir else None
         model_path = str(resolve_model(config.model, cache_dir))
+    tokenizer_path = str(resolve_model(config.tokenizer, cache_dir)) if config.tokenizer else (
+        str(resolve_model(DEFAULT_MODEL, cache_dir)) if config.model.startswith("random:") else model_path)
     check_tensor_parallel(model_path, config.tp)
     log.info("launcher_starting", model=model_path, port=config.port, tp=config.tp, device=config.device)
     stopping = False
@@ -207,7 +214,7 @@ def serve(config: ServeConfig) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     with tempfile.TemporaryDirectory(prefix="inflight-") as runtime_dir:
-        stack = Stack(config, model_path, Path(runtime_dir))
+        stack = Stack(config, model_path, tokenizer_path, Path(runtime_dir))
         stack.start()
         try:
             return _supervise(stack, config, log, lambda: stopping)

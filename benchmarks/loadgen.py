@@ -1,0 +1,93 @@
+"""An asyncio gRPC load generator: replays a workload against a running gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from tqdm import tqdm
+
+from benchmarks.workload import RequestSpec, Workload
+from inflight.v1 import generation_pb2, generation_pb2_grpc
+
+
+@dataclass
+class RequestRecord:
+    prompt_tokens: int
+    output_tokens: int = 0
+    started: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # arrival time of each response carrying tokens
+    tokens_per_response: list[int] = field(default_factory=list)
+    finished: float = 0.0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.started
+
+    @property
+    def e2e(self) -> float:
+        return self.finished - self.started
+
+    @property
+    def tpot(self) -> float:
+        """Mean time per output token after the first."""
+        return (self.finished - self.token_times[0]) / max(1, self.output_tokens - 1)
+
+    @property
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+
+async def _one(stub: generation_pb2_grpc.GenerationStub, spec: RequestSpec, record: RequestRecord) -> None:
+    request = generation_pb2.GenerateRequest(prompt=spec.prompt, max_tokens=spec.output_tokens, ignore_eos=True)
+    record.started = time.perf_counter()
+    try:
+        async for response in stub.Generate(request, timeout=3600):
+            if response.token_ids:
+                record.token_times.append(time.perf_counter())
+                record.tokens_per_response.append(len(response.token_ids))
+                record.output_tokens += len(response.token_ids)
+    except grpc.aio.AioRpcError as error:
+        record.error = error.code().name
+    record.finished = time.perf_counter()
+
+
+async def run_workload(address: str, workload: Workload, progress: bool = True) -> tuple[list[RequestRecord], float]:
+    """Returns each request's record and the wall time of the whole run."""
+    records = [RequestRecord(spec.prompt_tokens) for spec in workload.requests]
+    bar = tqdm(total=len(records), desc=f"{workload.name} @ {workload.offered}", disable=not progress, leave=False)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        start = time.perf_counter()
+
+        async def tracked(spec: RequestSpec, record: RequestRecord) -> None:
+            await _one(stub, spec, record)
+            bar.update()
+
+        if workload.concurrency:
+            queue: asyncio.Queue[int] = asyncio.Queue()
+            for index in range(len(records)):
+                queue.put_nowait(index)
+
+            async def worker() -> None:
+                while not queue.empty():
+                    index = queue.get_nowait()
+                    await tracked(workload.requests[index], records[index])
+
+            await asyncio.gather(*(worker() for _ in range(workload.concurrency)))
+        else:
+            async def delayed(spec: RequestSpec, record: RequestRecord) -> None:
+                await asyncio.sleep(max(0.0, start + spec.arrival - time.perf_counter()))
+                await tracked(spec, record)
+
+            await asyncio.gather(*(delayed(s, r) for s, r in zip(workload.requests, records)))
+        duration = time.perf_counter() - start
+    bar.close()
+    return records, duration
