@@ -44,6 +44,9 @@ PRESETS = {
 
 
 def git_commit() -> str:
+    """HEAD's short hash, or $INFLIGHT_COMMIT where the tree travelled without .git (a GPU host)."""
+    if os.environ.get("INFLIGHT_COMMIT"):
+        return os.environ["INFLIGHT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"

@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -124,7 +125,8 @@ def main() -> None:
         torch.cuda.set_device(0)
     config = WorkerConfig(model=args.model, listen="", device=args.device, dtype=args.dtype, block_size=16,
                           num_kv_blocks=args.num_kv_blocks, kv_cache_gb=0, max_num_batched_tokens=2048,
-                          max_num_seqs=64, max_model_len=4096, seed=0, log_level="warning")
+                          max_num_seqs=64, max_model_len=4096, seed=0, log_level="warning",
+                          cuda_graphs=args.cuda_graphs)
     began = time.perf_counter()
     engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size))
     engine.warmup()
@@ -140,6 +142,7 @@ def main() -> None:
     if rank == 0:
         report = {
             "model": args.model, "tp": size, "device": args.device, "dtype": args.dtype,
+            "cuda_graphs": engine.graphs is not None,
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "torch": torch.__version__, "load_seconds": round(load_seconds, 2),
             "weight_bytes_per_rank": weight_bytes, "greedy_tokens": tokens, "decode": timings,

@@ -20,6 +20,7 @@ class WorkerConfig:
     max_model_len: int     # 0: the model's context length
     seed: int              # for random weights
     log_level: str
+    cuda_graphs: bool = True  # decode steps on CUDA replay captured graphs (with paged decode attention)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,7 @@ class WorkerConfig:
         parser.add_argument("--max-model-len", type=int, default=0)
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--log-level", default="info")
+        parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "WorkerConfig":

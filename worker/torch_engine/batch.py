@@ -29,12 +29,16 @@ class BatchInput:
     token_ids: torch.Tensor       # [T] the step's tokens, sequence after sequence
     positions: torch.Tensor       # [T] each token's position in its sequence
     slot_mapping: torch.Tensor    # [T] KV cache slot each token's K/V is written to
-    query_index: torch.Tensor     # [B, Qmax] token index of each sequence's i-th query (padding: 0)
-    key_slots: torch.Tensor       # [B, Lmax] cache slot of each sequence's j-th key (padding: 0)
-    attn_mask: torch.Tensor       # [B, 1, Qmax, Lmax] True where query i may attend key j
-    output_index: torch.Tensor    # [T] row in the flattened [B*Qmax] attention output for each token
     sample_index: torch.Tensor    # [S] token index of the last token of each sampled sequence
     sample_positions: list[int]   # position of the token to be sampled, per sampled sequence
+    # Gathered attention (any mix of prompt chunks and decodes):
+    query_index: torch.Tensor | None = None   # [B, Qmax] token index of each sequence's i-th query (padding: 0)
+    key_slots: torch.Tensor | None = None     # [B, Lmax] cache slot of each sequence's j-th key (padding: 0)
+    attn_mask: torch.Tensor | None = None     # [B, 1, Qmax, Lmax] True where query i may attend key j
+    output_index: torch.Tensor | None = None  # [T] row in the flattened [B*Qmax] attention output for each token
+    # Paged decode attention (one token per sequence, CUDA): nothing depends on the context length.
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
+    context_lens: torch.Tensor | None = None  # [B] int32, tokens in the cache after this step's write
 
     @property
     def num_tokens(self) -> int:

@@ -12,7 +12,9 @@ from inflight.model_config import ModelConfig
 from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
 from worker.step import EngineDescription, SampledToken, Step, StepOutput
+from worker.torch_engine import paged_attention
 from worker.torch_engine.batch import SequenceChunk, build_batch
+from worker.torch_engine.cuda_graphs import DecodeGraphs
 from worker.torch_engine.model import LlamaModel
 from worker.torch_engine.random_models import random_model
 from worker.torch_engine.sampler import SequenceSampling, sample
@@ -54,7 +56,8 @@ class TorchEngine:
             # cuDNN's SDPA builds a new graph for every new context length: ~2 ms of CPU per layer call.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.model_config, weights = load_weights(config.model, self.device, self.dtype, config.seed)
-        self.model = LlamaModel(self.model_config, weights, shard, collectives, self.device, self.dtype)
+        self.model = LlamaModel(self.model_config, weights, shard, collectives, self.device, self.dtype,
+                                config.block_size)
         del weights
         self.tp_size = shard.tp_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
@@ -62,6 +65,10 @@ class TorchEngine:
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_that_fit()
         self.kv_cache = self._allocate_cache(self.num_kv_blocks)
         self.slots: dict[int, SlotState] = {}
+        self.graphs: DecodeGraphs | None = None
+        if config.cuda_graphs and paged_attention.available(self.device):
+            max_blocks = -(-self.max_model_len // config.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, max_blocks, self.device)
 
     def _block_bytes(self) -> int:
         c = self.model_config
@@ -108,6 +115,8 @@ class TorchEngine:
         batch = build_batch([chunk], self.config.block_size, self.device)
         hidden = self.model.forward(batch, self.kv_cache)
         self.model.logits(hidden[batch.sample_index])
+        if self.graphs is not None:
+            self.graphs.capture()
         self.kv_cache.zero_()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -129,26 +138,47 @@ class TorchEngine:
             self.slots[admission.slot_id] = SlotState(SequenceSampling(admission, history), [])
         if not step.chunks:
             return StepOutput(step.step_id, [], 0.0)
-        chunks = []
         for scheduled in step.chunks:
-            state = self.slots[scheduled.slot_id]
-            state.block_table.extend(scheduled.new_block_ids)
-            chunks.append(SequenceChunk(scheduled.token_ids, scheduled.num_computed_tokens,
-                                        state.block_table, scheduled.sample))
-        batch = build_batch(chunks, self.config.block_size, self.device)
-        hidden = self.model.forward(batch, self.kv_cache)
-        sampled_slots = [c.slot_id for c in step.chunks if c.sample]
-        if not sampled_slots:
+            table = self.slots[scheduled.slot_id].block_table
+            if self.graphs is not None:
+                self.graphs.set_blocks(scheduled.slot_id, len(table), scheduled.new_block_ids)
+            table.extend(scheduled.new_block_ids)
+        if self._graph_step(step):
+            logits, positions = self._decode_with_graph(step)
+        else:
+            logits, positions = self._forward_eager(step)
+        if logits is None:
             return StepOutput(step.step_id, [], time.perf_counter() - start)
-        logits = self.model.logits(hidden[batch.sample_index])
+        sampled_slots = [c.slot_id for c in step.chunks if c.sample]
         sequences = [self.slots[slot].sampling for slot in sampled_slots]
-        result = sample(logits, sequences, batch.sample_positions)
+        result = sample(logits, sequences, positions)
         for sequence, token in zip(sequences, result.token_ids):
             if sequence.params.needs_history:
                 sequence.history.append(token)
         sampled = [SampledToken(*fields) for fields in zip(sampled_slots, result.token_ids, result.logprobs,
                                                            result.top_token_ids, result.top_logprobs)]
         return StepOutput(step.step_id, sampled, time.perf_counter() - start)
+
+    def _graph_step(self, step: Step) -> bool:
+        return (self.graphs is not None and len(step.chunks) <= self.graphs.buckets[-1]
+                and all(len(c.token_ids) == 1 and c.sample for c in step.chunks))
+
+    def _decode_with_graph(self, step: Step) -> tuple[torch.Tensor, list[int]]:
+        assert self.graphs is not None
+        chunks = step.chunks
+        positions = [c.num_computed_tokens for c in chunks]
+        logits = self.graphs.run([c.slot_id for c in chunks], [c.token_ids[0] for c in chunks], positions,
+                                 self.config.block_size, [self.slots[c.slot_id].block_table for c in chunks])
+        return logits, [p + 1 for p in positions]
+
+    def _forward_eager(self, step: Step) -> tuple[torch.Tensor | None, list[int]]:
+        chunks = [SequenceChunk(c.token_ids, c.num_computed_tokens, self.slots[c.slot_id].block_table, c.sample)
+                  for c in step.chunks]
+        batch = build_batch(chunks, self.config.block_size, self.device)
+        hidden = self.model.forward(batch, self.kv_cache)
+        if not batch.sample_positions:
+            return None, []
+        return self.model.logits(hidden[batch.sample_index]), batch.sample_positions
 
     def shutdown(self) -> None:
         self.slots.clear()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from inflight.model_config import ModelConfig
 from worker.parallel import Collectives, ShardPlan
 from worker.torch_engine.batch import BatchInput
+from worker.torch_engine.paged_attention import paged_decode_attention
 from worker.torch_engine.rope import RotaryTable
 from worker.torch_engine.weights import WeightSource
 
@@ -37,8 +38,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: WeightSource, shard: ShardPlan,
-                 collectives: Collectives, device: torch.device, dtype: torch.dtype) -> None:
+                 collectives: Collectives, device: torch.device, dtype: torch.dtype, block_size: int = 16) -> None:
         self.config = config
+        self.block_size = block_size
         self.collectives = collectives
         self.device, self.dtype = device, dtype
         q_heads = shard.query_heads(config.num_attention_heads)
@@ -115,6 +117,10 @@ class LlamaModel:
         k = self.rope.apply(k.view(num_tokens, self.num_kv_heads, d), batch.positions)
         cache[0][batch.slot_mapping] = k
         cache[1][batch.slot_mapping] = v.view(num_tokens, self.num_kv_heads, d)
+        if batch.block_tables is not None:
+            out = paged_decode_attention(q.contiguous(), cache[0], cache[1], batch.block_tables, batch.context_lens,
+                                         self.block_size)
+            return self.collectives.all_reduce(F.linear(out.view(num_tokens, q_size), layer.o))
         queries = q[batch.query_index].transpose(1, 2)        # [B, Hq, Qmax, d]
         keys = cache[0][batch.key_slots].transpose(1, 2)      # [B, Hkv, Lmax, d]
         values = cache[1][batch.key_slots].transpose(1, 2)
