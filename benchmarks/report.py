@@ -25,6 +25,7 @@ def plot(folder: Path) -> None:
     report = json.loads((folder / "report.json").read_text())
     plot_latency_cdfs(report["latencies"], folder / "latency_cdf.png")
     rate_runs = [run for run in report["stack"] if run["offered"].endswith("req/s")]
+    assert len(rate_runs) == len(report["load_curve_rates"])
     plot_load_curve(report["load_curve_rates"], [run["summary"] for run in rate_runs], folder / "load_curve.png")
 
 
@@ -88,12 +89,14 @@ def markdown(report: dict) -> str:
                      f"{s['output_throughput_tps']:.1f} | {s['goodput_rps']:.2f} | {s['ttft_ms']['p50']:.0f} / "
                      f"{s['ttft_ms']['p99']:.0f} | {s['tpot_ms']['p50']:.1f} / {s['tpot_ms']['p99']:.1f} | "
                      f"{s['itl_ms']['p50']:.1f} | {s['e2e_ms']['p50']:.0f} / {s['e2e_ms']['p99']:.0f} |")
-    lines += ["", "## Baselines (same weights, same requests, one run)", "",
-              "| run | output tokens | seconds | out tok/s | ratio |", "|---|---|---|---|---|"]
-    for row in report["baselines"]["rows"]:
-        lines.append(f"| {row['name']} | {row['output_tokens']} | {row['seconds']:.2f} | "
-                     f"{row['output_throughput_tps']:.1f} | {row['ratio']} |")
-    lines += [""] + [f"- {note}" for note in report["baselines"]["notes"]]
+    lines += ["", "## Baselines (same weights, same requests, one run)"]
+    for table in report["baselines"]:
+        lines += ["", f"Workload: {table['workload']}. Ratio: the stack's output tokens/s over the row's.", "",
+                  "| run | output tokens | seconds | out tok/s | ratio |", "|---|---|---|---|---|"]
+        for row in table["rows"]:
+            lines.append(f"| {row['name']} | {row['output_tokens']} | {row['seconds']:.2f} | "
+                         f"{row['output_throughput_tps']:.1f} | {row['ratio']} |")
+        lines += [""] + [f"- {note}" for note in table["notes"]]
     if "decode_floor" in report:
         f = report["decode_floor"]
         lines += ["", "## Batch-1 decode step against the memory floor", "",

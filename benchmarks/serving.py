@@ -38,6 +38,8 @@ PRESETS = {
     # name: fixed (prompt, output), concurrencies, requests per concurrency, chat scale, rates, chat requests, slo
     "cpu": dict(fixed=(128, 64), concurrencies=(1, 4, 16), per_level=(4, 12, 32), chat_scale=0.4,
                 rates=(0.5, 1.0, 2.0, 4.0), chat_requests=24, slo=Slo(2.0, 0.25), kv_blocks=1024, budget=512),
+    "smoke": dict(fixed=(16, 4), concurrencies=(1, 2), per_level=(2, 4), chat_scale=0.05, rates=(4.0,),
+                  chat_requests=4, slo=Slo(2.0, 0.25), kv_blocks=256, budget=256),
     "gpu": dict(fixed=(128, 128), concurrencies=(1, 16, 64), per_level=(8, 64, 192), chat_scale=1.0,
                 rates=(2.0, 8.0, 32.0), chat_requests=128, slo=Slo(0.5, 0.05), kv_blocks=4096, budget=4096),
 }
@@ -76,6 +78,24 @@ def measure_bandwidth_gb_s() -> float:
     return 2 * 2**31 / seconds / 1e9
 
 
+def baseline_table(workload: Workload, stack_summary: dict, continuous: BaselineResult, static: BaselineResult,
+                   hf: BaselineResult | None) -> dict:
+    stack_tps = stack_summary["output_throughput_tps"]
+    rows = [{"name": f"the stack (gRPC, scheduler, MPI worker) at concurrency {workload.concurrency}",
+             "output_tokens": sum(r.output_tokens for r in workload.requests), "seconds": stack_summary["duration_s"],
+             "output_throughput_tps": stack_tps, "ratio": "1.00"}]
+    for result in filter(None, (continuous, static, hf)):
+        rows.append({**asdict(result), "output_throughput_tps": result.output_throughput_tps,
+                     "ratio": f"{stack_tps / result.output_throughput_tps:.2f}"})
+    notes = [f"serving-overhead ratio (stack / engine alone): {stack_tps / continuous.output_throughput_tps:.2f}",
+             f"continuous vs static batching (engine alone / static): "
+             f"{continuous.output_throughput_tps / static.output_throughput_tps:.2f}"]
+    if hf is not None:
+        notes.append(f"stack vs transformers generate: {stack_tps / hf.output_throughput_tps:.2f}")
+    return {"workload": f"{workload.name}, {len(workload.requests)} requests, concurrency {workload.concurrency}",
+            "rows": rows, "notes": notes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -102,6 +122,8 @@ def main() -> None:
     chat_base = chat_like(maker, preset["chat_requests"], preset["chat_scale"], 1024, 512)
     rate_workloads = [Workload("chat-like", with_poisson_arrivals(chat_base, rate, seed=1), request_rate=rate)
                       for rate in preset["rates"]]
+    heaviest = workloads[-1]
+    chat_closed = Workload("chat-like", chat_base, concurrency=heaviest.concurrency)
 
     stack_args = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
                   "--num-kv-blocks", str(preset["kv_blocks"]), "--max-num-batched-tokens", str(preset["budget"]),
@@ -112,7 +134,7 @@ def main() -> None:
     records_by_label = {}
     try:
         asyncio.run(run_workload(stack.address, Workload("warmup", workloads[0].requests[:2], concurrency=2), False))
-        for workload in workloads + rate_workloads:
+        for workload in workloads + rate_workloads + [chat_closed]:
             before = stack.stats()
             records, duration = asyncio.run(run_workload(stack.address, workload))
             after = stack.stats()
@@ -126,13 +148,15 @@ def main() -> None:
     finally:
         stack.stop()
 
-    # Baselines on the heaviest fixed workload, at its concurrency.
-    heaviest = workloads[-1]
-    tokenized = [TokenizedRequest(codec.encode(r.prompt), r.output_tokens) for r in heaviest.requests]
-    assert all(len(t.prompt_ids) == prompt_len for t in tokenized), "prompts must have exact token lengths"
+    # Baselines at the heaviest concurrency: the fixed workload, then the chat-like requests (closed loop).
     engine = InProcessEngine(model_path, args.device, args.dtype, preset["kv_blocks"], preset["budget"], 256)
-    continuous = engine.continuous(tokenized, heaviest.concurrency)
-    static = engine.static(tokenized, heaviest.concurrency)
+    baseline_sets = []
+    for workload, stack_summary in ((heaviest, runs[len(workloads) - 1]["summary"]), (chat_closed, runs[-1]["summary"])):
+        tokenized = [TokenizedRequest(codec.encode(r.prompt), r.output_tokens) for r in workload.requests]
+        assert all(len(t.prompt_ids) == r.prompt_tokens for t, r in zip(tokenized, workload.requests)), \
+            "prompts must have exact token lengths"
+        baseline_sets.append((workload, stack_summary, tokenized, engine.continuous(tokenized, workload.concurrency),
+                              engine.static(tokenized, workload.concurrency)))
     floor = None
     if args.device == "cuda":
         from benchmarks.tp_decode import Driver, decode_step_ms
@@ -146,22 +170,11 @@ def main() -> None:
     del engine
     gc.collect()
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    hf = None if args.skip_hf else hf_generate(model_path, args.device, dtype, tokenized, heaviest.concurrency)
+    baselines = []
+    for workload, stack_summary, tokenized, continuous, static in baseline_sets:
+        hf = None if args.skip_hf else hf_generate(model_path, args.device, dtype, tokenized, workload.concurrency)
+        baselines.append(baseline_table(workload, stack_summary, continuous, static, hf))
 
-    stack_heaviest = runs[len(workloads) - 1]["summary"]
-    stack_tps = stack_heaviest["output_throughput_tps"]
-    rows = [{"name": f"the stack (gRPC, scheduler, MPI worker) at concurrency {heaviest.concurrency}",
-             "output_tokens": sum(r.output_tokens for r in heaviest.requests),
-             "seconds": stack_heaviest["duration_s"], "output_throughput_tps": stack_tps, "ratio": "1.00"}]
-    for result in filter(None, (continuous, static, hf)):
-        assert isinstance(result, BaselineResult)
-        rows.append({**asdict(result), "output_throughput_tps": result.output_throughput_tps,
-                     "ratio": f"{stack_tps / result.output_throughput_tps:.2f}"})
-    notes = [f"serving-overhead ratio (stack / engine alone): {stack_tps / continuous.output_throughput_tps:.2f}",
-             f"continuous vs static batching (engine alone / static): "
-             f"{continuous.output_throughput_tps / static.output_throughput_tps:.2f}"]
-    if hf is not None:
-        notes.append(f"stack vs transformers generate: {stack_tps / hf.output_throughput_tps:.2f}")
     report = {
         "meta": {"label": label, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "commit": git_commit(), "machine": machine(), "torch": torch.__version__, "model": args.model,
@@ -169,7 +182,7 @@ def main() -> None:
                  "max_num_batched_tokens": preset["budget"], "prefix_caching": "off (random prompts)",
                  "slo": f"TTFT <= {slo.ttft_seconds * 1000:.0f} ms and TPOT <= {slo.tpot_seconds * 1000:.0f} ms"},
         "stack": runs,
-        "baselines": {"workload": f"{heaviest.name}, {len(tokenized)} requests", "rows": rows, "notes": notes},
+        "baselines": baselines,
     }
     if floor:
         report["decode_floor"] = floor

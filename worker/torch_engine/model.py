@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from inflight.model_config import ModelConfig
 from worker.parallel import Collectives, ShardPlan
-from worker.torch_engine.batch import BatchInput
+from worker.torch_engine.batch import AttentionGroup, BatchInput
 from worker.torch_engine.paged_attention import paged_decode_attention
 from worker.torch_engine.rope import RotaryTable
 from worker.torch_engine.weights import WeightSource
@@ -121,17 +121,26 @@ class LlamaModel:
             out = paged_decode_attention(q.contiguous(), cache[0], cache[1], batch.block_tables, batch.context_lens,
                                          self.block_size)
             return self.collectives.all_reduce(F.linear(out.view(num_tokens, q_size), layer.o))
-        queries = q[batch.query_index].transpose(1, 2)        # [B, Hq, Qmax, d]
-        keys = cache[0][batch.key_slots].transpose(1, 2)      # [B, Hkv, Lmax, d]
-        values = cache[1][batch.key_slots].transpose(1, 2)
+        if len(batch.groups) == 1:
+            out = self._gathered_attention(q, cache, batch.groups[0])
+        else:
+            out = q.new_empty(num_tokens, q_size)
+            for group in batch.groups:
+                out[group.token_index] = self._gathered_attention(q, cache, group)
+        return self.collectives.all_reduce(F.linear(out, layer.o))
+
+    def _gathered_attention(self, q: torch.Tensor, cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+        """Attention for one group: keys gathered from the cache into a padded [Bg, H, Lmax, d] view."""
+        queries = q[group.query_index].transpose(1, 2)        # [Bg, Hq, Qmax, d]
+        keys = cache[0][group.key_slots].transpose(1, 2)      # [Bg, Hkv, Lmax, d]
+        values = cache[1][group.key_slots].transpose(1, 2)
         if self._kv_of_q is None:
-            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.attn_mask,
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.attn_mask,
                                                  enable_gqa=self.num_q_heads != self.num_kv_heads)
         else:
             out = F.scaled_dot_product_attention(queries, keys[:, self._kv_of_q], values[:, self._kv_of_q],
-                                                 attn_mask=batch.attn_mask)
-        out = out.transpose(1, 2).reshape(-1, q_size)[batch.output_index]
-        return self.collectives.all_reduce(F.linear(out, layer.o))
+                                                 attn_mask=group.attn_mask)
+        return out.transpose(1, 2).reshape(-1, self.num_q_heads * self.config.head_dim)[group.output_index]
 
     def _mlp(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
         gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
