@@ -32,7 +32,7 @@ def main() -> None:
     worst = {}
     for dtype in (torch.float32, torch.bfloat16):
         for heads, kv_heads, dim in ((32, 8, 128), (9, 3, 64), (8, 8, 64)):
-            block_size, num_blocks = 16, 400
+            block_size, num_blocks = 16, 1024
             lens = torch.tensor([1, 15, 16, 17, 300, 1000, 2047], dtype=torch.int32, device="cuda")
             tables = torch.randperm(num_blocks - 1, device="cuda")[: 7 * 128].view(7, 128).int() + 1
             k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, device="cuda", dtype=dtype)

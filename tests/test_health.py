@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,12 @@ def test_health_turns_serving_only_once_scheduler_and_worker_are_ready(model_dir
                 client.complete(request, timeout=10)
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
 
+            # A call made now is retried by the client (UNAVAILABLE, no token yet) until the stack is up.
+            retrying = InflightClient(f"127.0.0.1:{port}", retries=9)
+            retried: dict[str, object] = {}
+            caller = threading.Thread(target=lambda: retried.update(result=retrying.complete(request, timeout=60)))
+            caller.start()
+
             processes.append(spawn(python, "-m", "scheduler", "--worker", worker_address, "--listen",
                                    scheduler_address, log=tmp_path / "scheduler.log"))
             time.sleep(2.0)  # the scheduler is up, but has no worker yet
@@ -66,6 +73,9 @@ def test_health_turns_serving_only_once_scheduler_and_worker_are_ready(model_dir
             assert wait_for(lambda: health_status(port) == SERVING, 180), (tmp_path / "scheduler.log").read_text()
             assert health_status(port, "inflight.v1.Generation") == SERVING
             assert client.complete(request, timeout=60).finish_reason
+            caller.join(120)
+            assert retried["result"].finish_reason  # type: ignore[attr-defined]
+            retrying.close()
     finally:
         for process in reversed(processes):
             process.terminate()

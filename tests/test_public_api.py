@@ -154,3 +154,25 @@ def test_grpcurl_drives_complete_abort_model_info_and_health(stack):
     assert abort.returncode == 0 and parse_stream(abort.stdout)[0] == {}  # found: false is the default
     health = grpcurl("-d", '{"service":"inflight.v1.Generation"}', stack.address, "grpc.health.v1.Health/Check")
     assert health.returncode == 0 and parse_stream(health.stdout)[0]["status"] == "SERVING"
+
+
+@pytest.mark.slow
+def test_asyncio_client_streams_concurrently_and_completes(stack):
+    import asyncio
+
+    from services.client import AsyncInflightClient
+
+    async def scenario():
+        client = AsyncInflightClient(stack.address)
+        try:
+            results = await asyncio.gather(*(client.complete(chat(f"Say hello number {i}.", max_tokens=8, ignore_eos=True),
+                                                             timeout=60) for i in range(4)))
+            info = await client.model_info()
+            stats = await client.stats()
+            return results, info, stats
+        finally:
+            await client.close()
+
+    results, info, stats = asyncio.run(scenario())
+    assert all(len(r.token_ids) == 8 and r.finish_reason == "FINISH_REASON_LENGTH" for r in results)
+    assert info.vocab_size == 49152 and stats.kv_blocks_total == 255

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import Counter
@@ -196,12 +197,12 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     # --- RPCs ------------------------------------------------------------------------
 
-    async def Generate(self, request: generation_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
+    @contextlib.asynccontextmanager
+    async def _counted(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Ends a Rejected call with its status, and counts every call by its final status code."""
         code = grpc.StatusCode.OK
         try:
-            async for response in self._stream(request, context):
-                yield response
+            yield
         except Rejected as rejected:
             code = rejected.code
             await context.abort(rejected.code, rejected.message)
@@ -209,13 +210,18 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            self.metrics.requests.labels("Generate", code.name).inc()
+            self.metrics.requests.labels(rpc, code.name).inc()
+
+    async def Generate(self, request: generation_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        async with self._counted("Generate", context):
+            async for response in self._stream(request, context):
+                yield response
 
     async def Complete(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> generation_pb2.CompleteResponse:
         result = generation_pb2.CompleteResponse()
-        code = grpc.StatusCode.OK
-        try:
+        async with self._counted("Complete", context):
             async for response in self._stream(request, context):
                 result.text += response.text
                 result.token_ids.extend(response.token_ids)
@@ -225,14 +231,6 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     result.finish_reason = response.finish_reason
                     result.usage.CopyFrom(response.usage)
                     result.timings.CopyFrom(response.timings)
-        except Rejected as rejected:
-            code = rejected.code
-            await context.abort(rejected.code, rejected.message)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            self.metrics.requests.labels("Complete", code.name).inc()
         return result
 
     async def Abort(self, request: generation_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> generation_pb2.AbortResponse:
