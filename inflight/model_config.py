@@ -33,7 +33,7 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], name: str) -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any], name: str) -> ModelConfig:
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         rope = raw.get("rope_parameters") or {}
@@ -60,7 +60,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def load(cls, model_dir: Path) -> "ModelConfig":
+    def load(cls, model_dir: Path) -> ModelConfig:
         raw = json.loads((model_dir / "config.json").read_text())
         return cls.from_dict(raw, name=raw.get("_name_or_path") or model_dir.name)
 

@@ -35,5 +35,5 @@ class SchedulerConfig:
         parser.add_argument("--log-level", default="info")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SchedulerConfig":
+    def from_args(cls, args: argparse.Namespace) -> SchedulerConfig:
         return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})

@@ -112,7 +112,7 @@ class InflightClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "InflightClient":
+    def __enter__(self) -> InflightClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -137,7 +137,7 @@ class _RetryingStream:
         self._call = start()
         self._received = False
 
-    def __iter__(self) -> "_RetryingStream":
+    def __iter__(self) -> _RetryingStream:
         return self
 
     def __next__(self) -> generation_pb2.GenerateResponse:

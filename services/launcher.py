@@ -79,7 +79,7 @@ class ServeConfig:
         GatewayConfig.add_arguments(parser.add_argument_group("gateway"), include_model=False)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "ServeConfig":
+    def from_args(cls, args: argparse.Namespace) -> ServeConfig:
         gateway = GatewayConfig(model="", scheduler="", host=args.host, port=args.port, log_level=args.log_level,
                                 **{name: getattr(args, name) for name in GatewayConfig.__dataclass_fields__
                                    if name not in ("model", "scheduler", "host", "port", "log_level")})

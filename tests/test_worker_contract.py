@@ -126,3 +126,19 @@ def test_prefill_in_chunks_gives_the_same_token_as_in_one_piece(worker):
         assert stream.send(second).sampled[0].token_id == whole
     finally:
         stream.close()
+
+
+@pytest.mark.slow
+def test_after_a_rejected_plan_the_schedulers_release_of_its_slots_is_accepted(worker):
+    stub, _ = worker
+    stream = StepStream(stub)
+    try:
+        rejected = stream.send(prefill(3, [1, 2, 3], [32], 1))  # block 32 is out of range: nothing applied
+        assert rejected.error
+        # The scheduler failed that request and releases slot 3, which the worker never admitted.
+        plan = prefill(3, [1, 4093, 198], [1], 2)
+        plan.released_slot_ids.append(3)
+        accepted = stream.send(plan)
+        assert accepted.error == "" and accepted.sampled[0].slot_id == 3
+    finally:
+        stream.close()

@@ -39,5 +39,5 @@ class WorkerConfig:
         parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "WorkerConfig":
+    def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
         return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})

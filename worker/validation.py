@@ -9,9 +9,8 @@ def check_step(step: Step, limits: EngineDescription, block_tables: dict[int, li
     """Raise StepRejected if step breaks the contract, given the slots' current block tables."""
     live = {slot: len(table) for slot, table in block_tables.items()}
     for slot in step.released_slot_ids:
-        if slot not in live:
-            raise StepRejected(f"released slot {slot} is not admitted")
-        del live[slot]
+        # Idempotent: after a rejected plan the scheduler releases slots this worker never admitted.
+        live.pop(slot, None)
     for admission in step.admissions:
         _check_slot(admission.slot_id, limits)
         if admission.slot_id in live:

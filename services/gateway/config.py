@@ -40,7 +40,7 @@ class GatewayConfig:
         parser.add_argument("--drain-seconds", type=float, default=30.0)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "GatewayConfig":
+    def from_args(cls, args: argparse.Namespace) -> GatewayConfig:
         return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
 
     def to_flags(self) -> list[str]:
