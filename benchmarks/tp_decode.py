@@ -68,13 +68,18 @@ class Driver:
 
 
 def greedy(driver: Driver, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    admissions = [Admission(f"p{i}", i, 0.0, 1.0, 0, 0) for i in range(len(prompts))]
-    last = driver.run(admissions, dict(enumerate(prompts)))
-    outputs = [[last[i]] for i in range(len(prompts))]
-    for _ in range(new_tokens - 1):
-        last = driver.run([], {i: [out[-1]] for i, out in enumerate(outputs)})
-        for i, out in enumerate(outputs):
-            out.append(last[i])
+    """One prompt joins per step while the earlier ones decode, so steps mix prefill and decode."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    admitted = 0
+    while any(len(out) < new_tokens for out in outputs):
+        admissions, inputs = [], {}
+        if admitted < len(prompts):
+            admissions.append(Admission(f"p{admitted}", admitted, 0.0, 1.0, 0, 0))
+            inputs[admitted] = prompts[admitted]
+            admitted += 1
+        inputs.update({i: [out[-1]] for i, out in enumerate(outputs) if out and len(out) < new_tokens})
+        for slot, token in driver.run(admissions, inputs).items():
+            outputs[slot].append(token)
     driver.reset()
     return outputs
 

@@ -11,7 +11,7 @@ import torch
 from inflight.model_config import ModelConfig
 from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
-from worker.step import EngineDescription, SampledToken, Step, StepOutput
+from worker.step import EngineDescription, SampledToken, ScheduledChunk, Step, StepOutput
 from worker.torch_engine import paged_attention
 from worker.torch_engine.batch import SequenceChunk, build_batch
 from worker.torch_engine.cuda_graphs import DecodeGraphs
@@ -143,13 +143,9 @@ class TorchEngine:
             if self.graphs is not None:
                 self.graphs.set_blocks(scheduled.slot_id, len(table), scheduled.new_block_ids)
             table.extend(scheduled.new_block_ids)
-        if self._graph_step(step):
-            logits, positions = self._decode_with_graph(step)
-        else:
-            logits, positions = self._forward_eager(step)
+        logits, positions, sampled_slots = self._forward(step.chunks)
         if logits is None:
             return StepOutput(step.step_id, [], time.perf_counter() - start)
-        sampled_slots = [c.slot_id for c in step.chunks if c.sample]
         sequences = [self.slots[slot].sampling for slot in sampled_slots]
         result = sample(logits, sequences, positions)
         for sequence, token in zip(sequences, result.token_ids):
@@ -159,26 +155,41 @@ class TorchEngine:
                                                            result.top_token_ids, result.top_logprobs)]
         return StepOutput(step.step_id, sampled, time.perf_counter() - start)
 
-    def _graph_step(self, step: Step) -> bool:
-        return (self.graphs is not None and len(step.chunks) <= self.graphs.buckets[-1]
-                and all(len(c.token_ids) == 1 and c.sample for c in step.chunks))
+    def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[int], list[int]]:
+        """Logits, sample positions and slots of the sampled chunks, in step order.
 
-    def _decode_with_graph(self, step: Step) -> tuple[torch.Tensor, list[int]]:
+        With CUDA graphs, decodes replay a graph and prompt chunks (if any) run eagerly beside them:
+        the two touch different sequences and cache slots, so the split changes no result.
+        """
+        decodes = [c for c in chunks if len(c.token_ids) == 1 and c.sample] if self.graphs is not None else []
+        if not decodes or len(decodes) > self.graphs.buckets[-1]:  # type: ignore[union-attr]
+            return self._forward_eager(chunks)
+        others = [c for c in chunks if not (len(c.token_ids) == 1 and c.sample)]
+        logits, positions, slots = self._decode_with_graph(decodes)
+        if not others:
+            return logits, positions, slots
+        other_logits, other_positions, other_slots = self._forward_eager(others)
+        if other_logits is None:
+            return logits, positions, slots
+        return (torch.cat([logits, other_logits]), positions + other_positions, slots + other_slots)
+
+    def _decode_with_graph(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[int], list[int]]:
         assert self.graphs is not None
-        chunks = step.chunks
         positions = [c.num_computed_tokens for c in chunks]
-        logits = self.graphs.run([c.slot_id for c in chunks], [c.token_ids[0] for c in chunks], positions,
-                                 self.config.block_size, [self.slots[c.slot_id].block_table for c in chunks])
-        return logits, [p + 1 for p in positions]
+        slots = [c.slot_id for c in chunks]
+        logits = self.graphs.run(slots, [c.token_ids[0] for c in chunks], positions, self.config.block_size,
+                                 [self.slots[s].block_table for s in slots])
+        return logits, [p + 1 for p in positions], slots
 
-    def _forward_eager(self, step: Step) -> tuple[torch.Tensor | None, list[int]]:
+    def _forward_eager(self, scheduled: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[int], list[int]]:
         chunks = [SequenceChunk(c.token_ids, c.num_computed_tokens, self.slots[c.slot_id].block_table, c.sample)
-                  for c in step.chunks]
+                  for c in scheduled]
         batch = build_batch(chunks, self.config.block_size, self.device)
         hidden = self.model.forward(batch, self.kv_cache)
         if not batch.sample_positions:
-            return None, []
-        return self.model.logits(hidden[batch.sample_index]), batch.sample_positions
+            return None, [], []
+        return (self.model.logits(hidden[batch.sample_index]), batch.sample_positions,
+                [c.slot_id for c in scheduled if c.sample])
 
     def shutdown(self) -> None:
         self.slots.clear()
