@@ -195,22 +195,22 @@ class EngineLoop:
             if result.error:
                 self._fail_step(step, result.error)
                 continue
-            outputs = planner.update(step, {s.slot_id: s.token_id for s in result.sampled},
-                                     {s.slot_id: s for s in result.sampled})
-            self._deliver(outputs)
+            by_slot = {s.slot_id: s for s in result.sampled}
+            outputs = planner.update(step, {slot: s.token_id for slot, s in by_slot.items()})
+            self._deliver(outputs, by_slot)
             await asyncio.sleep(0)  # let handlers read their tokens and aborts arrive
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, outputs: list[RequestOutput], sampled: dict[int, worker_pb2.SampledToken]) -> None:
         for output in outputs:
             request = output.request
             queue = self.streams.get(request.request_id)
             if queue is None:
                 continue
             event = scheduler_pb2.TokenEvent(token_ids=output.new_token_ids, finish_reason=output.finish_reason)
-            if request.logprobs and output.sampled is not None:
-                s = output.sampled
-                event.logprobs.add(token_id=s.token_id, logprob=s.logprob, top_token_ids=s.top_token_ids,  # type: ignore[attr-defined]
-                                   top_logprobs=s.top_logprobs)  # type: ignore[attr-defined]
+            if request.logprobs:
+                s = sampled[output.slot_id]
+                event.logprobs.add(token_id=s.token_id, logprob=s.logprob, top_token_ids=s.top_token_ids,
+                                   top_logprobs=s.top_logprobs)
             if len(request.output_token_ids) == len(output.new_token_ids):
                 event.num_cached_prompt_tokens = request.num_cached_prompt_tokens
                 event.queue_seconds = max(0.0, request.first_scheduled_at - request.arrived_at)

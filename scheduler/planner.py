@@ -54,7 +54,7 @@ class RequestOutput:
     request: Request
     new_token_ids: list[int]
     finish_reason: int  # FINISH_REASON_UNSPECIFIED while the request runs on
-    sampled: object = None  # the worker's SampledToken (logprobs), passed through
+    slot_id: int        # the slot the token was sampled in (the request may have released it since)
 
 
 @dataclass
@@ -217,8 +217,7 @@ class BatchPlanner:
 
     # --- results -----------------------------------------------------------------------
 
-    def update(self, step: PlannedStep, sampled: dict[int, int], details: dict[int, object] | None = None
-               ) -> list[RequestOutput]:
+    def update(self, step: PlannedStep, sampled: dict[int, int]) -> list[RequestOutput]:
         """Apply a step's result (slot id -> sampled token); returns what each request produced."""
         outputs = []
         for chunk in step.chunks:
@@ -236,7 +235,7 @@ class BatchPlanner:
             reason = self._finish_reason(request, token)
             if reason:
                 self._finish(request, reason)
-            outputs.append(RequestOutput(request, [token], reason, details.get(slot) if details else None))
+            outputs.append(RequestOutput(request, [token], reason, slot))
         return outputs
 
     def _finish_reason(self, request: Request, token: int) -> int:

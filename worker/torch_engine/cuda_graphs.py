@@ -71,8 +71,7 @@ class DecodeGraphs:
         slots = [table[p // block_size] * block_size + p % block_size for table, p in zip(tables, positions)]
         host = torch.tensor([token_ids + [0] * pad, positions + [0] * pad, slots + [0] * pad,
                              slot_ids + [slot_ids[0]] * pad, [p + 1 for p in positions] + [1] * pad], dtype=torch.long)
-        host = host.pin_memory() if torch.cuda.is_available() else host
-        device = host.to(self.token_ids.device, non_blocking=True)
+        device = host.pin_memory().to(self.token_ids.device, non_blocking=True)
         self.token_ids[:size].copy_(device[0])
         self.positions[:size].copy_(device[1])
         self.slot_mapping[:size].copy_(device[2])

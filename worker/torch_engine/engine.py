@@ -156,13 +156,14 @@ class TorchEngine:
         return StepOutput(step.step_id, sampled, time.perf_counter() - start)
 
     def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[int], list[int]]:
-        """Logits, sample positions and slots of the sampled chunks, in step order.
+        """Logits, sample positions and slots of the sampled chunks (rows matched by slot, not step order).
 
-        With CUDA graphs, decodes replay a graph and prompt chunks (if any) run eagerly beside them:
-        the two touch different sequences and cache slots, so the split changes no result.
+        With CUDA graphs, decodes replay a graph (decodes never outnumber the slots, the largest bucket)
+        and prompt chunks, if any, run eagerly beside them: the two touch different sequences and cache
+        slots, so the split changes no result.
         """
         decodes = [c for c in chunks if len(c.token_ids) == 1 and c.sample] if self.graphs is not None else []
-        if not decodes or len(decodes) > self.graphs.buckets[-1]:  # type: ignore[union-attr]
+        if not decodes:
             return self._forward_eager(chunks)
         others = [c for c in chunks if not (len(c.token_ids) == 1 and c.sample)]
         logits, positions, slots = self._decode_with_graph(decodes)
