@@ -9,7 +9,9 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from inflight.connection import KeepalivePolicy
 from inflight.log import configure_logging
+from inflight.process import die_with_parent
 from inflight.v1 import scheduler_pb2_grpc
 from scheduler.config import SchedulerConfig
 from scheduler.engine_loop import EngineLoop
@@ -19,9 +21,11 @@ SERVICE_NAME = "inflight.v1.Scheduler"
 
 
 async def serve(config: SchedulerConfig) -> None:
+    if config.exit_with_parent:
+        die_with_parent(signal.SIGTERM)
     log = configure_logging("scheduler", config.log_level)
     log.info("scheduler_starting", config=str(config))
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=KeepalivePolicy(config.keepalive_seconds).server_options())
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 

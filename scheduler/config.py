@@ -19,6 +19,10 @@ class SchedulerConfig:
     no_prefix_caching: bool
     connect_timeout: float       # seconds to wait for the worker at start and after a failure
     max_waiting_requests: int    # a full queue answers RESOURCE_EXHAUSTED
+    step_timeout: float          # watchdog: seconds a step may take before the worker group counts as hung...
+    step_timeout_per_token: float  # ...plus this many seconds per token in the step
+    keepalive_seconds: float     # ping interval on the worker link; the scheduler's server accepts half of it
+    exit_with_parent: bool       # started by a launcher: die with it
     log_level: str
 
     @staticmethod
@@ -32,7 +36,17 @@ class SchedulerConfig:
         parser.add_argument("--no-prefix-caching", action="store_true")
         parser.add_argument("--connect-timeout", type=float, default=600.0)
         parser.add_argument("--max-waiting-requests", type=int, default=1024)
+        parser.add_argument("--step-timeout", type=float, default=30.0,
+                            help="seconds before an unfinished step marks the worker group hung (0: never)")
+        parser.add_argument("--step-timeout-per-token", type=float, default=0.05,
+                            help="seconds added to --step-timeout per token in the step")
+        parser.add_argument("--keepalive-seconds", type=float, default=20.0)
+        parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies")
         parser.add_argument("--log-level", default="info")
+
+    def step_bound(self, num_tokens: int) -> float:
+        """The watchdog's bound for a step of num_tokens tokens (0: unbounded)."""
+        return self.step_timeout + self.step_timeout_per_token * num_tokens if self.step_timeout > 0 else 0.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SchedulerConfig:

@@ -3,6 +3,11 @@
 Every mutation of the planner happens in this module's synchronous code; the only await
 in a step is the worker round trip. Aborts that land during that await free their blocks
 at once and their results are dropped when the step returns.
+
+Failures are contained at the smallest scope that holds them: a sequence's own error fails
+that request; a failed step fails the step's requests; a lost or hung worker group fails the
+requests in flight, and the loop connects to the group's replacement. The loop itself never
+ends while the process runs.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from inflight.connection import KeepalivePolicy
 from inflight.v1 import common_pb2, scheduler_pb2, worker_pb2
 from scheduler.config import SchedulerConfig
-from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits, RequestOutput
+from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits, PlannerStats, RequestOutput
 from scheduler.policy import make_policy
-from scheduler.request import Request
-from scheduler.worker_link import WorkerLink, WorkerUnavailable, plan_to_proto
+from scheduler.request import Request, RequestKey
+from scheduler.worker_link import StepTimedOut, WorkerLink, WorkerUnavailable, plan_to_proto
 
 log = structlog.get_logger()
 
@@ -41,19 +47,29 @@ class RequestRejected(Exception):
         self.message = message
 
 
+@dataclass
+class FailureCounters:
+    worker_restarts: int = 0  # connections to a new worker group after losing one
+    step_timeouts: int = 0
+    failed_requests: int = 0
+
+
 StreamItem = scheduler_pb2.TokenEvent | Failure
 
 
 class EngineLoop:
     def __init__(self, config: SchedulerConfig, on_ready_change: Callable[[bool], None]) -> None:
         self.config = config
-        self.link = WorkerLink(config.worker)
+        self.link = WorkerLink(config.worker, KeepalivePolicy(config.keepalive_seconds))
         self.planner: BatchPlanner | None = None
         self.description: worker_pb2.WorkerDescription | None = None
-        self.streams: dict[str, asyncio.Queue[StreamItem]] = {}
+        self.streams: dict[RequestKey, asyncio.Queue[StreamItem]] = {}
+        self.counters = FailureCounters()
+        self._planner_stats = PlannerStats()  # kept across worker groups, so counters never go back
         self._on_ready_change = on_ready_change
         self._wake = asyncio.Event()
         self._arrivals = 0
+        self._connections = 0
 
     @property
     def ready(self) -> bool:
@@ -67,27 +83,27 @@ class EngineLoop:
             raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "the worker group is not ready")
         request = self._make_request(submit, planner, description)
         queue: asyncio.Queue[StreamItem] = asyncio.Queue()
-        self.streams[request.request_id] = queue
+        self.streams[request.key] = queue
         planner.add(request)
-        log.info("request_queued", request_id=request.request_id, prompt_tokens=len(request.prompt_token_ids),
-                 max_new_tokens=request.max_new_tokens)
+        log.info("request_queued", request_id=request.request_id, tenant=request.tenant,
+                 prompt_tokens=len(request.prompt_token_ids), max_new_tokens=request.max_new_tokens)
         self._wake.set()
         return queue
 
-    def abort(self, request_id: str) -> bool:
-        request = self.planner.abort(request_id) if self.planner else None
-        queue = self.streams.pop(request_id, None)
+    def abort(self, key: RequestKey) -> bool:
+        request = self.planner.abort(key) if self.planner else None
+        queue = self.streams.pop(key, None)
         if queue is not None:
             queue.put_nowait(scheduler_pb2.TokenEvent(finish_reason=common_pb2.FINISH_REASON_ABORT))
         if request is not None:
-            log.info("request_aborted", request_id=request_id, generated=len(request.output_token_ids))
+            log.info("request_aborted", request_id=request.request_id, generated=len(request.output_token_ids))
         return request is not None
 
     def stats(self) -> common_pb2.Stats:
         planner = self.planner
         if planner is None:
-            return common_pb2.Stats()
-        s = planner.stats
+            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "the worker group is not ready")
+        s, c = planner.stats, self.counters
         return common_pb2.Stats(
             kv_blocks_total=planner.allocator.num_usable,
             kv_blocks_free=planner.allocator.num_free,
@@ -101,6 +117,9 @@ class EngineLoop:
             max_batch_size_seen=s.max_batch_size_seen,
             batched_sequences_total=s.batched_sequences_total,
             prefix_cache_hit_tokens_total=s.prefix_cache_hit_tokens_total,
+            worker_restarts=c.worker_restarts,
+            step_timeouts=c.step_timeouts,
+            failed_requests_total=c.failed_requests,
         )
 
     def _make_request(self, submit: scheduler_pb2.SubmitRequest, planner: BatchPlanner,
@@ -112,7 +131,7 @@ class EngineLoop:
         if len(planner.waiting) >= self.config.max_waiting_requests:
             raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"the queue is full ({self.config.max_waiting_requests} requests waiting)")
-        if submit.request_id in self.streams:
+        if (submit.tenant, submit.request_id) in self.streams:
             raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {submit.request_id!r} is in flight")
         if not prompt:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: must not be empty")
@@ -150,9 +169,15 @@ class EngineLoop:
             await self._connect()
             try:
                 await self._serve_steps()
+            except StepTimedOut as error:
+                self.counters.step_timeouts += 1
+                log.error("step_timed_out", error=str(error))
             except WorkerUnavailable as error:
                 log.error("worker_lost", error=str(error))
-                self._fail_all(grpc.StatusCode.UNAVAILABLE, f"the worker group failed: {error}")
+            except Exception:  # a bug here must not take the scheduler down: start over on a fresh planner
+                log.exception("engine_loop_failed")
+            self._fail_all()
+            await self.link.close()
 
     async def _connect(self) -> None:
         while True:
@@ -161,7 +186,7 @@ class EngineLoop:
                 break
             except WorkerUnavailable as error:
                 log.warning("worker_unreachable", error=str(error))
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(0.5)
         limits = PlannerLimits(
             max_num_batched_tokens=min(self.config.max_num_batched_tokens or description.max_num_batched_tokens,
                                        description.max_num_batched_tokens),
@@ -171,12 +196,16 @@ class EngineLoop:
             num_kv_blocks=min(description.num_kv_blocks, warmup.num_kv_blocks or description.num_kv_blocks),
         )
         self.description = description
-        self.planner = BatchPlanner(limits, make_policy(self.config.policy, self.config.tenant_weights),
-                                    enable_prefix_caching=not self.config.no_prefix_caching)
+        planner = BatchPlanner(limits, make_policy(self.config.policy, self.config.tenant_weights),
+                               enable_prefix_caching=not self.config.no_prefix_caching)
+        planner.stats = self._planner_stats
+        self.planner = planner
+        self._connections += 1
+        self.counters.worker_restarts = self._connections - 1
         log.info("worker_ready", model=description.model_name, tp_size=description.tp_size,
                  kv_blocks=limits.num_kv_blocks - 1, block_size=limits.block_size,
                  max_num_batched_tokens=limits.max_num_batched_tokens, max_num_seqs=limits.max_num_seqs,
-                 warmup_seconds=round(warmup.warmup_seconds, 3))
+                 warmup_seconds=round(warmup.warmup_seconds, 3), worker_restarts=self.counters.worker_restarts)
         self._on_ready_change(True)
 
     async def _serve_steps(self) -> None:
@@ -191,19 +220,21 @@ class EngineLoop:
             step = planner.schedule()
             if not step.chunks:
                 raise AssertionError("work is waiting but nothing could be scheduled")
-            result = await self.link.step(plan_to_proto(step))
+            by_slot = {c.request.slot_id: c.request for c in step.chunks}  # slots change once the step is back
+            result = await self.link.step(plan_to_proto(step, self.config.step_bound(step.num_tokens)))
             if result.error:
                 self._fail_step(step, result.error)
                 continue
-            by_slot = {s.slot_id: s for s in result.sampled}
-            outputs = planner.update(step, {slot: s.token_id for slot, s in by_slot.items()})
-            self._deliver(outputs, by_slot)
+            self._fail_sequences(result.sequence_errors, by_slot)
+            sampled = {s.slot_id: s for s in result.sampled}
+            outputs = planner.update(step, {slot: s.token_id for slot, s in sampled.items()})
+            self._deliver(outputs, sampled)
             await asyncio.sleep(0)  # let handlers read their tokens and aborts arrive
 
     def _deliver(self, outputs: list[RequestOutput], sampled: dict[int, worker_pb2.SampledToken]) -> None:
         for output in outputs:
             request = output.request
-            queue = self.streams.get(request.request_id)
+            queue = self.streams.get(request.key)
             if queue is None:
                 continue
             event = scheduler_pb2.TokenEvent(token_ids=output.new_token_ids, finish_reason=output.finish_reason)
@@ -216,23 +247,50 @@ class EngineLoop:
                 event.queue_seconds = max(0.0, request.first_scheduled_at - request.arrived_at)
             queue.put_nowait(event)
             if output.finish_reason:
-                del self.streams[request.request_id]
+                del self.streams[request.key]
                 log.info("request_finished", request_id=request.request_id,
                          reason=common_pb2.FinishReason.Name(output.finish_reason),
                          generated=len(request.output_token_ids), preemptions=request.num_preemptions)
 
-    def _fail_step(self, step: PlannedStep, error: str) -> None:
-        log.error("step_failed", step_id=step.step_id, error=error)
-        for chunk in step.chunks:
-            request_id = chunk.request.request_id
-            if self.planner and self.planner.abort(request_id):
-                queue = self.streams.pop(request_id, None)
-                if queue is not None:
-                    queue.put_nowait(Failure(grpc.StatusCode.INTERNAL, f"the worker rejected the step: {error}"))
-
-    def _fail_all(self, code: grpc.StatusCode, message: str) -> None:
-        self._on_ready_change(False)
-        self.planner = None
-        for queue in self.streams.values():
+    def _fail(self, request: Request, code: grpc.StatusCode, message: str) -> None:
+        """End one request with a status, freeing its blocks (a no-op if it already ended)."""
+        if self.planner is None or self.planner.abort(request.key) is None:
+            return
+        self.counters.failed_requests += 1
+        queue = self.streams.pop(request.key, None)
+        if queue is not None:
             queue.put_nowait(Failure(code, message))
+
+    def _fail_sequences(self, errors: list[worker_pb2.SequenceError], by_slot: dict[int | None, Request]) -> None:
+        for error in errors:
+            request = by_slot.get(error.slot_id)
+            if request is None:
+                continue
+            code = grpc.StatusCode.INVALID_ARGUMENT if error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] \
+                else grpc.StatusCode.INTERNAL
+            log.error("sequence_failed", request_id=request.request_id, code=code.name, error=error.message)
+            # Parameter errors are the client's to fix and carry no internals; anything else stays in the logs.
+            message = f"request {request.request_id}: {error.message}" if code is grpc.StatusCode.INVALID_ARGUMENT \
+                else _internal_error(request.request_id)
+            self._fail(request, code, message)
+
+    def _fail_step(self, step: PlannedStep, error: str) -> None:
+        log.error("step_failed", step_id=step.step_id, error=error,
+                  request_ids=[c.request.request_id for c in step.chunks])
+        for chunk in step.chunks:
+            self._fail(chunk.request, grpc.StatusCode.INTERNAL, _internal_error(chunk.request.request_id))
+
+    def _fail_all(self) -> None:
+        """The worker group is gone: every request in flight ends UNAVAILABLE (safe to retry elsewhere)."""
+        self._on_ready_change(False)
+        planner, self.planner = self.planner, None
+        for (_, request_id), queue in self.streams.items():
+            queue.put_nowait(Failure(grpc.StatusCode.UNAVAILABLE, f"the worker group failed while serving request "
+                                                                  f"{request_id}; it was not completed"))
+        if planner is not None:
+            self.counters.failed_requests += len(planner.requests)
         self.streams.clear()
+
+
+def _internal_error(request_id: str) -> str:
+    return f"internal error while generating request {request_id}; the details are in the server logs"

@@ -16,7 +16,7 @@ from inflight.v1 import common_pb2
 from scheduler.block_allocator import BlockAllocator
 from scheduler.kv_manager import KvManager
 from scheduler.policy import Policy, WaitingQueue
-from scheduler.request import Request, RequestStatus
+from scheduler.request import Request, RequestKey, RequestStatus
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class BatchPlanner:
         self.kv = KvManager(self.allocator, self.limits.block_size, self.enable_prefix_caching)
         self.waiting = WaitingQueue(self.policy)
         self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[RequestKey, Request] = {}
         self.stats = PlannerStats()
         self._free_slots = list(range(self.limits.max_num_seqs - 1, -1, -1))
         self._released_slots: list[int] = []
@@ -94,14 +94,14 @@ class BatchPlanner:
         return -(-total // self.limits.block_size)
 
     def add(self, request: Request) -> None:
-        self.requests[request.request_id] = request
+        self.requests[request.key] = request
         self.stats.prompt_tokens_total += len(request.prompt_token_ids)
         self.policy.on_arrival(request)
         self.waiting.push(request)
 
-    def abort(self, request_id: str) -> Request | None:
+    def abort(self, key: RequestKey) -> Request | None:
         """Finish a request now and free its blocks; safe while its step is in flight."""
-        request = self.requests.get(request_id)
+        request = self.requests.get(key)
         if request is None or request.status is RequestStatus.FINISHED:
             return None
         if request.status is RequestStatus.WAITING:
@@ -110,7 +110,7 @@ class BatchPlanner:
         return request
 
     def abort_all(self) -> list[Request]:
-        return [r for r in list(self.requests.values()) if self.abort(r.request_id)]
+        return [r for r in list(self.requests.values()) if self.abort(r.key)]
 
     def has_work(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0
@@ -213,7 +213,7 @@ class BatchPlanner:
         self._release(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        del self.requests[request.request_id]
+        del self.requests[request.key]
 
     # --- results -----------------------------------------------------------------------
 

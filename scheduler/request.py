@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from inflight.v1 import common_pb2
 
 
+RequestKey = tuple[str, str]  # (tenant, request id): request ids are scoped by tenant
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -39,6 +42,10 @@ class Request:
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     num_cached_prompt_tokens: int = 0
     num_preemptions: int = 0
+
+    @property
+    def key(self) -> RequestKey:
+        return (self.tenant, self.request_id)
 
     @property
     def num_tokens(self) -> int:

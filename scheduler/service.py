@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,6 +17,7 @@ log = structlog.get_logger()
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, loop: EngineLoop) -> None:
         self.loop = loop
+        self.instance_id = uuid.uuid4().hex  # tells gateways apart this process from its predecessor
 
     async def Submit(self, request: scheduler_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.TokenEvent]:
@@ -34,14 +36,18 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 yield item
         finally:
             if not finished:  # the gateway cancelled or went away
-                self.loop.abort(request.request_id)
+                self.loop.abort((request.tenant, request.request_id))
 
     async def Abort(self, request: scheduler_pb2.SchedulerAbortRequest,
                     context: grpc.aio.ServicerContext) -> scheduler_pb2.SchedulerAbortResponse:
-        return scheduler_pb2.SchedulerAbortResponse(found=self.loop.abort(request.request_id))
+        return scheduler_pb2.SchedulerAbortResponse(found=self.loop.abort((request.tenant, request.request_id)))
 
     async def GetStats(self, request: common_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> common_pb2.Stats:
-        return self.loop.stats()
+        try:
+            return self.loop.stats()
+        except RequestRejected as rejected:
+            await context.abort(rejected.code, rejected.message)
+            raise
 
     async def GetModelInfo(self, request: scheduler_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> scheduler_pb2.ModelInfo:
@@ -51,5 +57,5 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.ModelInfo(
             model_name=d.model_name, vocab_size=d.vocab_size, max_model_len=planner.limits.max_model_len,
             eos_token_ids=d.eos_token_ids, tp_size=d.tp_size, engine=d.engine, device=d.device,
-            block_size=d.block_size,
+            block_size=d.block_size, instance_id=self.instance_id,
         )

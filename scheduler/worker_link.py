@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
+from inflight.connection import KeepalivePolicy
 from inflight.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.planner import PlannedStep
 from scheduler.request import Request
 
-CHANNEL_OPTIONS = [
+MESSAGE_LIMITS = [
     ("grpc.max_send_message_length", 64 * 2**20),
     ("grpc.max_receive_message_length", 64 * 2**20),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
 ]
 
 
 class WorkerUnavailable(RuntimeError):
-    pass
+    """The step stream is gone: the worker group must be connected to again."""
+
+
+class StepTimedOut(WorkerUnavailable):
+    """A step outlived its watchdog bound: a rank hangs, and the group is being replaced."""
 
 
 def needs_history(sampling: common_pb2.SamplingParams) -> bool:
@@ -34,7 +38,7 @@ def new_sequence(request: Request) -> worker_pb2.NewSequence:
     )
 
 
-def plan_to_proto(step: PlannedStep) -> worker_pb2.StepPlan:
+def plan_to_proto(step: PlannedStep, timeout_seconds: float) -> worker_pb2.StepPlan:
     return worker_pb2.StepPlan(
         step_id=step.step_id,
         released_slot_ids=step.released_slot_ids,
@@ -46,19 +50,21 @@ def plan_to_proto(step: PlannedStep) -> worker_pb2.StepPlan:
             )
             for c in step.chunks
         ],
+        timeout_seconds=timeout_seconds,
     )
 
 
 class WorkerLink:
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, keepalive: KeepalivePolicy) -> None:
         self.target = target
+        self.options = MESSAGE_LIMITS + keepalive.client_options()
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
 
     async def connect(self, timeout: float) -> tuple[worker_pb2.WorkerDescription, worker_pb2.WarmupResponse]:
         """Describe, warm up, then open the step stream."""
         await self.close()
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(self.target, options=self.options)
         stub = worker_pb2_grpc.WorkerStub(self._channel)
         try:
             description = await stub.Describe(worker_pb2.DescribeRequest(), wait_for_ready=True, timeout=timeout)
@@ -69,15 +75,22 @@ class WorkerLink:
         return description, warmup
 
     async def step(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
+        """Send one plan and wait for its result, at most plan.timeout_seconds (when set)."""
         if self._call is None:
             raise WorkerUnavailable("not connected")
         try:
             await self._call.write(plan)
-            result = await self._call.read()
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as error:
-            raise WorkerUnavailable(f"worker stream broke: {error}") from error
+            read = self._call.read()
+            result = await (asyncio.wait_for(read, plan.timeout_seconds) if plan.timeout_seconds else read)
+        except asyncio.TimeoutError as error:
+            raise StepTimedOut(f"step {plan.step_id} did not finish within {plan.timeout_seconds:.1f} s") from error
+        # InvalidStateError: the call had already ended (e.g. the server sent GOAWAY) before this write.
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as error:
+            raise WorkerUnavailable(f"worker stream broke: {error!r}") from error
         if result is grpc.aio.EOF:
             raise WorkerUnavailable("worker closed the step stream")
+        if result.step_id != plan.step_id:
+            raise WorkerUnavailable(f"worker answered step {result.step_id} to step {plan.step_id}")
         return result
 
     async def close(self) -> None:

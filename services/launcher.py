@@ -45,6 +45,10 @@ class ServeConfig:
     tenant_weights: str
     no_prefix_caching: bool
     max_waiting_requests: int
+    step_timeout: float
+    step_timeout_per_token: float
+    worker_liveness_timeout: float
+    keepalive_seconds: float
     cache_dir: str
     tokenizer: str
     mpiexec: str
@@ -76,13 +80,23 @@ class ServeConfig:
         parser.add_argument("--mpiexec", default="", help="mpiexec to use (default: beside this Python, else PATH)")
         parser.add_argument("--log-level", default="info")
         parser.add_argument("--max-waiting-requests", type=int, default=1024)
+        parser.add_argument("--step-timeout", type=float, default=30.0,
+                            help="seconds before an unfinished step marks the worker group hung and restarts it (0: never)")
+        parser.add_argument("--step-timeout-per-token", type=float, default=0.05,
+                            help="seconds added to --step-timeout per token in the step")
+        parser.add_argument("--worker-liveness-timeout", type=float, default=10.0,
+                            help="seconds without an answer from worker rank 0's health before the group is restarted")
+        parser.add_argument("--keepalive-seconds", type=float, default=20.0,
+                            help="ping interval on the internal connections (each server accepts half of it)")
         GatewayConfig.add_arguments(parser.add_argument_group("gateway"), include_model=False)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
+        shared = ("model", "scheduler", "host", "port", "log_level", "keepalive_seconds", "exit_with_parent")
         gateway = GatewayConfig(model="", scheduler="", host=args.host, port=args.port, log_level=args.log_level,
+                                keepalive_seconds=args.keepalive_seconds, exit_with_parent=True,
                                 **{name: getattr(args, name) for name in GatewayConfig.__dataclass_fields__
-                                   if name not in ("model", "scheduler", "host", "port", "log_level")})
+                                   if name not in shared})
         own = {name: getattr(args, name) for name in cls.__dataclass_fields__ if name != "gateway"}
         return cls(**own, gateway=gateway)
 
@@ -119,18 +133,23 @@ class Stack:
             "--block-size", str(c.block_size), "--num-kv-blocks", str(c.num_kv_blocks),
             "--kv-cache-gb", str(c.kv_cache_gb), "--max-num-batched-tokens", str(c.max_num_batched_tokens),
             "--max-num-seqs", str(c.max_num_seqs), "--max-model-len", str(c.max_model_len),
-            "--log-level", c.log_level,
+            "--keepalive-seconds", str(c.keepalive_seconds), "--log-level", c.log_level,
+        ])
+
+    def start_scheduler(self) -> None:
+        c = self.config
+        self._spawn("scheduler", [
+            sys.executable, "-m", "scheduler", "--worker", self.worker_address, "--listen", self.scheduler_address,
+            "--policy", c.policy, "--tenant-weights", c.tenant_weights, "--log-level", c.log_level,
+            "--max-waiting-requests", str(c.max_waiting_requests), "--step-timeout", str(c.step_timeout),
+            "--step-timeout-per-token", str(c.step_timeout_per_token), "--keepalive-seconds", str(c.keepalive_seconds),
+            "--exit-with-parent", *(["--no-prefix-caching"] if c.no_prefix_caching else []),
         ])
 
     def start(self) -> None:
         c = self.config
         self.start_worker_group()
-        self._spawn("scheduler", [
-            sys.executable, "-m", "scheduler", "--worker", self.worker_address, "--listen", self.scheduler_address,
-            "--policy", c.policy, "--tenant-weights", c.tenant_weights, "--log-level", c.log_level,
-            "--max-waiting-requests", str(c.max_waiting_requests),
-            *(["--no-prefix-caching"] if c.no_prefix_caching else []),
-        ])
+        self.start_scheduler()
         self._spawn("gateway", [
             sys.executable, "-m", "services.gateway", "--model", self.tokenizer_path, "--scheduler",
             self.scheduler_address, "--host", c.host, "--port", str(c.port), "--log-level", c.log_level,
@@ -158,9 +177,53 @@ class Stack:
             pass
 
     def stop(self) -> None:
-        for name, timeout in (("gateway", self.config.gateway.drain_seconds + 5), ("scheduler", 5.0), ("worker", 5.0)):
+        for name, timeout in (("gateway", self.config.gateway.drain_seconds + 5), ("scheduler", 3.0), ("worker", 3.0)):
             if name in self.processes:
                 self.stop_one(name, timeout)
+
+
+class RestartBudget:
+    """At most `limit` restarts within `window` seconds: past that, restarting is not helping."""
+
+    def __init__(self, limit: int = 5, window: float = 60.0) -> None:
+        self.limit, self.window = limit, window
+        self._times: list[float] = []
+
+    def spend(self) -> bool:
+        now = time.monotonic()
+        self._times = [t for t in self._times if now - t < self.window] + [now]
+        return len(self._times) <= self.limit
+
+
+class WorkerProbe:
+    """Worker rank 0's health, asked over its socket: a group whose rank 0 stops answering is frozen."""
+
+    def __init__(self, address: str, liveness_timeout: float) -> None:
+        self.address, self.liveness_timeout = address, liveness_timeout
+        self._channel: grpc.Channel | None = None
+        self._last_ok: float | None = None  # None until the group first answered
+        self._next_check = 0.0
+
+    def reset(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel, self._last_ok = None, None
+
+    def frozen(self) -> bool:
+        """Asks at most once a second; True once an answering group has been silent past the timeout."""
+        now = time.monotonic()
+        if self.liveness_timeout <= 0 or now < self._next_check:
+            return False
+        self._next_check = now + 1.0
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.address)
+        try:
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                self._last_ok = time.monotonic()
+        except grpc.RpcError:
+            pass
+        return self._last_ok is not None and time.monotonic() - self._last_ok > self.liveness_timeout
 
 
 def wait_until_serving(stack: Stack, timeout: float) -> bool:
@@ -225,24 +288,36 @@ def serve(config: ServeConfig) -> int:
 
 
 def _supervise(stack: Stack, config: ServeConfig, log: object, stopping: object) -> int:
+    """Restart a dead or frozen worker group and a dead scheduler; a dead gateway ends the stack (exit 1).
+
+    The gateway is the stack's face: if it dies, whatever supervises `inflight serve` (systemd,
+    Kubernetes) must see the whole stack exit and start it again.
+    """
     announced = False
-    restarts: list[float] = []
+    budgets = {"worker": RestartBudget(), "scheduler": RestartBudget()}
+    probe = WorkerProbe(stack.worker_address, config.worker_liveness_timeout)
     while not stopping():  # type: ignore[operator]
         exited = stack.exited()
-        if "gateway" in exited or "scheduler" in exited:
-            log.error("process_exited", exited=exited)  # type: ignore[attr-defined]
+        if "gateway" in exited:
+            log.error("gateway_exited", exit_code=exited["gateway"])  # type: ignore[attr-defined]
             return 1
         if "worker" in exited and not announced:
             log.error("worker_group_failed_to_start", exit_code=exited["worker"])  # type: ignore[attr-defined]
             return 1
-        if "worker" in exited:
-            restarts = [t for t in restarts if time.monotonic() - t < 60] + [time.monotonic()]
-            if len(restarts) > 5:
-                log.error("worker_group_keeps_failing", exit_code=exited["worker"])  # type: ignore[attr-defined]
+        frozen = "worker" not in exited and probe.frozen()
+        for name in ("worker", "scheduler"):
+            if name not in exited and not (name == "worker" and frozen):
+                continue
+            if not budgets[name].spend():
+                log.error("keeps_failing", process=name, exit_code=exited.get(name))  # type: ignore[attr-defined]
                 return 1
-            log.error("worker_group_exited_restarting", exit_code=exited["worker"])  # type: ignore[attr-defined]
-            stack.stop_one("worker", 1.0)
-            stack.start_worker_group()
+            log.error("restarting", process=name, exit_code=exited.get(name), frozen=frozen)  # type: ignore[attr-defined]
+            stack.stop_one(name, 0.5 if frozen else 1.0)
+            if name == "worker":
+                probe.reset()
+                stack.start_worker_group()
+            else:
+                stack.start_scheduler()
         if not announced and wait_until_serving(stack, timeout=0.5):
             announced = True
             log.info("inflight_ready", port=config.port)  # type: ignore[attr-defined]

@@ -47,3 +47,17 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state[state.rindex(")") + 2] != "Z"
+
+
+def stack_processes(launcher_pid: int) -> dict[str, int]:
+    """'scheduler' and 'gateway' -> pid of that process below the launcher."""
+    found = {}
+    for pid in descendants(launcher_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for name, module in (("scheduler", b"scheduler"), ("gateway", b"services.gateway")):
+            if b"-m" in cmdline and module in cmdline:
+                found[name] = pid
+    return found

@@ -109,7 +109,7 @@ def test_invariants_hold_after_every_event_and_nothing_leaks(limits, events, pol
                 if planner.has_work():
                     run_step(planner, rng, kv=kv)
         elif arrived:
-            planner.abort(arrived[event[1] % len(arrived)].request_id)
+            planner.abort(arrived[event[1] % len(arrived)].key)
         planner.check_invariants()
     # Everything that arrived finishes: no livelock, whatever the cache size.
     for _ in range(10_000):
@@ -168,7 +168,7 @@ def test_abort_while_step_in_flight_frees_blocks_and_drops_the_result():
     request = make_request(0, 20, 10)
     planner.add(request)
     step = planner.schedule()
-    planner.abort(request.request_id)
+    planner.abort(request.key)
     assert planner.allocator.num_free == planner.allocator.num_usable
     outputs = planner.update(step, {0: 7})
     assert outputs == [] and request.output_token_ids == []

@@ -69,3 +69,28 @@ def test_same_seed_and_position_give_the_same_draw_whatever_the_batch():
     alone = sample(logits[1:2], [SequenceSampling(params(temperature=1.0, seed=9))], [17]).token_ids
     batched = sample(logits, [SequenceSampling(params(temperature=1.0, seed=s)) for s in (3, 9, 4)], [5, 17, 8]).token_ids
     assert batched[1] == alone[0]
+
+
+def test_temperatures_too_small_to_divide_by_are_greedy():
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    for temperature in (1e-38, 9.99995e-41, 1e-45, 1e-6):
+        result = sample(logits, [SequenceSampling(params(temperature=temperature, seed=3))], [4])
+        assert result.token_ids == [1] and result.failures == {}
+
+
+def test_a_row_of_non_finite_logits_fails_that_sequence_alone():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [float("nan"), 1.0, 0.0], [0.5, 0.1, 2.0]])
+    sequences = [SequenceSampling(params(temperature=t, seed=1, top_logprobs=2)) for t in (0.0, 0.0, 0.7)]
+    result = sample(logits, sequences, [4, 4, 4])
+    assert set(result.failures) == {1} and not result.failures[1].invalid_argument
+    healthy = sample(logits[[0, 2]], [sequences[0], sequences[2]], [4, 4])
+    assert [result.token_ids[0], result.token_ids[2]] == healthy.token_ids
+    assert [result.logprobs[0], result.logprobs[2]] == healthy.logprobs
+
+
+def test_parameters_that_leave_nothing_to_sample_fail_that_sequence_alone():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
+    poisoned = SequenceSampling(params(temperature=float("nan"), seed=1))
+    result = sample(logits, [SequenceSampling(params()), poisoned], [4, 4])
+    assert result.token_ids[0] == 1
+    assert set(result.failures) == {1} and result.failures[1].invalid_argument

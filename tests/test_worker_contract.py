@@ -142,3 +142,25 @@ def test_after_a_rejected_plan_the_schedulers_release_of_its_slots_is_accepted(w
         assert accepted.error == "" and accepted.sampled[0].slot_id == 3
     finally:
         stream.close()
+
+
+@pytest.mark.slow
+def test_a_sequence_the_sampler_cannot_serve_fails_alone_and_the_worker_serves_on(worker):
+    stub, _ = worker
+    prompt = [1, 4093, 198, 1780, 314, 260]
+    stream = StepStream(stub)
+    try:
+        alone = stream.send(prefill(0, prompt, [1], 1)).sampled[0].token_id
+        plan = prefill(1, prompt, [2], 2)
+        plan.released_slot_ids.append(0)
+        plan.new_sequences.add(request_id="poison", slot_id=2, sampling=common_pb2.SamplingParams(
+            temperature=float("nan"), seed=1))
+        plan.sequences.add(slot_id=2, token_ids=prompt, num_computed_tokens=0, new_block_ids=[3], sample=True)
+        mixed = stream.send(plan)
+        assert mixed.error == "" and [(s.slot_id, s.token_id) for s in mixed.sampled] == [(1, alone)]
+        assert [(e.slot_id, e.code) for e in mixed.sequence_errors] == [(2, grpc.StatusCode.INVALID_ARGUMENT.value[0])]
+        after = stream.send(worker_pb2.StepPlan(step_id=3, released_slot_ids=[2], sequences=[
+            worker_pb2.ScheduledSequence(slot_id=1, token_ids=[alone], num_computed_tokens=len(prompt), sample=True)]))
+        assert after.error == "" and len(after.sampled) == 1
+    finally:
+        stream.close()

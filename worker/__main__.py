@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import sys
@@ -11,9 +10,12 @@ from concurrent import futures
 
 import grpc
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mpi4py import MPI
 
+from inflight.connection import KeepalivePolicy
 from inflight.log import configure_logging
+from inflight.process import die_with_parent
 from inflight.v1 import worker_pb2_grpc
 from worker.config import WorkerConfig
 from worker.distributed import init_distributed
@@ -21,17 +23,7 @@ from worker.group import WorkerGroup, follow
 from worker.parallel import Collectives, ShardPlan
 from worker.service import WorkerService
 from worker.torch_engine.engine import TorchEngine
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Linux: if the MPI launcher's proxy dies (even by SIGKILL), take this rank down too."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
+from worker.watchdog import StepWatchdog
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inflight worker", description=__doc__)
@@ -40,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     log = configure_logging(f"worker-{rank}", config.log_level)
-    _die_with_parent()
+    die_with_parent()  # if the MPI launcher's proxy dies, take this rank down too
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     if config.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
@@ -67,14 +59,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve(config: WorkerConfig, group: WorkerGroup, log: object) -> None:
-    # One thread runs steps; the stream is strictly one plan, then its result.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                         options=[("grpc.max_receive_message_length", 64 * 2**20)])
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(group), server)
+    # One thread runs steps; the stream is strictly one plan, then its result. Health answers from
+    # another thread, so a supervisor can tell a busy rank 0 from a frozen one.
+    options = [("grpc.max_receive_message_length", 64 * 2**20),
+               *KeepalivePolicy(config.keepalive_seconds).server_options()]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(group, StepWatchdog()), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(config.listen) == 0:
         print(f"worker: cannot listen on {config.listen}", file=sys.stderr)
         group.comm.Abort(1)
     server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("worker_serving", listen=config.listen, description=str(group.describe()))  # type: ignore[attr-defined]
     try:
         server.wait_for_termination()

@@ -5,6 +5,9 @@ from __future__ import annotations
 from inflight.v1 import worker_pb2
 from worker.step import Admission, EngineDescription, ScheduledChunk, Step, StepOutput
 
+# grpc.StatusCode numbers, without importing grpc into the step contract's codec.
+_INVALID_ARGUMENT, _INTERNAL = 3, 13
+
 
 def step_from_proto(plan: worker_pb2.StepPlan) -> Step:
     return Step(
@@ -50,6 +53,9 @@ def output_to_proto(output: StepOutput) -> worker_pb2.StepResult:
                                          top_token_ids=s.top_token_ids, top_logprobs=s.top_logprobs)
                  for s in output.sampled],
         forward_seconds=output.forward_seconds,
+        sequence_errors=[worker_pb2.SequenceError(slot_id=f.slot_id, message=f.message,
+                                                  code=_INVALID_ARGUMENT if f.invalid_argument else _INTERNAL)
+                         for f in output.failures],
     )
 
 

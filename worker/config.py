@@ -20,6 +20,7 @@ class WorkerConfig:
     max_model_len: int     # 0: the model's context length
     seed: int              # for random weights
     log_level: str
+    keepalive_seconds: float = 20.0  # the scheduler's ping interval; this server accepts pings at half of it
     cuda_graphs: bool = True  # decode steps on CUDA replay captured graphs (with paged decode attention)
 
     @staticmethod
@@ -36,6 +37,7 @@ class WorkerConfig:
         parser.add_argument("--max-model-len", type=int, default=0)
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--log-level", default="info")
+        parser.add_argument("--keepalive-seconds", type=float, default=20.0)
         parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
 
     @classmethod

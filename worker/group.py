@@ -62,7 +62,10 @@ def follow(comm: MPI.Comm, engine: TorchEngine) -> None:
         if size:
             comm.Bcast(payload, root=0)
         if command is Command.STEP:
-            engine.step(decode_step(payload))
+            try:
+                engine.step(decode_step(payload))
+            except Exception:  # rank 0 fails the same step the same way and reports it; stay in lock-step
+                log.exception("step_failed")
         elif command is Command.WARMUP:
             engine.warmup()
         elif command is Command.RELEASE_ALL:

@@ -65,11 +65,21 @@ class SampledToken:
     top_logprobs: list[float] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class SequenceFailure:
+    """One sequence could not be sampled this step; it alone fails, the step's other tokens stand."""
+
+    slot_id: int
+    invalid_argument: bool  # its own parameters are at fault (the client's to fix); else an internal fault
+    message: str
+
+
 @dataclass(frozen=True)
 class StepOutput:
     step_id: int
     sampled: list[SampledToken]
     forward_seconds: float
+    failures: list[SequenceFailure] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -5,20 +5,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from inflight.connection import KeepalivePolicy, public_server_options
 from inflight.log import configure_logging
-from inflight.v1 import generation_pb2, generation_pb2_grpc
+from inflight.process import die_with_parent
+from inflight.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.gateway.admin import AdminService
 from services.gateway.auth import AuthInterceptor, Authenticator, load_tokens
 from services.gateway.config import GatewayConfig
-from services.gateway.generation import GenerationService
-from services.gateway.metrics import GatewayMetrics
+from services.gateway.generation import AdmissionLimits, GenerationService
+from services.gateway.malformed import MalformedRequestInterceptor
+from services.gateway.metrics import GatewayMetrics, MetricsInterceptor
 from services.gateway.scheduler_client import SchedulerClient
 from services.text.codec import TextCodec
 
@@ -26,13 +31,7 @@ PUBLIC_SERVICES = [
     generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
     generation_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 ]
-SERVER_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 8 * 2**20),
-]
+SERVER_OPTIONS = [*public_server_options(), ("grpc.max_receive_message_length", 8 * 2**20)]
 
 
 def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
@@ -45,30 +44,55 @@ def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
 
 
 async def poll_stats(scheduler: SchedulerClient, metrics: GatewayMetrics) -> None:
-    from inflight.v1 import common_pb2
-
     while True:
         try:
-            metrics.observe_stats(await scheduler.stub.GetStats(common_pb2.GetStatsRequest(), timeout=2))
+            stats = await scheduler.stub.GetStats(common_pb2.GetStatsRequest(), timeout=2)
+            stats.scheduler_restarts = scheduler.restarts
+            metrics.observe_stats(stats)
         except grpc.aio.AioRpcError:
-            pass
+            metrics.scheduler_restarts.set(scheduler.restarts)
         await asyncio.sleep(1.0)
 
 
-async def serve(config: GatewayConfig) -> None:
-    log = configure_logging("gateway", config.log_level)
-    log.info("gateway_starting", config=str(config))
+@dataclass
+class Gateway:
+    """A started gateway: its server, services and background tasks."""
+
+    server: grpc.aio.Server
+    generation: GenerationService
+    scheduler: SchedulerClient
+    metrics: GatewayMetrics
+    health: health.aio.HealthServicer
+    tasks: list[asyncio.Task[None]]
+    address: str
+
+    async def stop(self, drain_seconds: float) -> None:
+        """NOT_SERVING, new generations UNAVAILABLE, streams in flight finish (up to drain_seconds), then stop."""
+        for task in self.tasks:
+            task.cancel()
+        await self.health.enter_graceful_shutdown()
+        self.generation.draining = True
+        deadline = asyncio.get_running_loop().time() + drain_seconds
+        while self.generation.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        await self.server.stop(grace=1.0)
+        await self.scheduler.close()
+
+
+async def start_gateway(config: GatewayConfig) -> Gateway:
     codec = TextCodec(Path(config.model))
-    scheduler = SchedulerClient(config.scheduler)
+    scheduler = SchedulerClient(config.scheduler, KeepalivePolicy(config.keepalive_seconds))
     metrics = GatewayMetrics()
     authenticator = None
-    interceptors = []
+    # Outermost first: every call is counted, malformed bytes never reach a handler, then auth.
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics.requests), MalformedRequestInterceptor()]
     if config.auth_tokens_file:
         exempt = [p for p in config.auth_exempt.split(",") if p]
         authenticator = Authenticator(load_tokens(Path(config.auth_tokens_file)), exempt)
         interceptors.append(AuthInterceptor(authenticator))
     server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
-    generation = GenerationService(codec, scheduler, metrics, authenticator, config.max_inflight_per_client)
+    limits = AdmissionLimits(config.max_inflight_requests, config.max_inflight_per_client, config.max_messages)
+    generation = GenerationService(codec, scheduler, metrics, authenticator, limits, config.trust_message_special_tokens)
     generation_pb2_grpc.add_GenerationServicer_to_server(generation, server)
     generation_pb2_grpc.add_AdminServicer_to_server(AdminService(scheduler), server)
     health_servicer = health.aio.HealthServicer()
@@ -89,23 +113,25 @@ async def serve(config: GatewayConfig) -> None:
     if config.metrics_port:
         start_http_server(config.metrics_port, registry=metrics.registry)
     await server.start()
+    tasks = [asyncio.create_task(scheduler.watch(on_ready_change)), asyncio.create_task(poll_stats(scheduler, metrics))]
+    log = structlog.get_logger()
     log.info("gateway_listening", address=address, tls=credentials is not None, auth=authenticator is not None,
              metrics_port=config.metrics_port)
-    tasks = [asyncio.create_task(scheduler.watch(on_ready_change)), asyncio.create_task(poll_stats(scheduler, metrics))]
+    return Gateway(server, generation, scheduler, metrics, health_servicer, tasks, address)
+
+
+async def serve(config: GatewayConfig) -> None:
+    if config.exit_with_parent:
+        die_with_parent(signal.SIGTERM)
+    log = configure_logging("gateway", config.log_level)
+    log.info("gateway_starting", config=str(config))
+    gateway = await start_gateway(config)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("gateway_draining", in_flight=len(generation.in_flight), drain_seconds=config.drain_seconds)
-    for task in tasks:
-        task.cancel()
-    await health_servicer.enter_graceful_shutdown()
-    generation.draining = True  # new generations get UNAVAILABLE; health answers NOT_SERVING meanwhile
-    deadline = asyncio.get_running_loop().time() + config.drain_seconds
-    while generation.in_flight and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.1)
-    await server.stop(grace=1.0)
-    await scheduler.close()
+    log.info("gateway_draining", in_flight=len(gateway.generation.in_flight), drain_seconds=config.drain_seconds)
+    await gateway.stop(config.drain_seconds)
     log.info("gateway_stopped")
 
 

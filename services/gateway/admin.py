@@ -14,7 +14,11 @@ class AdminService(generation_pb2_grpc.AdminServicer):
 
     async def GetStats(self, request: common_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> common_pb2.Stats:
         try:
-            return await self.scheduler.stub.GetStats(request, timeout=5)
+            stats = await self.scheduler.stub.GetStats(request, timeout=5)
         except grpc.aio.AioRpcError as error:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the scheduler is unreachable: {error.code().name}")
+            # Not ready (no worker group) or unreachable: the counters cannot be known, so no zeros.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler cannot report its state right now "
+                                                             f"({error.code().name}); retry")
             raise
+        stats.scheduler_restarts = self.scheduler.restarts
+        return stats

@@ -20,7 +20,12 @@ class GatewayConfig:
     tls_client_ca: str             # PEM CA bundle: clients must present a certificate it signed (mTLS)
     max_inflight_per_client: int
     drain_seconds: float           # on SIGTERM: NOT_SERVING, then this long for in-flight streams
+    max_inflight_requests: int     # generations in flight at once; past it RESOURCE_EXHAUSTED, answered at once
+    max_messages: int              # chat messages in one request
+    trust_message_special_tokens: bool  # control tokens typed into messages act as control tokens
     log_level: str
+    keepalive_seconds: float = 20.0  # ping interval to the scheduler
+    exit_with_parent: bool = False   # started by a launcher: die with it
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser, include_model: bool = True) -> None:
@@ -30,6 +35,8 @@ class GatewayConfig:
             parser.add_argument("--host", default="0.0.0.0")
             parser.add_argument("--port", type=int, default=50051)
             parser.add_argument("--log-level", default="info")
+            parser.add_argument("--keepalive-seconds", type=float, default=20.0)
+            parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies")
         parser.add_argument("--metrics-port", type=int, default=0)
         parser.add_argument("--auth-tokens-file", default="")
         parser.add_argument("--auth-exempt", default="/grpc.health.v1.Health/,/grpc.reflection.")
@@ -38,6 +45,11 @@ class GatewayConfig:
         parser.add_argument("--tls-client-ca", default="")
         parser.add_argument("--max-inflight-per-client", type=int, default=64)
         parser.add_argument("--drain-seconds", type=float, default=30.0)
+        parser.add_argument("--max-inflight-requests", type=int, default=1280,
+                            help="generations in flight at once across all clients; more get RESOURCE_EXHAUSTED")
+        parser.add_argument("--max-messages", type=int, default=1024, help="chat messages in one request")
+        parser.add_argument("--trust-message-special-tokens", action="store_true",
+                            help="encode control tokens typed into messages as control tokens (trusted callers only)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> GatewayConfig:
@@ -46,7 +58,13 @@ class GatewayConfig:
     def to_flags(self) -> list[str]:
         """The optional flags again, for a launcher that starts the gateway."""
         flags = ["--metrics-port", str(self.metrics_port), "--auth-exempt", self.auth_exempt,
-                 "--max-inflight-per-client", str(self.max_inflight_per_client), "--drain-seconds", str(self.drain_seconds)]
+                 "--max-inflight-per-client", str(self.max_inflight_per_client), "--drain-seconds", str(self.drain_seconds),
+                 "--max-inflight-requests", str(self.max_inflight_requests), "--max-messages", str(self.max_messages),
+                 "--keepalive-seconds", str(self.keepalive_seconds)]
+        if self.trust_message_special_tokens:
+            flags.append("--trust-message-special-tokens")
+        if self.exit_with_parent:
+            flags.append("--exit-with-parent")
         for name in ("auth_tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
             if getattr(self, name):
                 flags += ["--" + name.replace("_", "-"), getattr(self, name)]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import structlog
+from jinja2.exceptions import TemplateError
 
 from inflight.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2
 from services.gateway import validation
@@ -55,15 +56,44 @@ class Rejected(Exception):
         self.code, self.message = code, message
 
 
+# Statuses whose scheduler text is about the client's own request (safe and useful to show); any
+# other failure is reported with a generic message and the request id, its details only logged.
+_CLIENT_FACING = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            grpc.StatusCode.ALREADY_EXISTS})
+
+
+def scheduler_failure(error: grpc.aio.AioRpcError, request_id: str) -> Rejected:
+    code = error.code()
+    if code in _CLIENT_FACING:
+        return Rejected(code, error.details() or code.name)
+    log.error("scheduler_call_failed", code=code.name, details=error.details())
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return Rejected(code, f"request {request_id} was interrupted: the model backend was unavailable; "
+                              "it is safe to retry")
+    return Rejected(grpc.StatusCode.INTERNAL,
+                    f"internal error while generating request {request_id}; the details are in the server logs")
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """What one gateway takes on at once; past these it answers RESOURCE_EXHAUSTED before any other work."""
+
+    max_inflight_requests: int = 1280
+    max_inflight_per_client: int = 64
+    max_messages: int = validation.MAX_MESSAGES
+
+
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     def __init__(self, codec: TextCodec, scheduler: SchedulerClient, metrics: GatewayMetrics,
-                 authenticator: Authenticator | None = None, max_inflight_per_client: int = 64) -> None:
+                 authenticator: Authenticator | None = None, limits: AdmissionLimits | None = None,
+                 trust_message_special_tokens: bool = False) -> None:
         self.codec = codec
         self.scheduler = scheduler
         self.metrics = metrics
         self.authenticator = authenticator
-        self.max_inflight_per_client = max_inflight_per_client
-        self.in_flight: dict[str, str] = {}  # request id -> tenant
+        self.limits = limits or AdmissionLimits()
+        self.trust_message_special_tokens = trust_message_special_tokens
+        self.in_flight: set[tuple[str, str]] = set()  # (tenant, request id): ids are scoped by tenant
         self.draining = False
         self._per_client: Counter[str] = Counter()
 
@@ -83,9 +113,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def _submit_request(self, request: generation_pb2.GenerateRequest, request_id: str,
                               caller: Caller) -> scheduler_pb2.SubmitRequest:
         info = self.scheduler.model_info
-        if info is None or self.draining:
-            raise Rejected(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down" if self.draining
-                           else "the model is not ready yet")
+        if info is None:
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, "the model is not ready yet")
         try:
             prompt_ids = await self._encode(request.prompt, request.messages, check=request)
             limits = validation.ValidLimits(info.max_model_len, info.vocab_size)
@@ -101,28 +130,38 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     async def _encode(self, prompt: str, messages, check: generation_pb2.GenerateRequest | None = None) -> list[int]:  # type: ignore[no-untyped-def]
         probe = check or generation_pb2.GenerateRequest(prompt=prompt, messages=messages)
-        chat = validation.check_request(probe)
+        chat = validation.check_request(probe, self.limits.max_messages)
         if chat and not self.codec.has_chat_template:
             raise validation.InvalidField("messages", "this model has no chat template; send prompt")
-        if chat:
-            return await asyncio.to_thread(self.codec.encode_chat, chat)
-        return await asyncio.to_thread(self.codec.encode, prompt)
+        if not chat:
+            return await asyncio.to_thread(self.codec.encode, prompt)
+        try:
+            return await asyncio.to_thread(self.codec.encode_chat, chat, self.trust_message_special_tokens)
+        except (TemplateError, ValueError) as error:  # the model's template refused these turns
+            raise validation.InvalidField("messages", str(error)) from error
 
     def _admit_caller(self, caller: Caller, request_id: str) -> None:
-        if self._per_client[caller.client_key] >= self.max_inflight_per_client:
+        """The admission decision, made before any costly work (tokenizing, templating, the scheduler)."""
+        if self.draining:
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
+        if len(self.in_flight) >= self.limits.max_inflight_requests:
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"this client already has {self.max_inflight_per_client} requests in flight")
-        if request_id in self.in_flight:
+                           f"the server is at its limit of {self.limits.max_inflight_requests} requests in flight; "
+                           "retry later")
+        if self._per_client[caller.client_key] >= self.limits.max_inflight_per_client:
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"this client already has {self.limits.max_inflight_per_client} requests in flight")
+        if (caller.tenant, request_id) in self.in_flight:
             raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already in flight")
         self._per_client[caller.client_key] += 1
-        self.in_flight[request_id] = caller.tenant
+        self.in_flight.add((caller.tenant, request_id))
         self.metrics.in_flight.inc()
 
     def _release_caller(self, caller: Caller, request_id: str) -> None:
         self._per_client[caller.client_key] -= 1
         if not self._per_client[caller.client_key]:
             del self._per_client[caller.client_key]
-        self.in_flight.pop(request_id, None)
+        self.in_flight.discard((caller.tenant, request_id))
         self.metrics.in_flight.dec()
 
     async def _stream(self, request: generation_pb2.GenerateRequest,
@@ -131,16 +170,17 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         caller = self._caller(context)
         request_id = request.request_id or uuid.uuid4().hex
         progress = Progress()
-        submit = await self._submit_request(request, request_id, caller)
         self._admit_caller(caller, request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        progress.usage.prompt_tokens = len(submit.prompt_token_ids)
-        self.metrics.prompt_tokens.inc(len(submit.prompt_token_ids))
-        log.info("request_received", prompt_tokens=len(submit.prompt_token_ids), max_new_tokens=submit.max_new_tokens,
-                 tenant=caller.tenant)
-        call = self.scheduler.stub.Submit(submit, timeout=context.time_remaining())
         finish_reason = common_pb2.FINISH_REASON_UNSPECIFIED
+        call: grpc.aio.UnaryStreamCall | None = None
         try:
+            submit = await self._submit_request(request, request_id, caller)
+            progress.usage.prompt_tokens = len(submit.prompt_token_ids)
+            self.metrics.prompt_tokens.inc(len(submit.prompt_token_ids))
+            log.info("request_received", prompt_tokens=len(submit.prompt_token_ids),
+                     max_new_tokens=submit.max_new_tokens, tenant=caller.tenant)
+            call = self.scheduler.stub.Submit(submit, timeout=context.time_remaining())
             detokenizer = IncrementalDetokenizer(self.codec.tokenizer)
             stops = StopStringMatcher(list(request.stop))
             async for event in call:
@@ -149,12 +189,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 if finish_reason:
                     break
         except grpc.aio.AioRpcError as error:
-            raise Rejected(error.code(), error.details() or "the scheduler failed") from error
+            raise scheduler_failure(error, request_id) from error
         finally:
-            if not call.done():
+            if call is not None and not call.done():
                 call.cancel()  # stop string hit, or our client went away: the scheduler aborts
             self._release_caller(caller, request_id)
-            self._record(progress, finish_reason)
+            if call is not None:
+                self._record(progress, finish_reason)
             structlog.contextvars.unbind_contextvars("request_id")
 
     def _on_event(self, event: scheduler_pb2.TokenEvent, progress: Progress, detokenizer: IncrementalDetokenizer,
@@ -197,31 +238,25 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     # --- RPCs ------------------------------------------------------------------------
 
+    @staticmethod
     @contextlib.asynccontextmanager
-    async def _counted(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Ends a Rejected call with its status, and counts every call by its final status code."""
-        code = grpc.StatusCode.OK
+    async def _rejections(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Ends a Rejected call with its status (the metrics interceptor counts it)."""
         try:
             yield
         except Rejected as rejected:
-            code = rejected.code
             await context.abort(rejected.code, rejected.message)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            self.metrics.requests.labels(rpc, code.name).inc()
 
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        async with self._counted("Generate", context):
+        async with self._rejections(context):
             async for response in self._stream(request, context):
                 yield response
 
     async def Complete(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> generation_pb2.CompleteResponse:
         result = generation_pb2.CompleteResponse()
-        async with self._counted("Complete", context):
+        async with self._rejections(context):
             async for response in self._stream(request, context):
                 result.text += response.text
                 result.token_ids.extend(response.token_ids)
@@ -237,13 +272,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         caller = self._caller(context)
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
-        if self.in_flight.get(request.request_id) != caller.tenant:
+        if (caller.tenant, request.request_id) not in self.in_flight:
             return generation_pb2.AbortResponse(found=False)  # unknown, finished, or another tenant's
+        abort = scheduler_pb2.SchedulerAbortRequest(request_id=request.request_id, tenant=caller.tenant)
         try:
-            reply = await self.scheduler.stub.Abort(scheduler_pb2.SchedulerAbortRequest(request_id=request.request_id),
-                                                    timeout=10)
+            reply = await self.scheduler.stub.Abort(abort, timeout=10)
         except grpc.aio.AioRpcError as error:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the scheduler is unreachable: {error.code().name}")
+            log.warning("scheduler_abort_failed", code=error.code().name, details=error.details())
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model backend is unavailable; retry")
         return generation_pb2.AbortResponse(found=reply.found)
 
     async def ModelInfo(self, request: generation_pb2.ModelInfoRequest,

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -11,8 +17,8 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("inflight_requests", "Finished requests by RPC and gRPC status code",
-                                ["rpc", "code"], registry=r)
+        self.requests = Counter("inflight_requests", "Finished calls of every RPC the gateway serves, by method and "
+                                "final gRPC status code", ["rpc", "code"], registry=r)
         self.finish_reasons = Counter("inflight_finish_reasons", "Finished generations by finish reason",
                                       ["reason"], registry=r)
         self.prompt_tokens = Counter("inflight_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
@@ -34,6 +40,14 @@ class GatewayMetrics:
         self.waiting = Gauge("inflight_scheduler_waiting_requests", "Requests waiting to be scheduled", registry=r)
         self.batch_size = Gauge("inflight_batch_size_mean", "Mean sequences per step since start", registry=r)
         self.preemptions = Gauge("inflight_preemptions", "Preemptions since the scheduler started", registry=r)
+        self.worker_restarts = Gauge("inflight_worker_restarts", "Worker groups replaced after a failure or a hang "
+                                     "(since the scheduler started)", registry=r)
+        self.step_timeouts = Gauge("inflight_step_timeouts", "Steps the watchdog gave up on (since the scheduler "
+                                   "started)", registry=r)
+        self.failed_requests = Gauge("inflight_scheduler_failed_requests", "Requests failed by a step, a sequence "
+                                     "error or a lost worker group (since the scheduler started)", registry=r)
+        self.scheduler_restarts = Gauge("inflight_scheduler_restarts", "Schedulers that replaced a lost one (since "
+                                        "the gateway started)", registry=r)
 
     def observe_stats(self, stats) -> None:  # type: ignore[no-untyped-def]
         total = stats.kv_blocks_total or 1
@@ -43,3 +57,66 @@ class GatewayMetrics:
         self.waiting.set(stats.requests_waiting)
         self.batch_size.set(stats.batched_sequences_total / stats.steps_total if stats.steps_total else 0)
         self.preemptions.set(stats.preemptions_total)
+        self.worker_restarts.set(stats.worker_restarts)
+        self.step_timeouts.set(stats.step_timeouts)
+        self.failed_requests.set(stats.failed_requests_total)
+        self.scheduler_restarts.set(stats.scheduler_restarts)
+
+
+def final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The status a call ended with: what the handler set or aborted with, else what ended it."""
+    if isinstance(error, asyncio.CancelledError):  # the client went away, or its deadline passed
+        remaining = context.time_remaining()
+        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call of every service the gateway hosts by method and final status code."""
+
+    def __init__(self, requests: Counter) -> None:
+        self.requests = requests
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not hasattr(handler, "_replace"):
+            return handler
+        kind = ("stream_" if handler.request_streaming else "unary_") + ("stream" if handler.response_streaming else "unary")
+        behavior = getattr(handler, kind)
+        counted = self._counted(behavior, details.method.rsplit("/", 1)[-1])
+        return handler if counted is None else handler._replace(**{kind: counted})
+
+    def _counted(self, behavior: Callable[..., Any], rpc: str) -> Callable[..., Any] | None:
+        requests = self.requests
+
+        if inspect.isasyncgenfunction(behavior):
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                error: BaseException | None = None
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except BaseException as raised:
+                    error = raised
+                    raise
+                finally:
+                    requests.labels(rpc, final_code(context, error).name).inc()
+            return stream
+        if inspect.iscoroutinefunction(behavior):
+            async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                error: BaseException | None = None
+                try:
+                    return await behavior(request, context)
+                except BaseException as raised:
+                    error = raised
+                    raise
+                finally:
+                    requests.labels(rpc, final_code(context, error).name).inc()
+            return single
+        return None

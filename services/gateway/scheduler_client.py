@@ -1,4 +1,8 @@
-"""The gateway's link to the scheduler: a channel, its stubs, and whether it is ready."""
+"""The gateway's link to the scheduler: a channel, its stubs, and whether it is ready.
+
+The channel reconnects by itself when the scheduler restarts; `watch` follows the scheduler's
+health over it for ever, so the gateway turns SERVING again as soon as a new scheduler is ready.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,21 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from inflight.connection import KeepalivePolicy
 from inflight.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = structlog.get_logger()
 
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
-
 
 class SchedulerClient:
-    def __init__(self, target: str) -> None:
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    def __init__(self, target: str, keepalive: KeepalivePolicy | None = None) -> None:
+        options = (keepalive or KeepalivePolicy()).client_options()
+        self.channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.model_info: scheduler_pb2.ModelInfo | None = None
+        self.restarts = 0  # schedulers found after the first (a new instance id)
+        self._instance_id = ""
 
     @property
     def ready(self) -> bool:
@@ -39,9 +41,11 @@ class SchedulerClient:
                 async for update in self._health.Watch(request, wait_for_ready=True):
                     serving = update.status == health_pb2.HealthCheckResponse.SERVING
                     if serving and not self.ready:
-                        self.model_info = await self.stub.GetModelInfo(scheduler_pb2.GetModelInfoRequest(), timeout=10)
-                        log.info("scheduler_ready", model=self.model_info.model_name,
-                                 max_model_len=self.model_info.max_model_len)
+                        info = await self.stub.GetModelInfo(scheduler_pb2.GetModelInfoRequest(), timeout=10)
+                        self._note_instance(info.instance_id)
+                        self.model_info = info
+                        log.info("scheduler_ready", model=info.model_name, max_model_len=info.max_model_len,
+                                 scheduler_restarts=self.restarts)
                     elif not serving:
                         self.model_info = None
                     on_ready_change(self.ready)
@@ -49,7 +53,12 @@ class SchedulerClient:
                 log.warning("scheduler_unreachable", code=error.code().name)
             self.model_info = None
             on_ready_change(False)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.2)
+
+    def _note_instance(self, instance_id: str) -> None:
+        if self._instance_id and instance_id != self._instance_id:
+            self.restarts += 1
+        self._instance_id = instance_id
 
     async def close(self) -> None:
         await self.channel.close()

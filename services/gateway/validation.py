@@ -14,6 +14,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_INPUT_CHARS = 1_000_000
 MAX_TOP_LOGPROBS = 20
+MAX_MESSAGES = 1024
 
 
 class InvalidField(ValueError):
@@ -28,20 +29,30 @@ class ValidLimits:
     vocab_size: int
 
 
-def check_request(request: generation_pb2.GenerateRequest) -> list[Message]:
-    """Checks that need no tokenizer; returns the chat messages (empty for a raw prompt)."""
+def input_field(request: generation_pb2.GenerateRequest) -> str:
+    """The field that holds the request's input, for error messages."""
+    return "messages" if request.messages else "prompt"
+
+
+def check_request(request: generation_pb2.GenerateRequest, max_messages: int = MAX_MESSAGES) -> list[Message]:
+    """Checks that need no tokenizer; returns the chat messages (empty for a raw prompt).
+
+    The cheap checks on sizes come first, so an oversized request costs no more than its parse.
+    """
+    if len(request.messages) > max_messages:
+        raise InvalidField("messages", f"at most {max_messages} messages")
     if request.prompt and request.messages:
         raise InvalidField("prompt", "set either prompt or messages, not both")
     if not request.prompt and not request.messages:
-        raise InvalidField("prompt", "must not be empty (set prompt or messages)")
-    size = len(request.prompt) + sum(len(m.content) for m in request.messages)
+        raise InvalidField("prompt, messages", "one of them must be set (prompt: raw text; messages: chat turns)")
+    size = len(request.prompt) + sum(len(m.content) + len(m.role) for m in request.messages)
     if size > MAX_INPUT_CHARS:
-        raise InvalidField("prompt" if request.prompt else "messages", f"input over {MAX_INPUT_CHARS} characters")
+        raise InvalidField(input_field(request), f"input over {MAX_INPUT_CHARS} characters")
     for index, message in enumerate(request.messages):
         if message.role not in ROLES:
             raise InvalidField(f"messages[{index}].role", f"unknown role {message.role!r}; use one of {sorted(ROLES)}")
-    if request.HasField("temperature") and (math.isnan(request.temperature) or request.temperature < 0):
-        raise InvalidField("temperature", "must be a number >= 0")
+    if request.HasField("temperature") and not (math.isfinite(request.temperature) and request.temperature >= 0):
+        raise InvalidField("temperature", "must be a finite number >= 0")
     if request.HasField("top_p") and not (0 < request.top_p <= 1):
         raise InvalidField("top_p", "must lie in (0, 1]")
     if request.HasField("min_p") and not (0 <= request.min_p <= 1):
@@ -69,17 +80,22 @@ def check_request(request: generation_pb2.GenerateRequest) -> list[Message]:
 def max_new_tokens(request: generation_pb2.GenerateRequest, num_prompt_tokens: int, limits: ValidLimits) -> int:
     """Checks that need the prompt's length; returns how many tokens may be generated."""
     room = limits.max_model_len - num_prompt_tokens
+    field = input_field(request)
     if num_prompt_tokens == 0:
-        raise InvalidField("prompt", "tokenizes to no tokens")
+        raise InvalidField(field, "tokenizes to no tokens")
     if room <= 0:
-        raise InvalidField("prompt", f"{num_prompt_tokens} tokens leave no room in the context length {limits.max_model_len}")
+        raise InvalidField(field, f"{num_prompt_tokens} tokens leave no room in the context length {limits.max_model_len}")
     if request.max_tokens > room:
-        raise InvalidField("max_tokens", f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) "
+        raise InvalidField("max_tokens", f"{field} ({num_prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) "
                                          f"exceeds the context length {limits.max_model_len}")
     for index, token_id in enumerate(request.stop_token_ids):
         if token_id >= limits.vocab_size:
             raise InvalidField(f"stop_token_ids[{index}]", f"{token_id} is outside the vocabulary ({limits.vocab_size})")
-    return request.max_tokens or min(DEFAULT_MAX_TOKENS, room)
+    allowed = request.max_tokens or min(DEFAULT_MAX_TOKENS, room)
+    if request.min_tokens > allowed:
+        raise InvalidField("min_tokens", f"{request.min_tokens} exceeds the {allowed} tokens this request may generate "
+                                         "(max_tokens, or its default)")
+    return allowed
 
 
 def sampling_params(request: generation_pb2.GenerateRequest) -> common_pb2.SamplingParams:

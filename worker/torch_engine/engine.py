@@ -11,7 +11,7 @@ import torch
 from inflight.model_config import ModelConfig
 from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
-from worker.step import EngineDescription, SampledToken, ScheduledChunk, Step, StepOutput
+from worker.step import EngineDescription, SampledToken, ScheduledChunk, SequenceFailure, Step, StepOutput
 from worker.torch_engine import paged_attention
 from worker.torch_engine.batch import SequenceChunk, build_batch
 from worker.torch_engine.cuda_graphs import DecodeGraphs
@@ -148,12 +148,16 @@ class TorchEngine:
             return StepOutput(step.step_id, [], time.perf_counter() - start)
         sequences = [self.slots[slot].sampling for slot in sampled_slots]
         result = sample(logits, sequences, positions)
-        for sequence, token in zip(sequences, result.token_ids):
-            if sequence.params.needs_history:
-                sequence.history.append(token)
-        sampled = [SampledToken(*fields) for fields in zip(sampled_slots, result.token_ids, result.logprobs,
-                                                           result.top_token_ids, result.top_logprobs)]
-        return StepOutput(step.step_id, sampled, time.perf_counter() - start)
+        sampled = []
+        for row, fields in enumerate(zip(sampled_slots, result.token_ids, result.logprobs, result.top_token_ids,
+                                         result.top_logprobs)):
+            if row in result.failures:
+                continue
+            if sequences[row].params.needs_history:
+                sequences[row].history.append(fields[1])
+            sampled.append(SampledToken(*fields))
+        failures = [SequenceFailure(sampled_slots[row], f.invalid_argument, f.message) for row, f in result.failures.items()]
+        return StepOutput(step.step_id, sampled, time.perf_counter() - start, failures)
 
     def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[int], list[int]]:
         """Logits, sample positions and slots of the sampled chunks (rows matched by slot, not step order).

@@ -3,6 +3,9 @@
 Each random draw uses a generator seeded from (request seed, position of the token), so a
 sequence's tokens depend neither on the rest of the batch nor on preemptions. Log-probabilities
 are those of the model itself (log-softmax of the raw logits), as clients compare them.
+
+A row that cannot be sampled (non-finite logits, or parameters that leave no distribution) fails
+that sequence alone: it is reported in SampleResult.failures and every other row is sampled as usual.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import torch
 from worker.step import Admission
 
 _MIX = 0x9E3779B97F4A7C15
+# Below this temperature sampling is greedy: dividing logits by it would overflow float32.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -25,11 +30,18 @@ class SequenceSampling:
 
 
 @dataclass
+class RowFailure:
+    invalid_argument: bool  # the sequence's parameters are at fault; else the model's output
+    message: str
+
+
+@dataclass
 class SampleResult:
     token_ids: list[int]
     logprobs: list[float]
     top_token_ids: list[list[int]]
     top_logprobs: list[list[float]]
+    failures: dict[int, RowFailure] = field(default_factory=dict)  # row -> why it has no token
 
 
 def draw_seed(seed: int, position: int) -> int:
@@ -37,7 +49,13 @@ def draw_seed(seed: int, position: int) -> int:
 
 
 def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: list[int]) -> SampleResult:
-    """One token per row of logits [S, V] (float32). positions[i]: tokens before the one sampled."""
+    """One token per row of logits [S, V] (float32). positions[i]: tokens before the one sampled.
+
+    Rows listed in the result's failures carry token 0 and must not be used.
+    """
+    failures = _non_finite_rows(logits)
+    if failures:
+        logits = logits.masked_fill(~torch.isfinite(logits), 0.0)
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     adjusted = logits.clone() if any(_adjusts(s.params) for s in sequences) else logits
     for row, (sequence, position) in enumerate(zip(sequences, positions)):
@@ -45,8 +63,12 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
     tokens = torch.argmax(adjusted, dim=-1)
     for row, (sequence, position) in enumerate(zip(sequences, positions)):
         params = sequence.params
-        if params.temperature > 0 and params.top_k != 1:
+        if row in failures or params.temperature < GREEDY_TEMPERATURE or params.top_k == 1:
+            continue
+        try:
             tokens[row] = _sample_row(adjusted[row], params, draw_seed(params.seed, position))
+        except RuntimeError as error:  # e.g. no probability mass left: this sequence's problem alone
+            failures[row] = RowFailure(True, f"its sampling parameters leave nothing to sample ({error})")
     chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
     top_ids: list[list[int]] = [[] for _ in sequences]
     top_values: list[list[float]] = [[] for _ in sequences]
@@ -56,7 +78,12 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
         for row, sequence in enumerate(sequences):
             k = sequence.params.top_logprobs
             top_ids[row], top_values[row] = ids[row, :k].tolist(), values[row, :k].tolist()
-    return SampleResult(tokens.tolist(), chosen.tolist(), top_ids, top_values)
+    return SampleResult(tokens.tolist(), chosen.tolist(), top_ids, top_values, failures)
+
+
+def _non_finite_rows(logits: torch.Tensor) -> dict[int, RowFailure]:
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    return {row: RowFailure(False, "the model produced non-finite logits") for row, ok in enumerate(finite) if not ok}
 
 
 def _adjusts(params: Admission) -> bool:
