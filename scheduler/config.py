@@ -18,7 +18,7 @@ class SchedulerConfig:
     tenant_weights: str          # for fair: "tenantA=2,tenantB=1" (others weigh 1)
     no_prefix_caching: bool
     connect_timeout: float       # seconds to wait for the worker at start and after a failure
-    max_waiting_requests: int    # a full queue answers RESOURCE_EXHAUSTED
+    max_waiting_requests: int    # held beyond a full batch: past max_num_seqs + this, RESOURCE_EXHAUSTED
     step_timeout: float          # watchdog: seconds a step may take before the worker group counts as hung...
     step_timeout_per_token: float  # ...plus this many seconds per token in the step
     keepalive_seconds: float     # ping interval on the worker link; the scheduler's server accepts half of it

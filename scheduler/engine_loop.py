@@ -128,9 +128,10 @@ class EngineLoop:
         limits = planner.limits
         if not submit.request_id:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
-        if len(planner.waiting) >= self.config.max_waiting_requests:
+        capacity = self.config.max_waiting_requests + limits.max_num_seqs
+        if len(planner.waiting) + len(planner.running) >= capacity:
             raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"the queue is full ({self.config.max_waiting_requests} requests waiting)")
+                                  f"the queue is full ({capacity} requests running or waiting)")
         if (submit.tenant, submit.request_id) in self.streams:
             raise RequestRejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {submit.request_id!r} is in flight")
         if not prompt:

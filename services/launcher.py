@@ -8,6 +8,7 @@ SIGINT/SIGTERM stops everything in order, leaving no MPI rank behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import signal
@@ -97,6 +98,11 @@ class ServeConfig:
                                 keepalive_seconds=args.keepalive_seconds, exit_with_parent=True,
                                 **{name: getattr(args, name) for name in GatewayConfig.__dataclass_fields__
                                    if name not in shared})
+        if not gateway.max_inflight_requests:
+            # What the scheduler holds (its batch and its queue). Everything it holds is in flight at the
+            # gateway too, so the gateway's cheap check sheds load before the scheduler would have to.
+            held = args.max_waiting_requests + args.max_num_seqs
+            gateway = dataclasses.replace(gateway, max_inflight_requests=held)
         own = {name: getattr(args, name) for name in cls.__dataclass_fields__ if name != "gateway"}
         return cls(**own, gateway=gateway)
 

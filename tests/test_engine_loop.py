@@ -16,7 +16,7 @@ import pytest
 
 from inflight.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.config import SchedulerConfig
-from scheduler.engine_loop import EngineLoop, Failure
+from scheduler.engine_loop import EngineLoop, Failure, RequestRejected
 
 DESCRIPTION = worker_pb2.WorkerDescription(
     model_name="scripted", vocab_size=100, eos_token_ids=[0], tp_size=1, block_size=4, num_kv_blocks=65,
@@ -232,5 +232,28 @@ def test_request_ids_are_scoped_by_tenant(tmp_path):
         assert h.loop.abort(("a", "same-id"))
         assert await outcome(a) == ([], common_pb2.FINISH_REASON_ABORT)
         assert await outcome(b) == (EXPECTED, common_pb2.FINISH_REASON_LENGTH)
+
+    run_with(honest, body, tmp_path)
+
+
+def test_stats_are_refused_while_no_worker_group_is_connected():
+    config = SchedulerConfig(worker="unix:///nonexistent", listen="", max_num_batched_tokens=0, max_num_seqs=0,
+                             policy="fcfs", tenant_weights="", no_prefix_caching=False, connect_timeout=1.0,
+                             max_waiting_requests=4, step_timeout=1.0, step_timeout_per_token=0.0,
+                             keepalive_seconds=20.0, exit_with_parent=False, log_level="info")
+    loop = EngineLoop(config, on_ready_change=lambda ready: None)
+    with pytest.raises(RequestRejected) as raised:  # not counters of zero: nothing is known
+        loop.stats()
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_scheduler_holds_at_most_a_batch_and_its_queue(tmp_path):
+    async def body(h: Harness) -> None:
+        queues = [h.submit(f"r{i}", max_new_tokens=1) for i in range(64 + DESCRIPTION.max_num_seqs)]
+        with pytest.raises(RequestRejected) as raised:
+            h.submit("one-too-many")
+        assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        results = await asyncio.gather(*[outcome(q) for q in queues])
+        assert all(ended == common_pb2.FINISH_REASON_LENGTH for _, ended in results)
 
     run_with(honest, body, tmp_path)

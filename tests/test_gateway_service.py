@@ -233,3 +233,32 @@ def test_a_restarted_scheduler_is_found_again_and_counted(model_dir, tmp_path):
         assert (await h.admin.GetStats(common_pb2.GetStatsRequest())).scheduler_restarts == 1
 
     run(body, model_dir, tmp_path)
+
+
+def test_a_burst_past_grpcs_pending_queue_is_refused_with_resource_exhausted_never_cancelled(model_dir, tmp_path):
+    """gRPC's core drops calls beyond 1,000 waiting to be picked up with a bare CANCELLED, unless told not to."""
+    async def body(h: Harness) -> None:
+        h.scheduler.release.clear()
+        held = [asyncio.ensure_future(h.complete(tenant=f"t{i}")) for i in range(2)]
+        while len(h.scheduler.submits) < 2:
+            await asyncio.sleep(0.01)
+        channels = [grpc.aio.insecure_channel(h.gateway.address) for _ in range(4)]
+        stubs = [generation_pb2_grpc.GenerationStub(c) for c in channels]
+        request = generation_pb2.GenerateRequest(max_tokens=4)
+        request.messages.add(role="user", content="Hi")
+
+        async def one(index: int) -> grpc.StatusCode:
+            try:
+                await stubs[index % 4].Complete(request, metadata=[("x-tenant-id", f"burst-{index % 50}")], timeout=120)
+                return grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+
+        codes = await asyncio.gather(*[one(i) for i in range(3000)])
+        for channel in channels:
+            await channel.close()
+        assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}, {c: codes.count(c) for c in set(codes)}
+        h.scheduler.release.set()
+        await asyncio.gather(*held)
+
+    run(body, model_dir, tmp_path, in_flight=2)

@@ -31,7 +31,15 @@ PUBLIC_SERVICES = [
     generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
     generation_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 ]
-SERVER_OPTIONS = [*public_server_options(), ("grpc.max_receive_message_length", 8 * 2**20)]
+SERVER_OPTIONS = [
+    *public_server_options(),
+    ("grpc.max_receive_message_length", 8 * 2**20),
+    # gRPC's core drops calls the application has not picked up yet past 1,000 pending (at random, up
+    # to 3,000), and the client sees a bare CANCELLED. Let them all reach the gateway, whose admission
+    # check answers RESOURCE_EXHAUSTED; each waits only as long as the check takes.
+    ("grpc.server.max_pending_requests", 1_000_000),
+    ("grpc.server.max_pending_requests_hard_limit", 1_000_000),
+]
 
 
 def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
@@ -90,8 +98,9 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         exempt = [p for p in config.auth_exempt.split(",") if p]
         authenticator = Authenticator(load_tokens(Path(config.auth_tokens_file)), exempt)
         interceptors.append(AuthInterceptor(authenticator))
+    limits = AdmissionLimits(config.max_inflight_requests or AdmissionLimits.max_inflight_requests,
+                             config.max_inflight_per_client, config.max_messages)
     server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
-    limits = AdmissionLimits(config.max_inflight_requests, config.max_inflight_per_client, config.max_messages)
     generation = GenerationService(codec, scheduler, metrics, authenticator, limits, config.trust_message_special_tokens)
     generation_pb2_grpc.add_GenerationServicer_to_server(generation, server)
     generation_pb2_grpc.add_AdminServicer_to_server(AdminService(scheduler), server)

@@ -45,8 +45,9 @@ class GatewayConfig:
         parser.add_argument("--tls-client-ca", default="")
         parser.add_argument("--max-inflight-per-client", type=int, default=64)
         parser.add_argument("--drain-seconds", type=float, default=30.0)
-        parser.add_argument("--max-inflight-requests", type=int, default=1280,
-                            help="generations in flight at once across all clients; more get RESOURCE_EXHAUSTED")
+        parser.add_argument("--max-inflight-requests", type=int, default=0,
+                            help="generations in flight at once across all clients; more get RESOURCE_EXHAUSTED "
+                                 "(0: what the scheduler holds, --max-num-seqs + --max-waiting-requests; 1152 for a gateway alone)")
         parser.add_argument("--max-messages", type=int, default=1024, help="chat messages in one request")
         parser.add_argument("--trust-message-special-tokens", action="store_true",
                             help="encode control tokens typed into messages as control tokens (trusted callers only)")

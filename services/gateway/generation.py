@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections import Counter
@@ -78,7 +77,7 @@ def scheduler_failure(error: grpc.aio.AioRpcError, request_id: str) -> Rejected:
 class AdmissionLimits:
     """What one gateway takes on at once; past these it answers RESOURCE_EXHAUSTED before any other work."""
 
-    max_inflight_requests: int = 1280
+    max_inflight_requests: int = 1152  # what the scheduler holds by default: a batch of 128 and 1024 waiting
     max_inflight_per_client: int = 64
     max_messages: int = validation.MAX_MESSAGES
 
@@ -238,25 +237,18 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     # --- RPCs ------------------------------------------------------------------------
 
-    @staticmethod
-    @contextlib.asynccontextmanager
-    async def _rejections(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Ends a Rejected call with its status (the metrics interceptor counts it)."""
-        try:
-            yield
-        except Rejected as rejected:
-            await context.abort(rejected.code, rejected.message)
-
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        async with self._rejections(context):
+        try:
             async for response in self._stream(request, context):
                 yield response
+        except Rejected as rejected:  # the metrics interceptor counts the status
+            await context.abort(rejected.code, rejected.message)
 
     async def Complete(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> generation_pb2.CompleteResponse:
         result = generation_pb2.CompleteResponse()
-        async with self._rejections(context):
+        try:
             async for response in self._stream(request, context):
                 result.text += response.text
                 result.token_ids.extend(response.token_ids)
@@ -266,6 +258,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     result.finish_reason = response.finish_reason
                     result.usage.CopyFrom(response.usage)
                     result.timings.CopyFrom(response.timings)
+        except Rejected as rejected:
+            await context.abort(rejected.code, rejected.message)
         return result
 
     async def Abort(self, request: generation_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> generation_pb2.AbortResponse:
