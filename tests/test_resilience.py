@@ -213,7 +213,9 @@ def test_a_killed_scheduler_is_restarted_and_the_same_gateway_serves_again():
         streams.join(30)
         assert {code for code, _ in streams.ended} == {grpc.StatusCode.UNAVAILABLE}
         assert max(at for _, at in streams.ended) - killed_at < 5
+        ended = max(at for _, at in streams.ended) - killed_at
         back = serve_again_within(served, 30)
+        print(f"scheduler killed: streams ended {ended:.1f} s after; serving again {time.monotonic() - killed_at:.1f} s after")
         assert time.monotonic() - killed_at < 10, f"serving again {back:.1f} s after the kill"
         after = stack_processes(served.process.pid)
         assert after["gateway"] == before["gateway"] and after["scheduler"] != before["scheduler"]
@@ -230,6 +232,7 @@ def test_a_killed_gateway_stops_the_stack_nonzero_leaving_no_process():
     killed_at = time.monotonic()
     os.kill(stack_processes(served.process.pid)["gateway"], signal.SIGKILL)
     code = served.process.wait(10)
+    print(f"gateway killed: the launcher exited {code} after {time.monotonic() - killed_at:.1f} s")
     assert time.monotonic() - killed_at < 5 and code != 0
     deadline = time.monotonic() + 2
     while any(alive(pid) for pid in processes) and time.monotonic() < deadline:

@@ -40,7 +40,8 @@ class WorkerGroup:
         return self.engine.warmup()
 
     def step(self, step: Step) -> StepOutput:
-        self._broadcast(Command.STEP, encode_step(step))
+        if self.tp_size > 1:  # a single rank has no one to tell
+            self._broadcast(Command.STEP, encode_step(step))
         return self.engine.step(step)
 
     def release_all(self) -> None:

@@ -21,6 +21,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, FileDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from services.gateway.handlers import replace_behavior
+
 MALFORMED = "request: malformed message (truncated or corrupt protobuf)"
 
 
@@ -141,11 +143,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None or not hasattr(handler, "_replace"):
-            return handler  # nothing to deserialize, or not grpc's own handler tuple
-        kind = "stream_" if handler.request_streaming else "unary_"
-        kind += "stream" if handler.response_streaming else "unary"
-        behavior = _guarded(getattr(handler, kind), handler.request_streaming)
-        if behavior is None:
-            return handler
-        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer), **{kind: behavior})
+        if handler is None or handler.request_deserializer is None:
+            return handler  # nothing to deserialize
+        return replace_behavior(handler, lambda behavior: _guarded(behavior, handler.request_streaming),
+                                request_deserializer=_tolerant(handler.request_deserializer))

@@ -10,6 +10,8 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.gateway.handlers import replace_behavior
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -86,12 +88,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not hasattr(handler, "_replace"):
+        if handler is None:
             return handler
-        kind = ("stream_" if handler.request_streaming else "unary_") + ("stream" if handler.response_streaming else "unary")
-        behavior = getattr(handler, kind)
-        counted = self._counted(behavior, details.method.rsplit("/", 1)[-1])
-        return handler if counted is None else handler._replace(**{kind: counted})
+        rpc = details.method.rsplit("/", 1)[-1]
+        return replace_behavior(handler, lambda behavior: self._counted(behavior, rpc))
 
     def _counted(self, behavior: Callable[..., Any], rpc: str) -> Callable[..., Any] | None:
         requests = self.requests
