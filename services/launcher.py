@@ -48,7 +48,7 @@ class ServeConfig:
     max_waiting_requests: int
     step_timeout: float
     step_timeout_per_token: float
-    worker_liveness_timeout: float
+    liveness_timeout: float
     keepalive_seconds: float
     cache_dir: str
     tokenizer: str
@@ -85,8 +85,9 @@ class ServeConfig:
                             help="seconds before an unfinished step marks the worker group hung and restarts it (0: never)")
         parser.add_argument("--step-timeout-per-token", type=float, default=0.05,
                             help="seconds added to --step-timeout per token in the step")
-        parser.add_argument("--worker-liveness-timeout", type=float, default=10.0,
-                            help="seconds without an answer from worker rank 0's health before the group is restarted")
+        parser.add_argument("--liveness-timeout", type=float, default=10.0,
+                            help="seconds without any answer from the scheduler's or worker rank 0's health before "
+                                 "that process (the whole worker group) is restarted (0: never)")
         parser.add_argument("--keepalive-seconds", type=float, default=20.0,
                             help="ping interval on the internal connections (each server accepts half of it)")
         GatewayConfig.add_arguments(parser.add_argument_group("gateway"), include_model=False)
@@ -201,13 +202,15 @@ class RestartBudget:
         return len(self._times) <= self.limit
 
 
-class WorkerProbe:
-    """Worker rank 0's health, asked over its socket: a group whose rank 0 stops answering is frozen."""
+class LivenessProbe:
+    """A process's health service, asked over its socket. Any answer, SERVING or not, proves it alive; a
+    process that answered once and then stays silent past the timeout is frozen (SIGSTOP, a hung GPU, a
+    deadlock) and must be replaced: it will not exit by itself."""
 
     def __init__(self, address: str, liveness_timeout: float) -> None:
         self.address, self.liveness_timeout = address, liveness_timeout
         self._channel: grpc.Channel | None = None
-        self._last_ok: float | None = None  # None until the group first answered
+        self._last_ok: float | None = None  # None until the process first answered
         self._next_check = 0.0
 
     def reset(self) -> None:
@@ -216,7 +219,7 @@ class WorkerProbe:
         self._channel, self._last_ok = None, None
 
     def frozen(self) -> bool:
-        """Asks at most once a second; True once an answering group has been silent past the timeout."""
+        """Asks at most once a second; True once an answering process has been silent past the timeout."""
         now = time.monotonic()
         if self.liveness_timeout <= 0 or now < self._next_check:
             return False
@@ -224,9 +227,8 @@ class WorkerProbe:
         if self._channel is None:
             self._channel = grpc.insecure_channel(self.address)
         try:
-            reply = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                self._last_ok = time.monotonic()
+            health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            self._last_ok = time.monotonic()
         except grpc.RpcError:
             pass
         return self._last_ok is not None and time.monotonic() - self._last_ok > self.liveness_timeout
@@ -294,14 +296,15 @@ def serve(config: ServeConfig) -> int:
 
 
 def _supervise(stack: Stack, config: ServeConfig, log: object, stopping: object) -> int:
-    """Restart a dead or frozen worker group and a dead scheduler; a dead gateway ends the stack (exit 1).
+    """Restart a dead or frozen worker group or scheduler; a dead gateway ends the stack (exit 1).
 
     The gateway is the stack's face: if it dies, whatever supervises `inflight serve` (systemd,
     Kubernetes) must see the whole stack exit and start it again.
     """
     announced = False
     budgets = {"worker": RestartBudget(), "scheduler": RestartBudget()}
-    probe = WorkerProbe(stack.worker_address, config.worker_liveness_timeout)
+    probes = {"worker": LivenessProbe(stack.worker_address, config.liveness_timeout),
+              "scheduler": LivenessProbe(stack.scheduler_address, config.liveness_timeout)}
     while not stopping():  # type: ignore[operator]
         exited = stack.exited()
         if "gateway" in exited:
@@ -310,17 +313,17 @@ def _supervise(stack: Stack, config: ServeConfig, log: object, stopping: object)
         if "worker" in exited and not announced:
             log.error("worker_group_failed_to_start", exit_code=exited["worker"])  # type: ignore[attr-defined]
             return 1
-        frozen = "worker" not in exited and probe.frozen()
-        for name in ("worker", "scheduler"):
-            if name not in exited and not (name == "worker" and frozen):
+        for name, probe in probes.items():
+            frozen = name not in exited and probe.frozen()
+            if name not in exited and not frozen:
                 continue
             if not budgets[name].spend():
                 log.error("keeps_failing", process=name, exit_code=exited.get(name))  # type: ignore[attr-defined]
                 return 1
             log.error("restarting", process=name, exit_code=exited.get(name), frozen=frozen)  # type: ignore[attr-defined]
             stack.stop_one(name, 0.5 if frozen else 1.0)
+            probe.reset()
             if name == "worker":
-                probe.reset()
                 stack.start_worker_group()
             else:
                 stack.start_scheduler()

@@ -181,7 +181,7 @@ def test_a_flood_is_shed_with_resource_exhausted_and_admitted_requests_keep_thei
 def test_a_frozen_rank_ends_every_stream_unavailable_and_the_group_is_replaced(tp, frozen_rank):
     bound, liveness = 3.0, 5.0
     served = ServedStack("--tp", str(tp), "--num-kv-blocks", "512", "--step-timeout", str(bound),
-                         "--step-timeout-per-token", "0", "--worker-liveness-timeout", str(liveness)).wait_ready()
+                         "--step-timeout-per-token", "0", "--liveness-timeout", str(liveness)).wait_ready()
     try:
         ranks = worker_ranks(served.process.pid)
         streams = Streams(served, 24)
@@ -217,6 +217,29 @@ def test_a_killed_scheduler_is_restarted_and_the_same_gateway_serves_again():
         back = serve_again_within(served, 30)
         print(f"scheduler killed: streams ended {ended:.1f} s after; serving again {time.monotonic() - killed_at:.1f} s after")
         assert time.monotonic() - killed_at < 10, f"serving again {back:.1f} s after the kill"
+        after = stack_processes(served.process.pid)
+        assert after["gateway"] == before["gateway"] and after["scheduler"] != before["scheduler"]
+        stats = served.wait_idle()
+        assert stats.scheduler_restarts == 1 and stats.kv_blocks_free == stats.kv_blocks_total
+    finally:
+        assert served.stop() == 0, served.log_tail()
+
+
+@pytest.mark.slow
+def test_a_frozen_scheduler_is_replaced_and_the_same_gateway_serves_again():
+    liveness = 3.0
+    served = ServedStack("--num-kv-blocks", "256", "--liveness-timeout", str(liveness)).wait_ready()
+    try:
+        before = stack_processes(served.process.pid)
+        streams = Streams(served, 4)
+        frozen_at = time.monotonic()
+        os.kill(before["scheduler"], signal.SIGSTOP)
+        streams.join(60)
+        assert {code for code, _ in streams.ended} == {grpc.StatusCode.UNAVAILABLE}
+        ended = max(at for _, at in streams.ended) - frozen_at
+        serve_again_within(served, 30)
+        print(f"scheduler frozen: streams ended {ended:.1f} s after; serving again {time.monotonic() - frozen_at:.1f} s after")
+        assert ended <= liveness + 5 and not alive(before["scheduler"])
         after = stack_processes(served.process.pid)
         assert after["gateway"] == before["gateway"] and after["scheduler"] != before["scheduler"]
         stats = served.wait_idle()
