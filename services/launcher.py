@@ -135,6 +135,7 @@ class Stack:
     def start_worker_group(self) -> None:
         c = self.config
         self._spawn("worker", [
+            sys.executable, "-m", "inflight.process",  # mpiexec, dying with this launcher
             find_mpiexec(c.mpiexec), "-n", str(c.tp), sys.executable, "-m", "worker",
             "--model", self.model_path, "--listen", self.worker_address, "--device", c.device, "--dtype", c.dtype,
             "--block-size", str(c.block_size), "--num-kv-blocks", str(c.num_kv_blocks),

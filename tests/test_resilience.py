@@ -262,3 +262,17 @@ def test_a_killed_gateway_stops_the_stack_nonzero_leaving_no_process():
         time.sleep(0.1)
     assert not [pid for pid in processes if alive(pid)], "processes outlived the stack"
     served.stop()
+
+
+@pytest.mark.slow
+def test_a_launcher_killed_with_sigkill_leaves_no_process_behind():
+    served = ServedStack("--tp", "3", "--num-kv-blocks", "64").wait_ready()
+    processes = descendants(served.process.pid)
+    assert len(worker_ranks(served.process.pid)) == 3
+    os.kill(served.process.pid, signal.SIGKILL)  # no chance to stop its children
+    served.process.wait(10)
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in processes if alive(pid)], "processes outlived their launcher"
+    served.stop()
