@@ -96,7 +96,7 @@ TENANTS = ["", "t-a", "t-b", "t-c", "t-d", "tenant with spaces/and.dots", "t" * 
 # (either, even odds); else a message's role, or a list of roles to pick from. value: the text, a list to pick
 # from, or a function of the CaseMaker. The value is drawn before the field.
 Text = Union[str, Sequence[str], Callable[["CaseMaker"], str]]
-Fields = tuple[tuple[Union[str, Sequence[str]], Text], ...]
+Fields = tuple[tuple[str | Sequence[str], Text], ...]
 PROMPT_OR_USER = "prompt or user"
 
 

@@ -35,7 +35,8 @@ def worker_ranks(launcher_pid: int) -> dict[int, int]:
         except OSError:
             continue
         if b"worker" in cmdline and b"-m" in cmdline:
-            rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"PMI_RANK=")), None)
+            rank = next((e.split(b"=", 1)[1] for e in environ  # MPICH's name, then Open MPI's
+                         if e.startswith((b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK="))), None)
             if rank is not None:
                 ranks[int(rank)] = pid
     return ranks

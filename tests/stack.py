@@ -61,7 +61,7 @@ class ServedStack:
         return InflightClient(self.address, tls_root_certificates=self.tls["root"], tls_private_key=self.tls.get("key"),
                               tls_certificate_chain=self.tls.get("chain"), **kwargs)
 
-    def wait_ready(self, timeout: float = 300.0) -> "ServedStack":
+    def wait_ready(self, timeout: float = 300.0) -> ServedStack:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

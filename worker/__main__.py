@@ -25,6 +25,7 @@ from worker.service import WorkerService
 from worker.torch_engine.engine import TorchEngine
 from worker.watchdog import StepWatchdog
 
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inflight worker", description=__doc__)
     WorkerConfig.add_arguments(parser)
