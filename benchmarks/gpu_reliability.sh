@@ -4,6 +4,8 @@
 # fuzz script against the whole stack on random Llama-3-8B weights: no UNKNOWN/INTERNAL, no worker-group
 # loss, bystanders exact, every block free afterwards.
 #   bash benchmarks/gpu_reliability.sh
+# Carried there (git-ignored here): .carry/wheels (see gpu_env.sh), .carry/tokenizer (the prepared embedded
+# model's config.json and tokenizer files, for the gateway in front of random weights), and inflight/v1.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
