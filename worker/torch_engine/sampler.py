@@ -10,6 +10,7 @@ that sequence alone: it is reported in SampleResult.failures and every other row
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -51,15 +52,18 @@ def draw_seed(seed: int, position: int) -> int:
 def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: list[int]) -> SampleResult:
     """One token per row of logits [S, V] (float32). positions[i]: tokens before the one sampled.
 
-    Rows listed in the result's failures carry token 0 and must not be used.
+    Rows listed in the result's failures carry no usable token.
     """
-    failures = _non_finite_rows(logits)
-    if failures:
-        logits = logits.masked_fill(~torch.isfinite(logits), 0.0)
+    # A row with a NaN or an infinity in its logits is failed once the tokens reach the host: its chosen
+    # token's log-probability is then not finite (any NaN or +inf makes the row's log-softmax NaN where
+    # it is largest), so the check costs no extra pass and no synchronisation.
+    failures = {row: RowFailure(True, problem) for row, sequence in enumerate(sequences)
+                if (problem := _parameter_problem(sequence.params))}
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     adjusted = logits.clone() if any(_adjusts(s.params) for s in sequences) else logits
     for row, (sequence, position) in enumerate(zip(sequences, positions)):
-        _apply_penalties(adjusted[row], sequence, position)
+        if row not in failures:
+            _apply_penalties(adjusted[row], sequence, position)
     tokens = torch.argmax(adjusted, dim=-1)
     for row, (sequence, position) in enumerate(zip(sequences, positions)):
         params = sequence.params
@@ -78,12 +82,19 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
         for row, sequence in enumerate(sequences):
             k = sequence.params.top_logprobs
             top_ids[row], top_values[row] = ids[row, :k].tolist(), values[row, :k].tolist()
-    return SampleResult(tokens.tolist(), chosen.tolist(), top_ids, top_values, failures)
+    token_ids, logprobs = tokens.tolist(), chosen.tolist()
+    for row, logprob in enumerate(logprobs):
+        if not math.isfinite(logprob) and row not in failures:
+            failures[row] = RowFailure(False, "the model produced non-finite logits")
+    return SampleResult(token_ids, logprobs, top_ids, top_values, failures)
 
 
-def _non_finite_rows(logits: torch.Tensor) -> dict[int, RowFailure]:
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
-    return {row: RowFailure(False, "the model produced non-finite logits") for row, ok in enumerate(finite) if not ok}
+def _parameter_problem(params: Admission) -> str | None:
+    """Why these parameters cannot be sampled with (the gateway refuses them; a direct caller may not)."""
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if not math.isfinite(getattr(params, name)):
+            return f"{name} is not a finite number"
+    return None
 
 
 def _adjusts(params: Admission) -> bool:
@@ -108,7 +119,9 @@ def _apply_penalties(row: torch.Tensor, sequence: SequenceSampling, position: in
 
 
 def _sample_row(logits: torch.Tensor, params: Admission, seed: int) -> torch.Tensor:
-    scaled = logits / params.temperature
+    # Non-finite logits must not reach multinomial (on CUDA that is a device-side assert, fatal to the
+    # process); such a row is failed by sample() anyway, so any finite stand-in will do.
+    scaled = logits.nan_to_num(nan=-1e30, posinf=1e30, neginf=-1e30) / params.temperature
     if 0 < params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
