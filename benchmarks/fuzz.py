@@ -446,8 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"the stack failed before fuzzing started: {error.code().name} {error.details()}", file=sys.stderr)
         return 2
     finally:
-        events = stack.log_events(["worker_group_exited_restarting", "worker_lost", "worker_group_keeps_failing",
-                                   "process_exited", "Traceback"])
+        # The events with which the launcher, scheduler and worker report a fault, as they appear in the log.
+        events = stack.log_events([f'"event": "{name}"' for name in (
+            "restarting", "keeps_failing", "gateway_exited", "worker_lost", "step_timed_out", "engine_loop_failed",
+            "step_failed", "sequence_failed")] + ["Traceback"])
         code = stack.stop()
         if code is not None:
             print(f"stopped the launched stack (exit status {code})")
