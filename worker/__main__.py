@@ -19,6 +19,7 @@ from inflight.process import die_with_parent
 from inflight.v1 import worker_pb2_grpc
 from worker.config import WorkerConfig
 from worker.distributed import init_distributed
+from worker.engine_thread import EngineThread
 from worker.group import WorkerGroup, follow
 from worker.parallel import Collectives, ShardPlan
 from worker.service import WorkerService
@@ -65,7 +66,8 @@ def serve(config: WorkerConfig, group: WorkerGroup, log: object) -> None:
     options = [("grpc.max_receive_message_length", 64 * 2**20),
                *KeepalivePolicy(config.keepalive_seconds).server_options()]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(group, StepWatchdog()), server)
+    engine_thread = EngineThread()
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(group, StepWatchdog(), engine_thread), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(config.listen) == 0:
@@ -75,7 +77,7 @@ def serve(config: WorkerConfig, group: WorkerGroup, log: object) -> None:
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("worker_serving", listen=config.listen, description=str(group.describe()))  # type: ignore[attr-defined]
     try:
-        server.wait_for_termination()
+        engine_thread.serve_forever()  # SIGTERM ends the process
     finally:
         group.shutdown()
 

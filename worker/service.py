@@ -11,6 +11,7 @@ import structlog
 
 from inflight.v1 import worker_pb2, worker_pb2_grpc
 from worker.codec import description_to_proto, output_to_proto, step_from_proto
+from worker.engine_thread import EngineThread
 from worker.group import WorkerGroup
 from worker.step import StepRejected
 from worker.validation import check_step
@@ -23,9 +24,10 @@ _HANDOVER_SECONDS = 5.0
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, group: WorkerGroup, watchdog: StepWatchdog) -> None:
+    def __init__(self, group: WorkerGroup, watchdog: StepWatchdog, engine_thread: EngineThread) -> None:
         self.group = group
         self.watchdog = watchdog
+        self.engine_thread = engine_thread
         self.description = group.describe()
         self._stream_lock = threading.Lock()
 
@@ -37,7 +39,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a scheduler is driving this worker; warm up first")
         try:
             start = time.perf_counter()
-            num_blocks = self.group.warmup()
+            num_blocks = self.engine_thread.call(self.group.warmup)
         finally:
             self._stream_lock.release()
         seconds = time.perf_counter() - start
@@ -53,7 +55,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 yield self._run_step(plan)
         finally:
             # A new stream starts from a clean slate: the scheduler re-admits what it still runs.
-            self.group.release_all()
+            self.engine_thread.call(self.group.release_all)
             self._stream_lock.release()
             log.info("scheduler_disconnected")
 
@@ -69,7 +71,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                      step_id=step.step_id)
         self.watchdog.arm(step.step_id, plan.timeout_seconds)
         try:
-            output = self.group.step(step)
+            output = self.engine_thread.call(lambda: self.group.step(step))
         except Exception as error:  # the step is lost; the group and every other step are not
             log.exception("step_failed", step_id=step.step_id)
             return worker_pb2.StepResult(step_id=step.step_id, error=f"the engine failed the step: {type(error).__name__}")
