@@ -98,8 +98,9 @@ class LlamaModel:
         """Hidden states [T, hidden] for the batch's tokens; writes their K/V into kv_cache."""
         eps = self.config.rms_norm_eps
         hidden = F.embedding(batch.token_ids, self.embed_tokens)
+        angles = self.rope.at(batch.positions)
         for layer, layer_cache in zip(self.layers, kv_cache):
-            attn = self._attention(rms_norm(hidden, layer.input_norm, eps), layer, layer_cache, batch)
+            attn = self._attention(rms_norm(hidden, layer.input_norm, eps), layer, layer_cache, batch, angles)
             hidden = hidden + attn
             hidden = hidden + self._mlp(rms_norm(hidden, layer.post_attention_norm, eps), layer)
         return rms_norm(hidden, self.norm, eps)
@@ -109,14 +110,17 @@ class LlamaModel:
         local = F.linear(hidden, self.lm_head).float()
         return self.collectives.all_gather_last_dim(local, self.vocab_sizes)
 
-    def _attention(self, x: torch.Tensor, layer: LayerWeights, cache: torch.Tensor, batch: BatchInput) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, layer: LayerWeights, cache: torch.Tensor, batch: BatchInput,
+                   angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         num_tokens, d = x.shape[0], self.config.head_dim
         q_size, kv_size = self.num_q_heads * d, self.num_kv_heads * d
-        q, k, v = F.linear(x, layer.qkv).split([q_size, kv_size, kv_size], dim=-1)
-        q = self.rope.apply(q.view(num_tokens, self.num_q_heads, d), batch.positions)
-        k = self.rope.apply(k.view(num_tokens, self.num_kv_heads, d), batch.positions)
+        qkv = F.linear(x, layer.qkv)
+        # q and k rotate together: one pass over both, as [tokens, q heads + kv heads, head_dim].
+        qk = self.rope.apply(qkv[:, : q_size + kv_size].view(num_tokens, self.num_q_heads + self.num_kv_heads, d),
+                             *angles)
+        q, k = qk[:, : self.num_q_heads], qk[:, self.num_q_heads :]
         cache[0][batch.slot_mapping] = k
-        cache[1][batch.slot_mapping] = v.view(num_tokens, self.num_kv_heads, d)
+        cache[1][batch.slot_mapping] = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, d)
         if batch.block_tables is not None:
             out = paged_decode_attention(q.contiguous(), cache[0], cache[1], batch.block_tables, batch.context_lens,
                                          self.block_size)
