@@ -1,7 +1,9 @@
 """Token sampling on the worker: penalties, min_tokens, greedy, temperature, top-k, top-p, min-p.
 
-Each random draw uses a generator seeded from (request seed, position of the token), so a
-sequence's tokens depend neither on the rest of the batch nor on preemptions. Log-probabilities
+Random rows are sampled together: temperature, top-k, top-p and min-p act on all of them at
+once, then each row takes the token where its cumulative probability passes one uniform number
+drawn from (request seed, position of the token). A sequence's tokens therefore depend neither on
+the rest of the batch nor on preemptions, and no generator is made per row or per step. Log-probabilities
 are those of the model itself (log-softmax of the raw logits), as clients compare them.
 
 A row that cannot be sampled (non-finite logits, or parameters that leave no distribution) fails
@@ -65,14 +67,15 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
         if row not in failures:
             _apply_penalties(adjusted[row], sequence, position)
     tokens = torch.argmax(adjusted, dim=-1)
-    for row, (sequence, position) in enumerate(zip(sequences, positions)):
-        params = sequence.params
-        if row in failures or params.temperature < GREEDY_TEMPERATURE or params.top_k == 1:
-            continue
-        try:
-            tokens[row] = _sample_row(adjusted[row], params, draw_seed(params.seed, position))
-        except RuntimeError as error:  # e.g. no probability mass left: this sequence's problem alone
-            failures[row] = RowFailure(True, f"its sampling parameters leave nothing to sample ({error})")
+    random_rows = [row for row, sequence in enumerate(sequences)
+                   if row not in failures and sequence.params.temperature >= GREEDY_TEMPERATURE
+                   and sequence.params.top_k != 1]
+    if random_rows:
+        drawn, empty = _sample_rows(adjusted, random_rows, [sequences[r].params for r in random_rows],
+                                    [positions[r] for r in random_rows])
+        tokens[random_rows] = drawn
+        for row in empty:
+            failures[row] = RowFailure(True, "its sampling parameters leave nothing to sample")
     chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
     top_ids: list[list[int]] = [[] for _ in sequences]
     top_values: list[list[float]] = [[] for _ in sequences]
@@ -118,20 +121,44 @@ def _apply_penalties(row: torch.Tensor, sequence: SequenceSampling, position: in
         row[ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty
 
 
-def _sample_row(logits: torch.Tensor, params: Admission, seed: int) -> torch.Tensor:
-    # Non-finite logits must not reach multinomial (on CUDA that is a device-side assert, fatal to the
-    # process); such a row is failed by sample() anyway, so any finite stand-in will do.
-    scaled = logits.nan_to_num(nan=-1e30, posinf=1e30, neginf=-1e30) / params.temperature
-    if 0 < params.top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, params.top_k).values[-1]
+def uniform_draw(seed: int, position: int) -> float:
+    """A number in [0, 1) that depends only on the request's seed and the token's position."""
+    z = draw_seed(seed, position)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF  # splitmix64's finaliser
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return ((z ^ (z >> 31)) >> 11) / 2**53
+
+
+def _sample_rows(logits: torch.Tensor, rows: list[int], params: list[Admission],
+                 positions: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Sampled tokens of the given rows, and the rows whose parameters leave no probability mass."""
+    device, vocab = logits.device, logits.shape[-1]
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+    # Non-finite logits must not reach the draw; such a row is failed by sample() anyway.
+    scaled = logits[rows].nan_to_num(nan=-1e30, posinf=1e30, neginf=-1e30) / column([p.temperature for p in params])
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if min(top_k) < vocab:
+        kth = torch.topk(scaled, max(top_k), dim=-1).values
+        kth = kth.gather(1, torch.tensor(top_k, device=device)[:, None] - 1)
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
-    if 0 < params.top_p < 1:
-        sorted_probs, order = torch.sort(probs, descending=True)
+    top_p = [p.top_p if 0 < p.top_p < 1 else 2.0 for p in params]  # 2: the mass before a token never reaches it
+    if min(top_p) < 1:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        remove = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(remove, 0.0))
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    generator = torch.Generator(device=logits.device).manual_seed(seed)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+        remove = sorted_probs.cumsum(dim=-1) - sorted_probs >= column(top_p)
+        probs = probs.scatter(1, order, sorted_probs.masked_fill(remove, 0.0))
+    if any(p.min_p > 0 for p in params):
+        min_p = column([max(p.min_p, 0.0) for p in params])
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    cumulative = probs.cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    target = column([uniform_draw(p.seed, position) for p, position in zip(params, positions)]) * total
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
+    tokens = torch.searchsorted(cumulative, target, right=True).clamp_(max=vocab - 1)[:, 0]
+    usable = (total[:, 0] > 0) & total[:, 0].isfinite()
+    empty = [row for row, ok in zip(rows, usable.tolist()) if not ok]
+    return tokens, empty
