@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mpi4py import MPI
 
 from inflight.connection import KeepalivePolicy
+from inflight.cpus import usable_cpus
 from inflight.log import configure_logging
 from inflight.process import die_with_parent
 from inflight.v1 import worker_pb2_grpc
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     die_with_parent()  # if the MPI launcher's proxy dies, take this rank down too
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     if config.device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+        torch.set_num_threads(max(1, usable_cpus() // size))
     if size > 1:
         init_distributed(comm, config.device)
     elif config.device == "cuda":
