@@ -62,7 +62,7 @@ class InProcessEngine:
 
     def _step(self, planner: BatchPlanner) -> None:
         planned = planner.schedule()
-        output = self.engine.step(step_from_proto(plan_to_proto(planned)))
+        output = self.engine.step(step_from_proto(plan_to_proto(planned, 0.0)))
         planner.update(planned, {s.slot_id: s.token_id for s in output.sampled})
 
     def continuous(self, requests: list[TokenizedRequest], concurrency: int) -> BaselineResult:

@@ -48,7 +48,7 @@ def per_step_cost(num_running: int, steps: int = 200) -> dict[str, float]:
         began = time.perf_counter()
         step = planner.schedule()
         planned = time.perf_counter()
-        plan_to_proto(step).SerializeToString()
+        plan_to_proto(step, 0.0).SerializeToString()
         encoded = time.perf_counter()
         planner.update(step, {c.request.slot_id: 7 for c in step.chunks if c.sample})
         updated = time.perf_counter()

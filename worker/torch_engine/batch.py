@@ -1,9 +1,9 @@
 """One step's ragged batch turned into the index tensors the model needs.
 
 Tokens of all sequences are concatenated (no padding in the projections and MLPs).
-Attention gathers each sequence's keys from the paged cache through its block table
-into a [sequences, max_context] view, with a causal mask that starts at the
-sequence's num_computed_tokens.
+Attention gathers each sequence's cache blocks through its block table into a
+[sequences, max_blocks * block_size] view (whole blocks: one copy per block, not per token),
+with a causal mask that starts at the sequence's num_computed_tokens.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class AttentionGroup:
 
     token_index: torch.Tensor   # [Tg] the step's tokens that belong to this group, in order
     query_index: torch.Tensor   # [Bg, Qmax] token index of each sequence's i-th query (padding: 0)
-    key_slots: torch.Tensor     # [Bg, Lmax] cache slot of each sequence's j-th key (padding: 0)
-    attn_mask: torch.Tensor     # [Bg, 1, Qmax, Lmax] True where query i may attend key j
+    key_blocks: torch.Tensor    # [Bg, max_blocks] cache block of each sequence's keys, in order (padding: 0)
+    attn_mask: torch.Tensor     # [Bg, 1, Qmax, max_blocks * block_size] 0 where query i may attend key j, else -inf
     output_index: torch.Tensor  # [Tg] row in the flattened [Bg*Qmax] output for each of token_index
 
 
@@ -61,41 +61,44 @@ def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _group(members: np.ndarray, q_lens: np.ndarray, computed: np.ndarray, starts: np.ndarray,
-           key_slots_all: list[np.ndarray], device: torch.device) -> AttentionGroup:
+           tables: list[np.ndarray], block_size: int, device: torch.device, dtype: torch.dtype) -> AttentionGroup:
     q, c, s = q_lens[members], computed[members], starts[members]
     ctx = c + q
-    max_q, max_ctx = int(q.max()), int(ctx.max())
-    key_slots = np.zeros((len(members), max_ctx), dtype=np.int64)
+    max_q = int(q.max())
+    used_blocks = -(-ctx // block_size)
+    key_blocks = np.zeros((len(members), int(used_blocks.max())), dtype=np.int64)
     for row, b in enumerate(members):
-        key_slots[row, : ctx[row]] = key_slots_all[b]
+        key_blocks[row, : used_blocks[row]] = tables[b][: used_blocks[row]]
     offsets = np.arange(max_q)
     valid = offsets[None, :] < q[:, None]
     query_index = np.where(valid, s[:, None] + offsets[None, :], 0)
     query_pos = c[:, None] + offsets[None, :]
-    attn_mask = np.arange(max_ctx)[None, None, :] <= query_pos[:, :, None]
+    attn_mask = np.arange(key_blocks.shape[1] * block_size)[None, None, :] <= query_pos[:, :, None]
     attn_mask[~valid] = False
     attn_mask[..., 0] |= ~valid  # padding queries attend one key, so no row is all -inf
     token_index = np.concatenate([np.arange(st, st + n) for st, n in zip(s, q)])
     output_index = np.repeat(np.arange(len(members)), q) * max_q + np.concatenate([np.arange(n) for n in q])
-    return AttentionGroup(_tensor(token_index, device), _tensor(query_index, device), _tensor(key_slots, device),
-                          _tensor(attn_mask[:, None, :, :], device), _tensor(output_index, device))
+    # Additive, in the model's dtype: SDPA would otherwise turn a boolean mask into this in every layer.
+    additive = np.where(attn_mask[:, None, :, :], np.float32(0), np.float32("-inf"))
+    return AttentionGroup(_tensor(token_index, device), _tensor(query_index, device), _tensor(key_blocks, device),
+                          _tensor(additive, device).to(dtype), _tensor(output_index, device))
 
 
-def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.device) -> BatchInput:
+def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> BatchInput:
     q_lens = np.array([len(c.token_ids) for c in chunks], dtype=np.int64)
     computed = np.array([c.num_computed_tokens for c in chunks], dtype=np.int64)
     ctx_lens = computed + q_lens
     starts = np.concatenate(([0], np.cumsum(q_lens)[:-1]))
     token_ids = np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in chunks])
-    positions = np.concatenate([np.arange(c, c + q) for c, q in zip(computed, q_lens)])
-    key_slots = []
-    for chunk, length in zip(chunks, ctx_lens):
-        pos = np.arange(length)
-        key_slots.append(np.asarray(chunk.block_table, dtype=np.int64)[pos // block_size] * block_size + pos % block_size)
-    slot_mapping = np.concatenate([slots[c:] for slots, c in zip(key_slots, computed)])
+    each_positions = [np.arange(c, c + q) for c, q in zip(computed, q_lens)]
+    positions = np.concatenate(each_positions)
+    tables = [np.asarray(chunk.block_table, dtype=np.int64) for chunk in chunks]
+    slot_mapping = np.concatenate([table[pos // block_size] * block_size + pos % block_size
+                                   for table, pos in zip(tables, each_positions)])
     decodes = np.flatnonzero(q_lens == 1)
     prompts = np.flatnonzero(q_lens > 1)
-    groups = [_group(m, q_lens, computed, starts, key_slots, device) for m in (decodes, prompts) if len(m)]
+    groups = [_group(m, q_lens, computed, starts, tables, block_size, device, dtype) for m in (decodes, prompts) if len(m)]
     sampled = [b for b, c in enumerate(chunks) if c.sample]
     sample_index = np.array([starts[b] + q_lens[b] - 1 for b in sampled], dtype=np.int64)
     return BatchInput(

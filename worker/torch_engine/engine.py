@@ -112,7 +112,7 @@ class TorchEngine:
         num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
         blocks = [_NULL_BLOCK] * -(-num_tokens // self.config.block_size)
         chunk = SequenceChunk([0] * num_tokens, 0, blocks, sample=True)
-        batch = build_batch([chunk], self.config.block_size, self.device)
+        batch = build_batch([chunk], self.config.block_size, self.device, self.dtype)
         hidden = self.model.forward(batch, self.kv_cache)
         self.model.logits(hidden[batch.sample_index])
         if self.graphs is not None:
@@ -189,7 +189,7 @@ class TorchEngine:
     def _forward_eager(self, scheduled: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[int], list[int]]:
         chunks = [SequenceChunk(c.token_ids, c.num_computed_tokens, self.slots[c.slot_id].block_table, c.sample)
                   for c in scheduled]
-        batch = build_batch(chunks, self.config.block_size, self.device)
+        batch = build_batch(chunks, self.config.block_size, self.device, self.dtype)
         hidden = self.model.forward(batch, self.kv_cache)
         if not batch.sample_positions:
             return None, [], []
