@@ -37,6 +37,7 @@ class AttentionGroup:
     key_blocks: torch.Tensor    # [Bg, max_blocks] cache block of each sequence's keys, in order (padding: 0)
     attn_mask: torch.Tensor     # [Bg, 1, Qmax, max_blocks * block_size] 0 where query i may attend key j, else -inf
     output_index: torch.Tensor  # [Tg] row in the flattened [Bg*Qmax] output for each of token_index
+    all_decodes: bool = False   # the step's tokens are all decodes, in order: no query or output indexing
 
 
 @dataclass
@@ -80,8 +81,9 @@ def _group(members: np.ndarray, q_lens: np.ndarray, computed: np.ndarray, starts
     output_index = np.repeat(np.arange(len(members)), q) * max_q + np.concatenate([np.arange(n) for n in q])
     # Additive, in the model's dtype: SDPA would otherwise turn a boolean mask into this in every layer.
     additive = np.where(attn_mask[:, None, :, :], np.float32(0), np.float32("-inf"))
+    all_decodes = max_q == 1 and len(members) == len(q_lens)
     return AttentionGroup(_tensor(token_index, device), _tensor(query_index, device), _tensor(key_blocks, device),
-                          _tensor(additive, device).to(dtype), _tensor(output_index, device))
+                          _tensor(additive, device).to(dtype), _tensor(output_index, device), all_decodes)
 
 
 def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.device,

@@ -142,7 +142,7 @@ class LlamaModel:
 
     def _gathered_attention(self, q: torch.Tensor, cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         """Attention for one group: keys gathered from the cache into a padded [Bg, H, Lmax, d] view."""
-        queries = q[group.query_index].transpose(1, 2)        # [Bg, Hq, Qmax, d]
+        queries = (q.unsqueeze(1) if group.all_decodes else q[group.query_index]).transpose(1, 2)  # [Bg, Hq, Qmax, d]
         keys = self._gather_blocks(cache[0], group.key_blocks)    # [Bg, Hkv, Lmax, d]
         values = self._gather_blocks(cache[1], group.key_blocks)
         if self._kv_of_q is None:
@@ -151,7 +151,8 @@ class LlamaModel:
         else:
             out = F.scaled_dot_product_attention(queries, keys[:, self._kv_of_q], values[:, self._kv_of_q],
                                                  attn_mask=group.attn_mask)
-        return out.transpose(1, 2).reshape(-1, self.num_q_heads * self.config.head_dim)[group.output_index]
+        out = out.transpose(1, 2).reshape(-1, self.num_q_heads * self.config.head_dim)
+        return out if group.all_decodes else out[group.output_index]
 
     def _gather_blocks(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """[Bg, heads, max_blocks * block_size, d] from a [slots, heads, d] cache: one copy per block."""

@@ -2,30 +2,71 @@
 
 On CPU, oneDNN runs a step of several rows (a batch of decodes, a prompt chunk) faster from
 weights reordered into its blocked layout than torch's default GEMM does from the plain
-[out, in] matrix: SmolLM2 fp32 on 2 cores, a 16-row decode step 75 -> 67 ms. A single row
-keeps the plain matrix-vector product, which is faster there. CUDA keeps plain weights.
+[out, in] matrix (SmolLM2 fp32 on 2 cores: a 16-row decode step 75 -> 67 ms). A single row
+keeps the plain matrix-vector product in float32, which is faster there, and takes the packed
+weights in bfloat16, which halve the bytes it reads.
+
+Some CPUs have bfloat16 dot products (AVX512-BF16) but no matrix engine (AMX), and there a
+bfloat16 GEMM runs at about half the float32 rate (the CI machine: 184 against 355 GFLOP/s).
+Wide steps (prompt chunks, big batches) are bound by arithmetic, not by reading weights, so
+there they upcast weights and rows to float32, multiply, and round back: the same accumulation
+in float32 that oneDNN's bfloat16 GEMM does, at the float32 rate. A probe at load decides.
+CUDA keeps plain weights.
 """
 
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 import torch.nn.functional as F
+
+# Rows from which a step is bound by arithmetic rather than by reading the weights, on CPU.
+WIDE_ROWS = 32
 
 
 def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def _seconds(function: object, repeats: int = 5) -> float:
+    function()  # type: ignore[operator]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()  # type: ignore[operator]
+    return time.perf_counter() - start
+
+
+@functools.cache
+def float32_is_faster_than(dtype: torch.dtype) -> bool:
+    """Whether a wide CPU GEMM runs faster upcast to float32 than in dtype (a probe of ~30 ms, once)."""
+    x = torch.randn(256, 512)
+    w = torch.randn(2048, 512)
+    x_low, w_low = x.to(dtype), w.to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w_low, 256)
+    native = _seconds(lambda: torch.ops.mkldnn._linear_pointwise(x_low, packed, None, "none", [], ""))
+    upcast = _seconds(lambda: F.linear(x_low.float(), w_low.float()).to(dtype))
+    return upcast < 0.85 * native
+
+
 class Projection:
     def __init__(self, weight: torch.Tensor, pack_for_cpu: bool) -> None:
         self.weight = weight  # [out, in]
         self.packed: torch.Tensor | None = None
+        self.wide_in_float32 = False
         if pack_for_cpu and weight.device.type == "cpu" and _onednn_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+            self.wide_in_float32 = weight.dtype != torch.float32 and float32_is_faster_than(weight.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.shape[0] == 1:
+        if self.packed is None:
             return F.linear(x, self.weight)
+        rows = x.shape[0]
+        if rows == 1 and x.dtype == torch.float32:
+            return F.linear(x, self.weight)
+        if rows >= WIDE_ROWS and self.wide_in_float32:
+            return F.linear(x.float(), self.weight.float()).to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
     @property

@@ -57,11 +57,11 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
     Rows listed in the result's failures carry no usable token.
     """
     # A row with a NaN or an infinity in its logits is failed once the tokens reach the host: its chosen
-    # token's log-probability is then not finite (any NaN or +inf makes the row's log-softmax NaN where
-    # it is largest), so the check costs no extra pass and no synchronisation.
+    # token's log-probability is then not finite (a NaN or an infinity makes the row's log-normaliser
+    # NaN or infinite), so the check costs no extra pass and no synchronisation.
     failures = {row: RowFailure(True, problem) for row, sequence in enumerate(sequences)
                 if (problem := _parameter_problem(sequence.params))}
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
     adjusted = logits.clone() if any(_adjusts(s.params) for s in sequences) else logits
     for row, (sequence, position) in enumerate(zip(sequences, positions)):
         if row not in failures:
@@ -76,12 +76,13 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
         tokens[random_rows] = drawn
         for row in empty:
             failures[row] = RowFailure(True, "its sampling parameters leave nothing to sample")
-    chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+    chosen = (logits.gather(1, tokens[:, None]) - normaliser).squeeze(1)
     top_ids: list[list[int]] = [[] for _ in sequences]
     top_values: list[list[float]] = [[] for _ in sequences]
     max_top = max((s.params.top_logprobs for s in sequences), default=0)
     if max_top:
-        values, ids = raw_logprobs.topk(max_top, dim=-1)
+        values, ids = logits.topk(max_top, dim=-1)
+        values = values - normaliser
         for row, sequence in enumerate(sequences):
             k = sequence.params.top_logprobs
             top_ids[row], top_values[row] = ids[row, :k].tolist(), values[row, :k].tolist()
