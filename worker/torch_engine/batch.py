@@ -79,11 +79,13 @@ def _group(members: np.ndarray, q_lens: np.ndarray, computed: np.ndarray, starts
     attn_mask[..., 0] |= ~valid  # padding queries attend one key, so no row is all -inf
     token_index = np.concatenate([np.arange(st, st + n) for st, n in zip(s, q)])
     output_index = np.repeat(np.arange(len(members)), q) * max_q + np.concatenate([np.arange(n) for n in q])
-    # Additive, in the model's dtype: SDPA would otherwise turn a boolean mask into this in every layer.
-    additive = np.where(attn_mask[:, None, :, :], np.float32(0), np.float32("-inf"))
+    # Additive, in the model's dtype, made once on the device: SDPA would otherwise turn a boolean mask
+    # into this in every layer.
+    allowed = _tensor(attn_mask[:, None, :, :], device)
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
     all_decodes = max_q == 1 and len(members) == len(q_lens)
     return AttentionGroup(_tensor(token_index, device), _tensor(query_index, device), _tensor(key_blocks, device),
-                          _tensor(additive, device).to(dtype), _tensor(output_index, device), all_decodes)
+                          additive, _tensor(output_index, device), all_decodes)
 
 
 def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.device,
