@@ -219,6 +219,14 @@ class LivenessProbe:
             self._channel.close()
         self._channel, self._last_ok = None, None
 
+    @property
+    def has_answered(self) -> bool:
+        return self._last_ok is not None
+
+    def answered(self) -> None:
+        """The process is known to have answered by other means (the stack just turned ready)."""
+        self._last_ok = time.monotonic()
+
     def frozen(self) -> bool:
         """Asks at most once a second; True once an answering process has been silent past the timeout."""
         now = time.monotonic()
@@ -226,7 +234,11 @@ class LivenessProbe:
             return False
         self._next_check = now + 1.0
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
+            # A process still loading refuses connections; gRPC's default backoff after that (1 s, then
+            # growing) could keep the first answer from arriving until after the process froze.
+            self._channel = grpc.insecure_channel(self.address, options=[
+                ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", 1000)])
         try:
             health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             self._last_ok = time.monotonic()
@@ -330,6 +342,8 @@ def _supervise(stack: Stack, config: ServeConfig, log: object, stopping: object)
                 stack.start_scheduler()
         if not announced and wait_until_serving(stack, timeout=0.5):
             announced = True
+            for probe in probes.values():  # both have answered: the scheduler, and the worker's warmup
+                probe.answered()
             log.info("inflight_ready", port=config.port)  # type: ignore[attr-defined]
             print(f"inflight is serving on port {config.port}", file=sys.stderr, flush=True)
         time.sleep(0.2)
