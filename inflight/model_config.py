@@ -8,6 +8,27 @@ from pathlib import Path
 from typing import Any
 
 
+# config.json architectures served here: each is the Llama decoder of worker/torch_engine/model.py.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+class UnsupportedModel(ValueError):
+    """A config.json this stack cannot serve exactly; the message says what, and what is supported."""
+
+
+def _check_supported(raw: dict[str, Any]) -> None:
+    architectures = raw.get("architectures") or [_BY_MODEL_TYPE.get(raw.get("model_type", ""), "")]
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    for architecture in architectures:
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            named = architecture or f"model_type {raw.get('model_type')!r}"
+            raise UnsupportedModel(f"architecture {named} is not supported (supported: {supported})")
+    for flag in ("attention_bias", "mlp_bias"):
+        if raw.get(flag):
+            raise UnsupportedModel(f"{flag}: true is not supported: the Llama decoder served here has no biases")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder's shape. Field names follow Hugging Face's LlamaConfig."""
@@ -34,6 +55,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], name: str) -> ModelConfig:
+        """Raises UnsupportedModel for a config this stack would not serve exactly.
+
+        A sliding attention window (Mistral 7B v0.1) caps the context at the window: up to it, full
+        attention and windowed attention are the same thing.
+        """
+        _check_supported(raw)
+        max_positions = raw.get("max_position_embeddings", 2048)
+        if raw.get("sliding_window"):
+            max_positions = min(max_positions, int(raw["sliding_window"]))
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         rope = raw.get("rope_parameters") or {}
@@ -49,7 +79,7 @@ class ModelConfig:
             num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=raw["num_attention_heads"],
             num_key_value_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            max_position_embeddings=max_positions,
             rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inflight.log import configure_logging
 from services.gateway.config import GatewayConfig
-from inflight.model_config import ModelConfig
+from inflight.model_config import ModelConfig, UnsupportedModel
 from inflight.model_store import DEFAULT_MODEL, resolve_model
 
 
@@ -273,7 +273,10 @@ def check_tensor_parallel(model_path: str, tp: int) -> None:
 
         heads = int(SHAPES[model_path.removeprefix("random:")]["num_attention_heads"])  # type: ignore[call-overload]
     else:
-        heads = ModelConfig.load(Path(model_path)).num_attention_heads
+        try:
+            heads = ModelConfig.load(Path(model_path)).num_attention_heads
+        except UnsupportedModel as error:
+            raise SystemExit(f"inflight serve: {model_path}: {error}") from None
     if tp < 1 or heads % tp:
         raise SystemExit(f"inflight serve: --tp {tp}: {heads} attention heads cannot be split across tp={tp} ranks")
 
