@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +31,11 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def _seconds(function: object, repeats: int = 5) -> float:
-    function()  # type: ignore[operator]
+def _seconds(function: Callable[[], object], repeats: int = 5) -> float:
+    function()
     start = time.perf_counter()
     for _ in range(repeats):
-        function()  # type: ignore[operator]
+        function()
     return time.perf_counter() - start
 
 

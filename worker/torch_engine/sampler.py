@@ -70,12 +70,11 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
     random_rows = [row for row, sequence in enumerate(sequences)
                    if row not in failures and sequence.params.temperature >= GREEDY_TEMPERATURE
                    and sequence.params.top_k != 1]
+    usable = None
     if random_rows:
-        drawn, empty = _sample_rows(adjusted, random_rows, [sequences[r].params for r in random_rows],
-                                    [positions[r] for r in random_rows])
+        drawn, usable = _sample_rows(adjusted, random_rows, [sequences[r].params for r in random_rows],
+                                     [positions[r] for r in random_rows])
         tokens[random_rows] = drawn
-        for row in empty:
-            failures[row] = RowFailure(True, "its sampling parameters leave nothing to sample")
     chosen = (logits.gather(1, tokens[:, None]) - normaliser).squeeze(1)
     top_ids: list[list[int]] = [[] for _ in sequences]
     top_values: list[list[float]] = [[] for _ in sequences]
@@ -87,6 +86,10 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
             k = sequence.params.top_logprobs
             top_ids[row], top_values[row] = ids[row, :k].tolist(), values[row, :k].tolist()
     token_ids, logprobs = tokens.tolist(), chosen.tolist()
+    if usable is not None:  # read once the tokens are on the host: no extra wait on the device
+        for row, ok in zip(random_rows, usable.tolist()):
+            if not ok:
+                failures[row] = RowFailure(True, "its sampling parameters leave nothing to sample")
     for row, logprob in enumerate(logprobs):
         if not math.isfinite(logprob) and row not in failures:
             failures[row] = RowFailure(False, "the model produced non-finite logits")
@@ -131,8 +134,8 @@ def uniform_draw(seed: int, position: int) -> float:
 
 
 def _sample_rows(logits: torch.Tensor, rows: list[int], params: list[Admission],
-                 positions: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """Sampled tokens of the given rows, and the rows whose parameters leave no probability mass."""
+                 positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled tokens of the given rows, and whether each row's parameters left any probability mass."""
     device, vocab = logits.device, logits.shape[-1]
 
     def column(values: list[float]) -> torch.Tensor:
@@ -160,6 +163,4 @@ def _sample_rows(logits: torch.Tensor, rows: list[int], params: list[Admission],
     target = column([uniform_draw(p.seed, position) for p, position in zip(params, positions)]) * total
     target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
     tokens = torch.searchsorted(cumulative, target, right=True).clamp_(max=vocab - 1)[:, 0]
-    usable = (total[:, 0] > 0) & total[:, 0].isfinite()
-    empty = [row for row, ok in zip(rows, usable.tolist()) if not ok]
-    return tokens, empty
+    return tokens, (total[:, 0] > 0) & total[:, 0].isfinite()
