@@ -142,9 +142,15 @@ class LlamaModel:
 
     def _gathered_attention(self, q: torch.Tensor, cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         """Attention for one group: keys gathered from the cache into a padded [Bg, H, Lmax, d] view."""
-        queries = (q.unsqueeze(1) if group.all_decodes else q[group.query_index]).transpose(1, 2)  # [Bg, Hq, Qmax, d]
         keys = self._gather_blocks(cache[0], group.key_blocks)    # [Bg, Hkv, Lmax, d]
         values = self._gather_blocks(cache[1], group.key_blocks)
+        if group.all_decodes and self._kv_of_q is None:
+            # One query per sequence: the query heads sharing a KV head become that head's query rows
+            # ([Bg, Hkv, group, d]), so SDPA reads each gathered key once per KV head, not per query head.
+            grouped = q.view(q.shape[0], self.num_kv_heads, -1, q.shape[-1])
+            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=group.attn_mask)
+            return out.reshape(-1, self.num_q_heads * self.config.head_dim)
+        queries = (q.unsqueeze(1) if group.all_decodes else q[group.query_index]).transpose(1, 2)  # [Bg, Hq, Qmax, d]
         if self._kv_of_q is None:
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.attn_mask,
                                                  enable_gqa=self.num_q_heads != self.num_kv_heads)

@@ -68,7 +68,7 @@ class Projection:
             return F.linear(x, self.weight)
         if rows >= WIDE_ROWS and self.wide_in_float32:
             return F.linear(x.float(), self.weight.float()).to(x.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.default(x, self.packed, None, "none", [], "")
 
     @property
     def nbytes(self) -> int:
