@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from worker.distributed import init_distributed  # noqa: E402
+from worker.torch_engine.distributed import init_distributed  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
 from worker.parallel import Collectives, ShardPlan  # noqa: E402
 from worker.step import Admission, ScheduledChunk, Step  # noqa: E402

@@ -198,7 +198,7 @@ class EngineLoop:
         )
         self.description = description
         planner = BatchPlanner(limits, make_policy(self.config.policy, self.config.tenant_weights),
-                               enable_prefix_caching=not self.config.no_prefix_caching)
+                               enable_prefix_caching=description.prefix_caching and not self.config.no_prefix_caching)
         planner.stats = self._planner_stats
         self.planner = planner
         self._connections += 1

@@ -23,9 +23,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inflight.log import configure_logging
-from services.gateway.config import GatewayConfig
 from inflight.model_config import ModelConfig, UnsupportedModel
+from inflight.model_shapes import SHAPES
 from inflight.model_store import DEFAULT_MODEL, resolve_model
+from services.gateway.config import GatewayConfig
 
 
 @dataclass(frozen=True)
@@ -269,8 +270,6 @@ def wait_until_serving(stack: Stack, timeout: float) -> bool:
 def check_tensor_parallel(model_path: str, tp: int) -> None:
     """Fail before starting anything if the model's heads cannot be split across tp ranks."""
     if model_path.startswith("random:"):
-        from worker.torch_engine.random_models import SHAPES
-
         heads = int(SHAPES[model_path.removeprefix("random:")]["num_attention_heads"])  # type: ignore[call-overload]
     else:
         try:

@@ -9,22 +9,18 @@ import sys
 from concurrent import futures
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mpi4py import MPI
 
 from inflight.connection import KeepalivePolicy
-from inflight.cpus import usable_cpus
 from inflight.log import configure_logging
 from inflight.process import die_with_parent
 from inflight.v1 import worker_pb2_grpc
 from worker.config import WorkerConfig
-from worker.distributed import init_distributed
+from worker.engine import create_engine
 from worker.engine_thread import EngineThread
 from worker.group import WorkerGroup, follow
-from worker.parallel import Collectives, ShardPlan
 from worker.service import WorkerService
-from worker.torch_engine.engine import TorchEngine
 from worker.watchdog import StepWatchdog
 
 
@@ -33,32 +29,25 @@ def main(argv: list[str] | None = None) -> None:
     WorkerConfig.add_arguments(parser)
     config = WorkerConfig.from_args(parser.parse_args(argv))
     comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
+    rank = comm.Get_rank()
     log = configure_logging(f"worker-{rank}", config.log_level)
     die_with_parent()  # if the MPI launcher's proxy dies, take this rank down too
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    if config.device == "cpu":
-        torch.set_num_threads(max(1, usable_cpus() // size))
-    if size > 1:
-        init_distributed(comm, config.device)
-    elif config.device == "cuda":
-        torch.cuda.set_device(0)
     try:
-        engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size))
+        engine = create_engine(config, comm)
     except Exception:
         log.exception("engine_failed_to_load")
         comm.Abort(1)
         raise
-    log.info("engine_loaded", rank=rank, tp_size=size, kv_blocks=engine.num_kv_blocks, device=str(engine.device),
-             weight_bytes=engine.model.weight_bytes())
+    control = comm.Dup()  # the group's commands on their own communicator (collective: every rank)
     if rank != 0:
         try:
-            follow(comm, engine)
+            follow(control, engine)
         except Exception:
             log.exception("rank_failed")
             comm.Abort(1)
         return
-    serve(config, WorkerGroup(comm, engine), log)
+    serve(config, WorkerGroup(control, engine), log)
 
 
 def serve(config: WorkerConfig, group: WorkerGroup, log: object) -> None:

@@ -65,4 +65,5 @@ def description_to_proto(d: EngineDescription) -> worker_pb2.WorkerDescription:
         tp_size=d.tp_size, block_size=d.block_size, num_kv_blocks=d.num_kv_blocks,
         max_num_batched_tokens=d.max_num_batched_tokens, max_num_seqs=d.max_num_seqs,
         max_model_len=d.max_model_len, device=d.device, dtype=d.dtype, engine=d.engine,
+        prefix_caching=d.prefix_caching,
     )

@@ -22,6 +22,7 @@ class WorkerConfig:
     log_level: str
     keepalive_seconds: float = 20.0  # the scheduler's ping interval; this server accepts pings at half of it
     cuda_graphs: bool = True  # decode steps on CUDA replay captured graphs (with paged decode attention)
+    engine: str = "torch"     # a name in worker.engine.ENGINES
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +40,7 @@ class WorkerConfig:
         parser.add_argument("--log-level", default="info")
         parser.add_argument("--keepalive-seconds", type=float, default=20.0)
         parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+        parser.add_argument("--engine", default="torch", help="the engine every rank runs (worker/engine.py)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:

@@ -6,20 +6,26 @@ import numpy as np
 import structlog
 from mpi4py import MPI
 
+from worker.engine import Engine
 from worker.fanout import HEADER_WORDS, Command, decode_step, encode_step
+from worker.slot_tables import SlotTables
 from worker.step import EngineDescription, Step, StepOutput
-from worker.torch_engine.engine import TorchEngine
 
 log = structlog.get_logger()
 
 
 class WorkerGroup:
-    """Rank 0's handle on all ranks: every call runs on every rank, in the same order."""
+    """Rank 0's handle on all ranks: every call runs on every rank, in the same order.
 
-    def __init__(self, comm: MPI.Comm, engine: TorchEngine) -> None:
+    comm carries only this group's control traffic (a duplicate of the world communicator), so it
+    never interleaves with whatever an engine sends between its ranks.
+    """
+
+    def __init__(self, comm: MPI.Comm, engine: Engine) -> None:
         self.comm = comm
         self.engine = engine
         self.tp_size = comm.Get_size()
+        self.slot_tables = SlotTables()
 
     def _broadcast(self, command: Command, payload: np.ndarray | None = None) -> None:
         if self.tp_size == 1:
@@ -33,29 +39,33 @@ class WorkerGroup:
         return self.engine.describe()
 
     def block_tables(self) -> dict[int, list[int]]:
-        return self.engine.block_tables()
+        return self.slot_tables.tables
 
     def warmup(self) -> int:
         self._broadcast(Command.WARMUP)
         return self.engine.warmup()
 
     def step(self, step: Step) -> StepOutput:
+        """Run a step that passed validation against block_tables()."""
+        self.slot_tables.apply(step)
         if self.tp_size > 1:  # a single rank has no one to tell
             self._broadcast(Command.STEP, encode_step(step))
         return self.engine.step(step)
 
     def release_all(self) -> None:
         self._broadcast(Command.RELEASE_ALL)
-        self.engine.release(list(self.engine.slots))
+        self.engine.release(self.slot_tables.slots())
+        self.slot_tables.clear()
 
     def shutdown(self) -> None:
         self._broadcast(Command.SHUTDOWN)
         self.engine.shutdown()
 
 
-def follow(comm: MPI.Comm, engine: TorchEngine) -> None:
+def follow(comm: MPI.Comm, engine: Engine) -> None:
     """Ranks 1..N-1: run whatever rank 0 broadcasts until it says shut down."""
     header = np.empty(HEADER_WORDS, dtype=np.int64)
+    slot_tables = SlotTables()
     while True:
         comm.Bcast(header, root=0)
         command, size = Command(int(header[0])), int(header[1])
@@ -63,14 +73,17 @@ def follow(comm: MPI.Comm, engine: TorchEngine) -> None:
         if size:
             comm.Bcast(payload, root=0)
         if command is Command.STEP:
+            step = decode_step(payload)
+            slot_tables.apply(step)
             try:
-                engine.step(decode_step(payload))
+                engine.step(step)
             except Exception:  # rank 0 fails the same step the same way and reports it; stay in lock-step
                 log.exception("step_failed")
         elif command is Command.WARMUP:
             engine.warmup()
         elif command is Command.RELEASE_ALL:
-            engine.release(list(engine.slots))
+            engine.release(slot_tables.slots())
+            slot_tables.clear()
         elif command is Command.SHUTDOWN:
             engine.shutdown()
             return

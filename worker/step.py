@@ -96,6 +96,7 @@ class EngineDescription:
     device: str
     dtype: str
     engine: str
+    prefix_caching: bool = False  # it reads K/V of shared blocks another sequence computed (cache hits)
 
 
 class StepRejected(ValueError):

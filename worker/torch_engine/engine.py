@@ -104,6 +104,7 @@ class TorchEngine:
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
             engine=self.name,
+            prefix_caching=True,
         )
 
     @torch.inference_mode()
@@ -121,9 +122,6 @@ class TorchEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return self.num_kv_blocks
-
-    def block_tables(self) -> dict[int, list[int]]:
-        return {slot: state.block_table for slot, state in self.slots.items()}
 
     def release(self, slot_ids: list[int]) -> None:
         for slot in slot_ids:

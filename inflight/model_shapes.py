@@ -1,0 +1,16 @@
+"""Named real model shapes (config fields only): `random:<name>` serves one with random weights."""
+
+from __future__ import annotations
+
+SHAPES: dict[str, dict[str, object]] = {
+    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, eos_token_ids=(128001,)),
+    "llama-3-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, tie_word_embeddings=True, eos_token_ids=(128001,)),
+    # Small shapes for tensor-parallel tests on CPU: 8 heads, 2 KV heads (replicated at tp=4).
+    "tiny-gqa": dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                     eos_token_ids=(1,)),
+}

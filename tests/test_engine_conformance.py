@@ -1,0 +1,230 @@
+"""The engine conformance suite: what every engine behind worker/engine.py must do, as it stands.
+
+Parametrised by engine name (worker.engine.ENGINES). Each engine runs in this process behind the
+real WorkerGroup and plan validation, on the embedded SmolLM2 in float32, driven step by step
+the way the scheduler drives it: the handshake, admission and release, chunked prefill, recompute
+after preemption, prefix-cache hits, malformed plans, and greedy tokens against transformers.
+A new backend (TensorRT-LLM's included) is added to ENGINES and must pass this file unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from mpi4py import MPI
+
+from worker.config import WorkerConfig
+from worker.engine import ENGINES, create_engine
+from worker.group import WorkerGroup
+from worker.step import Admission, EngineDescription, ScheduledChunk, Step, StepRejected
+from worker.validation import check_step
+
+BLOCK_SIZE = 16
+NUM_KV_BLOCKS = 256
+MAX_NUM_SEQS = 8
+MAX_NUM_BATCHED_TOKENS = 256
+MAX_MODEL_LEN = 512
+PROMPTS = ["The history of the printing press begins", "Once upon a time, in a village by the sea,",
+           "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+# Several blocks long, so chunks and cached blocks fall both on and off block boundaries.
+LONG_PROMPT = ("Explain, step by step and in detail, how a bicycle gear system lets a rider climb a steep hill without "
+               "pedalling harder, and why professional cyclists change gear so often during a long mountain race.")
+
+
+class Driver:
+    """Plays the scheduler: slots, blocks and steps, each step checked the way rank 0 checks a plan."""
+
+    def __init__(self, group: WorkerGroup) -> None:
+        self.group = group
+        self.description = group.describe()
+        self.free_blocks = list(range(1, self.description.num_kv_blocks))
+        self.step_id = 0
+        self.tables: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}
+
+    def plan(self, released: list[int] | None = None, admitted: list[int] | None = None,
+             inputs: dict[int, list[int]] | None = None, shared: dict[int, list[int]] | None = None,
+             sample: bool = True) -> Step:
+        """A step; shared[slot]: blocks another slot computed, put first in this slot's table (cache hits)."""
+        self.step_id += 1
+        chunks = []
+        for slot, tokens in (inputs or {}).items():
+            start = self.lengths.get(slot, 0)
+            new = list((shared or {}).get(slot, []))
+            have = len(self.tables.get(slot, [])) + len(new)
+            need = -(-(start + len(tokens)) // BLOCK_SIZE) - have
+            new += [self.free_blocks.pop(0) for _ in range(max(0, need))]
+            chunks.append(ScheduledChunk(slot, tokens, start, new, sample))
+        admissions = [Admission(f"r{self.step_id}-{slot}", slot, 0.0, 1.0, 0, 0) for slot in admitted or []]
+        return Step(self.step_id, list(released or []), admissions, chunks)
+
+    def run(self, step: Step) -> dict[int, int]:
+        check_step(step, self.description, self.group.block_tables())
+        for slot in step.released_slot_ids:
+            self.tables.pop(slot, None)
+            self.lengths.pop(slot, None)
+        for admission in step.admissions:
+            self.tables[admission.slot_id], self.lengths[admission.slot_id] = [], 0
+        for chunk in step.chunks:
+            self.tables[chunk.slot_id] += chunk.new_block_ids
+            self.lengths[chunk.slot_id] = chunk.num_computed_tokens + len(chunk.token_ids)
+        output = self.group.step(step)
+        assert not output.failures, output.failures
+        return {token.slot_id: token.token_id for token in output.sampled}
+
+    def generate(self, slot: int, prompt: list[int], new_tokens: int, chunk: int = 0) -> list[int]:
+        """Greedy tokens of one sequence in `slot`; its prompt in chunks of `chunk` tokens (0: one piece)."""
+        pieces = [prompt[i:i + chunk] for i in range(0, len(prompt), chunk)] if chunk else [prompt]
+        sampled: dict[int, int] = {}
+        for index, piece in enumerate(pieces):
+            last = index == len(pieces) - 1
+            sampled = self.run(self.plan(admitted=[slot] if index == 0 else None, inputs={slot: piece}, sample=last))
+        out = [sampled[slot]]
+        while len(out) < new_tokens:
+            out.append(self.run(self.plan(inputs={slot: [out[-1]]}))[slot])
+        return out
+
+    def release(self, *slots: int) -> None:
+        self.run(self.plan(released=list(slots)))
+
+
+@pytest.fixture(scope="module", params=sorted(ENGINES))
+def group(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[WorkerGroup]:
+    config = WorkerConfig(model=str(model_dir), listen="", device="cpu", dtype="float32", block_size=BLOCK_SIZE,
+                          num_kv_blocks=NUM_KV_BLOCKS, kv_cache_gb=0, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+                          max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN, seed=0, log_level="warning",
+                          engine=request.param)
+    threads = torch.get_num_threads()
+    engine_group = WorkerGroup(MPI.COMM_WORLD, create_engine(config, MPI.COMM_WORLD))
+    engine_group.warmup()
+    yield engine_group
+    engine_group.shutdown()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def driver(group: WorkerGroup) -> Iterator[Driver]:
+    driver = Driver(group)
+    yield driver
+    group.release_all()  # every test starts from no admitted slot
+    assert group.block_tables() == {}
+
+
+@pytest.fixture(scope="module")
+def tokenize(model_dir: Path):  # noqa: ANN201
+    from services.text.codec import TextCodec
+
+    codec = TextCodec(model_dir)
+    return lambda text: codec.tokenizer.encode(text).ids
+
+
+def test_handshake_describes_the_model_and_the_limits_it_was_given(group: WorkerGroup, tokenize) -> None:
+    description = group.describe()
+    assert isinstance(description, EngineDescription)
+    assert description.engine in ENGINES
+    assert description.vocab_size == 49152 and description.eos_token_ids
+    assert (description.block_size, description.max_num_seqs) == (BLOCK_SIZE, MAX_NUM_SEQS)
+    assert description.max_num_batched_tokens == MAX_NUM_BATCHED_TOKENS
+    assert description.max_model_len == MAX_MODEL_LEN
+    assert description.num_kv_blocks == NUM_KV_BLOCKS and description.tp_size == 1
+    assert 1 < group.warmup() <= NUM_KV_BLOCKS  # warm-up may be repeated, and leaves the cache usable
+
+
+def test_greedy_tokens_equal_transformers(driver: Driver, hf_reference) -> None:
+    tokenizer, model = hf_reference
+    prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
+    # All sequences in one batch: admitted and prefilled together, then decoded together.
+    sampled = driver.run(driver.plan(admitted=list(range(len(prompts))), inputs=dict(enumerate(prompts))))
+    ours = {slot: [token] for slot, token in sampled.items()}
+    for _ in range(15):
+        sampled = driver.run(driver.plan(inputs={slot: [tokens[-1]] for slot, tokens in ours.items()}))
+        for slot, token in sampled.items():
+            ours[slot].append(token)
+    for slot, ids in enumerate(prompts):
+        inputs = torch.tensor([ids])
+        with torch.no_grad():
+            expected = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=16,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert ours[slot] == expected, PROMPTS[slot]
+
+
+def test_admission_and_release_leave_no_trace_in_a_reused_slot(driver: Driver, tokenize) -> None:
+    first, second = tokenize(PROMPTS[0]), tokenize(PROMPTS[1])
+    expected = driver.generate(5, second, 6)
+    driver.release(5)
+    driver.generate(0, first, 6)
+    driver.release(0, 7)  # releasing a slot never admitted is accepted and ignored
+    assert 0 not in driver.group.block_tables()
+    assert driver.generate(0, second, 6) == expected
+
+
+@pytest.mark.parametrize("chunk", [16, 7])
+def test_chunked_prefill_gives_the_tokens_of_one_piece(driver: Driver, tokenize, chunk: int) -> None:
+    prompt = tokenize(LONG_PROMPT)
+    assert len(prompt) > 2 * chunk
+    whole = driver.generate(0, prompt, 8)
+    assert driver.generate(1, prompt, 8, chunk=chunk) == whole
+
+
+def test_recompute_after_preemption_gives_the_tokens_of_an_uninterrupted_run(driver: Driver, tokenize) -> None:
+    prompt = tokenize(PROMPTS[1])
+    uninterrupted = driver.generate(0, prompt, 12)
+    before = driver.generate(1, prompt, 5)
+    driver.release(1)  # preempted: its blocks go back; it returns in another slot and recomputes all it had
+    after = driver.generate(2, prompt + before, 7)
+    assert before + after == uninterrupted
+
+
+def test_prefix_cache_hits_give_the_tokens_of_misses(driver: Driver, group: WorkerGroup, tokenize) -> None:
+    if not group.describe().prefix_caching:
+        pytest.skip("this engine does not take prefix-cache hits (prefix_caching is off in its description)")
+    prompt = tokenize(LONG_PROMPT)
+    full_blocks = len(prompt) // BLOCK_SIZE
+    assert full_blocks >= 2
+    miss = driver.generate(0, prompt, 8)
+    cached = driver.tables[0][:full_blocks]
+    cached_tokens = full_blocks * BLOCK_SIZE
+    # The second sequence starts after the first one's full blocks: only its tail is computed.
+    driver.lengths[1] = cached_tokens
+    sampled = driver.run(driver.plan(admitted=[1], inputs={1: prompt[cached_tokens:]}, shared={1: cached}))
+    hit = [sampled[1]]
+    while len(hit) < 8:
+        hit.append(driver.run(driver.plan(inputs={1: [hit[-1]]}))[1])
+    assert driver.tables[1][:full_blocks] == cached
+    assert hit == miss
+
+
+MALFORMED = {
+    "a slot never admitted": lambda d: d.plan(inputs={3: [5]}),
+    "a slot outside the slot range": lambda d: d.plan(admitted=[MAX_NUM_SEQS], inputs={MAX_NUM_SEQS: [5]}),
+    "a token outside the vocabulary": lambda d: d.plan(admitted=[3], inputs={3: [5, 49152]}),
+    "a block outside the cache": lambda d: Step(99, [], [Admission("x", 3, 0.0, 1.0, 0, 0)],
+                                                [ScheduledChunk(3, [5, 6], 0, [NUM_KV_BLOCKS], True)]),
+    "too few blocks for the tokens": lambda d: Step(99, [], [Admission("x", 3, 0.0, 1.0, 0, 0)],
+                                                    [ScheduledChunk(3, list(range(5, 25)), 0, [9], True)]),
+    "more tokens than a step may carry": lambda d: d.plan(admitted=[3], inputs={3: [5] * (MAX_NUM_BATCHED_TOKENS + 1)}),
+    "past max_model_len": lambda d: Step(99, [], [Admission("x", 3, 0.0, 1.0, 0, 0)],
+                                         [ScheduledChunk(3, [5], MAX_MODEL_LEN, [9], True)]),
+    "an admitted slot admitted again": lambda d: d.plan(admitted=[0], inputs={0: [5]}),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_a_malformed_plan_is_rejected_and_nothing_of_it_is_applied(driver: Driver, tokenize, name: str) -> None:
+    prompt = tokenize(PROMPTS[0])
+    expected = driver.generate(0, prompt, 6)
+    driver.release(0)
+    first = driver.generate(0, prompt, 3)
+    tables = {slot: list(table) for slot, table in driver.group.block_tables().items()}
+    free = list(driver.free_blocks)
+    with pytest.raises(StepRejected):
+        check_step(MALFORMED[name](driver), driver.description, driver.group.block_tables())
+    driver.free_blocks = free  # the scheduler takes back what it planned for the rejected step
+    assert driver.group.block_tables() == tables
+    rest = [first[-1]]
+    for _ in range(3):
+        rest.append(driver.run(driver.plan(inputs={0: [rest[-1]]}))[0])
+    assert first + rest[1:] == expected

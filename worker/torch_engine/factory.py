@@ -1,0 +1,29 @@
+"""The torch engine's process setup: threads, the device, torch.distributed for tensor parallelism."""
+
+from __future__ import annotations
+
+import structlog
+import torch
+from mpi4py import MPI
+
+from inflight.cpus import usable_cpus
+from worker.config import WorkerConfig
+from worker.parallel import Collectives, ShardPlan
+from worker.torch_engine.distributed import init_distributed
+from worker.torch_engine.engine import TorchEngine
+
+log = structlog.get_logger()
+
+
+def create_torch_engine(config: WorkerConfig, comm: MPI.Comm) -> TorchEngine:
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if config.device == "cpu":
+        torch.set_num_threads(max(1, usable_cpus() // size))  # the ranks of one host share its cores
+    if size > 1:
+        init_distributed(comm, config.device)
+    elif config.device == "cuda":
+        torch.cuda.set_device(0)
+    engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size))
+    log.info("engine_loaded", rank=rank, tp_size=size, kv_blocks=engine.num_kv_blocks, device=str(engine.device),
+             weight_bytes=engine.model.weight_bytes(), threads=torch.get_num_threads())
+    return engine
