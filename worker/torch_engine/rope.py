@@ -46,7 +46,7 @@ class RotaryTable:
         angles = torch.cat((freqs, freqs), dim=-1)
         self.cos = angles.cos().to(device=device, dtype=dtype)
         # Hugging Face rotates half as cat(-x2, x1) * sin; here the sign sits in the table, so the
-        # rotation is one roll: cat(x2, x1) * cat(-sin1, sin2), bit for bit the same product.
+        # rotation needs no negation: cat(x2, x1) * cat(-sin1, sin2), bit for bit the same product.
         sin = angles.sin()
         half = head_dim // 2
         self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(device=device, dtype=dtype)
@@ -58,4 +58,5 @@ class RotaryTable:
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [tokens, heads, head_dim] by the angles of `at`."""
-        return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
