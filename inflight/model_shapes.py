@@ -13,4 +13,18 @@ SHAPES: dict[str, dict[str, object]] = {
     "tiny-gqa": dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
                      eos_token_ids=(1,)),
+    "mixtral-8x7b": dict(architecture="MixtralForCausalLM", vocab_size=32000, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1000000.0,
+                         num_experts=8, num_experts_per_tok=2, eos_token_ids=(2,)),
+    "mpt-7b": dict(architecture="MptForCausalLM", vocab_size=50432, hidden_size=4096, intermediate_size=16384,
+                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                   max_position_embeddings=2048, tie_word_embeddings=True, eos_token_ids=(0,)),
+    # Tiny shapes of the other families, for CPU tests of the random-weight path.
+    "tiny-mixtral": dict(architecture="MixtralForCausalLM", vocab_size=512, hidden_size=128, intermediate_size=192,
+                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                         max_position_embeddings=1024, num_experts=4, num_experts_per_tok=2, eos_token_ids=(1,)),
+    "tiny-mpt": dict(architecture="MptForCausalLM", vocab_size=512, hidden_size=128, intermediate_size=512,
+                     num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+                     tie_word_embeddings=True, eos_token_ids=(1,)),
 }

@@ -1,9 +1,11 @@
 """The engine conformance suite: what every engine behind worker/engine.py must do, as it stands.
 
-Parametrised by engine name (worker.engine.ENGINES). Each engine runs in this process behind the
-real WorkerGroup and plan validation, on the embedded SmolLM2 in float32, driven step by step
-the way the scheduler drives it: the handshake, admission and release, chunked prefill, recompute
-after preemption, prefix-cache hits, malformed plans, and greedy tokens against transformers.
+Parametrised by engine name (worker.engine.ENGINES) and model family: the embedded SmolLM2 (Llama),
+and tiny MPT (ALiBi) and Mixtral (mixture of experts) checkpoints written by transformers. Each
+engine runs in this process behind the real WorkerGroup and plan validation, in float32, driven
+step by step the way the scheduler drives it: the handshake, admission and release, chunked
+prefill, recompute after preemption, prefix-cache hits, malformed plans, and greedy tokens
+against transformers.
 A new backend (TensorRT-LLM's included) is added to ENGINES and must pass this file unchanged.
 """
 
@@ -16,6 +18,8 @@ import pytest
 import torch
 from mpi4py import MPI
 
+from services.text.codec import TextCodec
+from tests.tiny_models import load_reference, reference_greedy, save_tiny
 from worker.config import WorkerConfig
 from worker.engine import ENGINES, create_engine
 from worker.group import WorkerGroup
@@ -91,9 +95,19 @@ class Driver:
         self.run(self.plan(released=list(slots)))
 
 
+FAMILIES = ["llama", "mpt", "mixtral"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model_folder(request: pytest.FixtureRequest, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if request.param == "llama":
+        return model_dir
+    return save_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), model_dir)
+
+
 @pytest.fixture(scope="module", params=sorted(ENGINES))
-def group(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[WorkerGroup]:
-    config = WorkerConfig(model=str(model_dir), listen="", device="cpu", dtype="float32", block_size=BLOCK_SIZE,
+def group(request: pytest.FixtureRequest, model_folder: Path) -> Iterator[WorkerGroup]:
+    config = WorkerConfig(model=str(model_folder), listen="", device="cpu", dtype="float32", block_size=BLOCK_SIZE,
                           num_kv_blocks=NUM_KV_BLOCKS, kv_cache_gb=0, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
                           max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN, seed=0, log_level="warning",
                           engine=request.param)
@@ -114,11 +128,17 @@ def driver(group: WorkerGroup) -> Iterator[Driver]:
 
 
 @pytest.fixture(scope="module")
-def tokenize(model_dir: Path):  # noqa: ANN201
-    from services.text.codec import TextCodec
-
-    codec = TextCodec(model_dir)
+def tokenize(model_folder: Path):  # noqa: ANN201
+    codec = TextCodec(model_folder)
     return lambda text: codec.tokenizer.encode(text).ids
+
+
+@pytest.fixture(scope="module")
+def reference(request: pytest.FixtureRequest, model_folder: Path, model_dir: Path) -> torch.nn.Module:
+    """transformers' model of the same weights: the GGUF it imports for SmolLM2, else the saved folder."""
+    if model_folder == model_dir:
+        return request.getfixturevalue("hf_reference")[1]
+    return load_reference(model_folder)
 
 
 def test_handshake_describes_the_model_and_the_limits_it_was_given(group: WorkerGroup, tokenize) -> None:
@@ -133,9 +153,8 @@ def test_handshake_describes_the_model_and_the_limits_it_was_given(group: Worker
     assert 1 < group.warmup() <= NUM_KV_BLOCKS  # warm-up may be repeated, and leaves the cache usable
 
 
-def test_greedy_tokens_equal_transformers(driver: Driver, hf_reference) -> None:
-    tokenizer, model = hf_reference
-    prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
+def test_greedy_tokens_equal_transformers(driver: Driver, reference: torch.nn.Module, tokenize) -> None:
+    prompts = [tokenize(text) for text in PROMPTS]
     # All sequences in one batch: admitted and prefilled together, then decoded together.
     sampled = driver.run(driver.plan(admitted=list(range(len(prompts))), inputs=dict(enumerate(prompts))))
     ours = {slot: [token] for slot, token in sampled.items()}
@@ -144,11 +163,7 @@ def test_greedy_tokens_equal_transformers(driver: Driver, hf_reference) -> None:
         for slot, token in sampled.items():
             ours[slot].append(token)
     for slot, ids in enumerate(prompts):
-        inputs = torch.tensor([ids])
-        with torch.no_grad():
-            expected = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=16,
-                                      do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-        assert ours[slot] == expected, PROMPTS[slot]
+        assert ours[slot] == reference_greedy(reference, ids, 16), PROMPTS[slot]
 
 
 def test_admission_and_release_leave_no_trace_in_a_reused_slot(driver: Driver, tokenize) -> None:

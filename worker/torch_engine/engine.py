@@ -16,6 +16,7 @@ from worker.torch_engine import paged_attention
 from worker.torch_engine.batch import SequenceChunk, build_batch
 from worker.torch_engine.cuda_graphs import DecodeGraphs
 from worker.torch_engine.model import LlamaModel
+from worker.torch_engine.mpt import MptModel
 from worker.torch_engine.random_models import random_model
 from worker.torch_engine.sampler import SequenceSampling, sample
 from worker.torch_engine.weights import SafetensorsWeights, WeightSource
@@ -56,8 +57,9 @@ class TorchEngine:
             # cuDNN's SDPA builds a new graph for every new context length: ~2 ms of CPU per layer call.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.model_config, weights = load_weights(config.model, self.device, self.dtype, config.seed)
-        self.model = LlamaModel(self.model_config, weights, shard, collectives, self.device, self.dtype,
-                                config.block_size)
+        model_class = MptModel if self.model_config.architecture == "MptForCausalLM" else LlamaModel
+        self.model = model_class(self.model_config, weights, shard, collectives, self.device, self.dtype,
+                                 config.block_size)
         del weights
         self.tp_size = shard.tp_size
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
@@ -66,7 +68,7 @@ class TorchEngine:
         self.kv_cache = self._allocate_cache(self.num_kv_blocks)
         self.slots: dict[int, SlotState] = {}
         self.graphs: DecodeGraphs | None = None
-        if config.cuda_graphs and paged_attention.available(self.device):
+        if config.cuda_graphs and paged_attention.available(self.device) and self.model.graph_safe:
             max_blocks = -(-self.max_model_len // config.block_size)
             self.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, max_blocks, self.device)
 

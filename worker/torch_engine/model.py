@@ -1,11 +1,14 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2-style GQA, SmolLM2) over a paged KV cache.
+"""A Llama-family decoder (Llama 2/3, Mistral, Mixtral, Qwen2-style GQA, SmolLM2) over a paged KV cache.
 
 Plain tensors and functional ops: each rank holds its shard (column-parallel q/k/v and
-gate/up, row-parallel o and down with an all-reduce, vocabulary-parallel head).
+gate/up, row-parallel o and down with an all-reduce, vocabulary-parallel head). Mixtral puts a
+mixture of experts (worker/torch_engine/mlp.py) where Llama has its MLP; MPT (mpt.py) reuses this
+attention with ALiBi in place of rotary positions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from inflight.model_config import ModelConfig
 from worker.parallel import Collectives, ShardPlan
 from worker.torch_engine.batch import AttentionGroup, BatchInput
+from worker.torch_engine.mlp import GatedMlp, GeluMlp, MixtureOfExperts
 from worker.torch_engine.paged_attention import paged_decode_attention
 from worker.torch_engine.projection import Projection
 from worker.torch_engine.rope import RotaryTable
@@ -26,8 +30,7 @@ class LayerWeights:
     post_attention_norm: torch.Tensor
     qkv: Projection  # [q_local + 2 * kv_local rows, hidden]: one matmul for q, k and v
     o: Projection    # [hidden, q_local] row-parallel
-    gate_up: Projection  # [2 * intermediate_local, hidden]
-    down: Projection  # [hidden, intermediate_local] row-parallel
+    mlp: GatedMlp | GeluMlp | MixtureOfExperts  # this rank's partial sum; the model all-reduces it
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,21 +60,23 @@ class LlamaModel:
         uniform = self.num_q_heads % self.num_kv_heads == 0 and torch.equal(
             kv_of_q, torch.arange(self.num_kv_heads, device=device).repeat_interleave(local_group))
         self._kv_of_q = None if uniform else kv_of_q
-        self.rope = RotaryTable(config.head_dim, config.rope_theta, config.rope_scaling,
-                                config.max_position_embeddings, device, dtype)
+        self.rope: RotaryTable | None = RotaryTable(config.head_dim, config.rope_theta, config.rope_scaling,
+                                                    config.max_position_embeddings, device, dtype)
+        self.alibi_slopes: torch.Tensor | None = None  # [q_local] per head, where positions are ALiBi's
+        self.clip_qkv: float | None = None
+        self.softmax_scale: float | None = None  # None: 1 / sqrt(head_dim)
         self.vocab_rows = shard.rows(config.vocab_size)
         self.vocab_sizes = [len(ShardPlan(r, shard.tp_size).rows(config.vocab_size)) for r in range(shard.tp_size)]
         self._load(weights, shard, q_heads, kv_heads)
 
-    def _load(self, weights: WeightSource, shard: ShardPlan, q_heads: range, kv_heads: range) -> None:
-        c, d = self.config, self.config.head_dim
-
+    def _get(self, weights: WeightSource) -> Getter:
         def get(name: str, rows: range | None = None, cols: range | None = None) -> torch.Tensor:
             return weights.get(name, rows, cols).to(device=self.device, dtype=self.dtype)
+        return get
 
-        def projection(*parts: torch.Tensor) -> Projection:
-            return Projection(parts[0] if len(parts) == 1 else torch.cat(parts), pack_for_cpu=True)
-
+    def _load(self, weights: WeightSource, shard: ShardPlan, q_heads: range, kv_heads: range) -> None:
+        c, d = self.config, self.config.head_dim
+        get = self._get(weights)
         q_rows = range(q_heads.start * d, q_heads.stop * d)
         kv_rows = range(kv_heads.start * d, kv_heads.stop * d)
         mlp_rows = shard.rows(c.intermediate_size)
@@ -82,35 +87,66 @@ class LlamaModel:
         self.layers: list[LayerWeights] = []
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
+            if c.num_experts:
+                moe = p + "block_sparse_moe."
+                experts = range(c.num_experts)
+                mlp: GatedMlp | MixtureOfExperts = MixtureOfExperts(
+                    get(moe + "gate.weight"),
+                    torch.stack([torch.cat((get(f"{moe}experts.{e}.w1.weight", mlp_rows),
+                                            get(f"{moe}experts.{e}.w3.weight", mlp_rows))) for e in experts]),
+                    torch.stack([get(f"{moe}experts.{e}.w2.weight", None, mlp_rows) for e in experts]),
+                    c.num_experts_per_tok)
+            else:
+                mlp = GatedMlp(projection(get(p + "mlp.gate_proj.weight", mlp_rows), get(p + "mlp.up_proj.weight", mlp_rows)),
+                               projection(get(p + "mlp.down_proj.weight", None, mlp_rows)))
             self.layers.append(LayerWeights(
                 input_norm=get(p + "input_layernorm.weight"),
                 post_attention_norm=get(p + "post_attention_layernorm.weight"),
                 qkv=projection(get(p + "self_attn.q_proj.weight", q_rows), get(p + "self_attn.k_proj.weight", kv_rows),
                                get(p + "self_attn.v_proj.weight", kv_rows)),
                 o=projection(get(p + "self_attn.o_proj.weight", None, q_rows)),
-                gate_up=projection(get(p + "mlp.gate_proj.weight", mlp_rows), get(p + "mlp.up_proj.weight", mlp_rows)),
-                down=projection(get(p + "mlp.down_proj.weight", None, mlp_rows)),
+                mlp=mlp,
             ))
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a decode step may be captured in a CUDA graph with the paged decode kernel."""
+        return not self.config.num_experts  # the experts' loop reads its token counts on the host
 
     def weight_bytes(self) -> int:
         """Bytes of weights this rank holds (as loaded, whatever layout a CPU adds beside them)."""
         tensors = [self.embed_tokens, self.norm]
-        projections = [self.lm_head]
+        projections: list[Projection | GatedMlp | GeluMlp | MixtureOfExperts] = [self.lm_head]
         for layer in self.layers:
             tensors += [layer.input_norm, layer.post_attention_norm]
-            projections += [layer.qkv, layer.o, layer.gate_up, layer.down]
+            projections += [layer.qkv, layer.o, layer.mlp]
         return sum(t.numel() * t.element_size() for t in tensors) + sum(p.nbytes for p in projections)
 
     def forward(self, batch: BatchInput, kv_cache: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] for the batch's tokens; writes their K/V into kv_cache."""
-        eps = self.config.rms_norm_eps
         hidden = F.embedding(batch.token_ids, self.embed_tokens)
-        angles = self.rope.at(batch.positions)
+        angles = self.rope.at(batch.positions) if self.rope is not None else None
+        masks = self._attention_masks(batch)
         for layer, layer_cache in zip(self.layers, kv_cache):
-            attn = self._attention(rms_norm(hidden, layer.input_norm, eps), layer, layer_cache, batch, angles)
+            attn = self._attention(self._norm(hidden, layer.input_norm), layer, layer_cache, batch, angles, masks)
             hidden = hidden + attn
-            hidden = hidden + self._mlp(rms_norm(hidden, layer.post_attention_norm, eps), layer)
-        return rms_norm(hidden, self.norm, eps)
+            hidden = hidden + self.collectives.all_reduce(layer.mlp(self._norm(hidden, layer.post_attention_norm)))
+        return self._norm(hidden, self.norm)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight, self.config.rms_norm_eps)
+
+    def _attention_masks(self, batch: BatchInput) -> list[torch.Tensor]:
+        """Each attention group's additive mask, shared by every layer: causal, plus ALiBi's bias where used."""
+        if self.alibi_slopes is None:
+            return [group.attn_mask for group in batch.groups]
+        masks = []
+        for group in batch.groups:
+            queries = batch.positions.view(-1, 1) if group.all_decodes else batch.positions[group.query_index]
+            keys = torch.arange(group.attn_mask.shape[-1], device=self.device)
+            distance = (keys[None, None, :] - queries[:, :, None]).to(self.dtype)  # [Bg, Qmax, L]
+            masks.append(group.attn_mask + self.alibi_slopes[None, :, None, None] * distance[:, None])
+        return masks
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary float32 logits for the given rows (gathered across ranks)."""
@@ -118,45 +154,50 @@ class LlamaModel:
         return self.collectives.all_gather_last_dim(local, self.vocab_sizes)
 
     def _attention(self, x: torch.Tensor, layer: LayerWeights, cache: torch.Tensor, batch: BatchInput,
-                   angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                   angles: tuple[torch.Tensor, torch.Tensor] | None, masks: list[torch.Tensor]) -> torch.Tensor:
         num_tokens, d = x.shape[0], self.config.head_dim
         q_size, kv_size = self.num_q_heads * d, self.num_kv_heads * d
         qkv = layer.qkv(x)
-        # q and k rotate together: one pass over both, as [tokens, q heads + kv heads, head_dim].
-        qk = self.rope.apply(qkv[:, : q_size + kv_size].view(num_tokens, self.num_q_heads + self.num_kv_heads, d),
-                             *angles)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp_(-self.clip_qkv, self.clip_qkv)
+        qk = qkv[:, : q_size + kv_size].view(num_tokens, self.num_q_heads + self.num_kv_heads, d)
+        if angles is not None:
+            # q and k rotate together: one pass over both, as [tokens, q heads + kv heads, head_dim].
+            qk = RotaryTable.apply(qk, *angles)
         q, k = qk[:, : self.num_q_heads], qk[:, self.num_q_heads :]
         cache[0][batch.slot_mapping] = k
         cache[1][batch.slot_mapping] = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, d)
         if batch.block_tables is not None:
             out = paged_decode_attention(q.contiguous(), cache[0], cache[1], batch.block_tables, batch.context_lens,
-                                         self.block_size)
+                                         self.block_size, self.alibi_slopes, self.softmax_scale)
             return self.collectives.all_reduce(layer.o(out.view(num_tokens, q_size)))
         if len(batch.groups) == 1:
-            out = self._gathered_attention(q, cache, batch.groups[0])
+            out = self._gathered_attention(q, cache, batch.groups[0], masks[0])
         else:
             out = q.new_empty(num_tokens, q_size)
-            for group in batch.groups:
-                out[group.token_index] = self._gathered_attention(q, cache, group)
+            for group, mask in zip(batch.groups, masks):
+                out[group.token_index] = self._gathered_attention(q, cache, group, mask)
         return self.collectives.all_reduce(layer.o(out))
 
-    def _gathered_attention(self, q: torch.Tensor, cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    def _gathered_attention(self, q: torch.Tensor, cache: torch.Tensor, group: AttentionGroup,
+                            mask: torch.Tensor) -> torch.Tensor:
         """Attention for one group: keys gathered from the cache into a padded [Bg, H, Lmax, d] view."""
         keys = self._gather_blocks(cache[0], group.key_blocks)    # [Bg, Hkv, Lmax, d]
         values = self._gather_blocks(cache[1], group.key_blocks)
-        if group.all_decodes and self._kv_of_q is None:
+        scale = self.softmax_scale
+        if group.all_decodes and self._kv_of_q is None and self.alibi_slopes is None:
             # One query per sequence: the query heads sharing a KV head become that head's query rows
             # ([Bg, Hkv, group, d]), so SDPA reads each gathered key once per KV head, not per query head.
             grouped = q.view(q.shape[0], self.num_kv_heads, -1, q.shape[-1])
-            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=group.attn_mask)
+            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
             return out.reshape(-1, self.num_q_heads * self.config.head_dim)
         queries = (q.unsqueeze(1) if group.all_decodes else q[group.query_index]).transpose(1, 2)  # [Bg, Hq, Qmax, d]
         if self._kv_of_q is None:
-            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.attn_mask,
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale,
                                                  enable_gqa=self.num_q_heads != self.num_kv_heads)
         else:
             out = F.scaled_dot_product_attention(queries, keys[:, self._kv_of_q], values[:, self._kv_of_q],
-                                                 attn_mask=group.attn_mask)
+                                                 attn_mask=mask, scale=scale)
         out = out.transpose(1, 2).reshape(-1, self.num_q_heads * self.config.head_dim)
         return out if group.all_decodes else out[group.output_index]
 
@@ -167,6 +208,10 @@ class LlamaModel:
         gathered = by_block.index_select(0, blocks.flatten())
         return gathered.view(blocks.shape[0], -1, *cache.shape[1:]).transpose(1, 2)
 
-    def _mlp(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
-        gate, up = layer.gate_up(x).chunk(2, dim=-1)
-        return self.collectives.all_reduce(layer.down(F.silu(gate).mul_(up)))
+
+Getter = Callable[..., torch.Tensor]
+
+
+def projection(*parts: torch.Tensor) -> Projection:
+    """One projection from row blocks stacked in order (q, k, v; gate, up)."""
+    return Projection(parts[0] if len(parts) == 1 else torch.cat(parts), pack_for_cpu=True)

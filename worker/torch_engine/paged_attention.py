@@ -2,7 +2,8 @@
 
 One program per (sequence, KV head) walks the sequence's block table and keeps an online
 softmax for the query heads that share that KV head (GQA). No tensor shape depends on the
-context length, so a decode step can be captured once in a CUDA graph and replayed.
+context length, so a decode step can be captured once in a CUDA graph and replayed. With ALiBi
+(MPT), each query head's slope times (key position - query position) is added to its scores.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr,
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr, alibi_ptr,
         scale, stride_table, num_kv_heads,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        HAS_ALIBI: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -35,6 +37,8 @@ if triton is not None:
         group_ok = groups < GROUP
         q = tl.load(q_ptr + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=group_ok[:, None], other=0.0)
         q = q.to(tl.float32) * scale
+        if HAS_ALIBI:
+            slopes = tl.load(alibi_ptr + kv_head * GROUP + groups, mask=group_ok, other=0.0).to(tl.float32)
         running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         running_sum = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -47,6 +51,8 @@ if triton is not None:
             k = tl.load(k_cache_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_cache_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
             scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_SIZE]
+            if HAS_ALIBI:
+                scores += slopes[:, None] * (positions - (context_len - 1)).to(tl.float32)[None, :]
             scores = tl.where(valid[None, :], scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
             correction = tl.exp(running_max - new_max)
@@ -64,15 +70,20 @@ def available(device: torch.device) -> bool:
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """q [B, Hq, D] (one query per sequence); caches [slots, Hkv, D]; returns [B, Hq, D]."""
+                           context_lens: torch.Tensor, block_size: int, alibi_slopes: torch.Tensor | None = None,
+                           scale: float | None = None) -> torch.Tensor:
+    """q [B, Hq, D] (one query per sequence); caches [slots, Hkv, D]; returns [B, Hq, D].
+
+    alibi_slopes: [Hq] float, ALiBi's per-head slopes, or None; scale: None for 1 / sqrt(D).
+    """
     num_seqs, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_q_heads // num_kv_heads
     out = torch.empty_like(q)
     _paged_decode_kernel[(num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens, head_dim**-0.5, block_tables.stride(0), num_kv_heads,
+        q, k_cache, v_cache, out, block_tables, context_lens, q if alibi_slopes is None else alibi_slopes,
+        head_dim**-0.5 if scale is None else scale, block_tables.stride(0), num_kv_heads,
         GROUP=group, GROUP_PAD=max(2, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        num_warps=4,
+        HAS_ALIBI=alibi_slopes is not None, num_warps=4,
     )
     return out

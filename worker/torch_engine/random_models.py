@@ -14,6 +14,9 @@ from worker.torch_engine.weights import RandomWeights
 
 
 def _weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the model's loader reads, with its shape, in the family's checkpoint names."""
+    if config.architecture == "MptForCausalLM":
+        return _mpt_weight_shapes(config)
     hidden, d = config.hidden_size, config.head_dim
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (config.vocab_size, hidden),
@@ -30,9 +33,40 @@ def _weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (config.num_key_value_heads * d, hidden),
             p + "self_attn.v_proj.weight": (config.num_key_value_heads * d, hidden),
             p + "self_attn.o_proj.weight": (hidden, config.num_attention_heads * d),
-            p + "mlp.gate_proj.weight": (config.intermediate_size, hidden),
-            p + "mlp.up_proj.weight": (config.intermediate_size, hidden),
-            p + "mlp.down_proj.weight": (hidden, config.intermediate_size),
+        })
+        if config.num_experts:
+            moe = p + "block_sparse_moe."
+            shapes[moe + "gate.weight"] = (config.num_experts, hidden)
+            for e in range(config.num_experts):
+                shapes.update({
+                    f"{moe}experts.{e}.w1.weight": (config.intermediate_size, hidden),
+                    f"{moe}experts.{e}.w3.weight": (config.intermediate_size, hidden),
+                    f"{moe}experts.{e}.w2.weight": (hidden, config.intermediate_size),
+                })
+        else:
+            shapes.update({
+                p + "mlp.gate_proj.weight": (config.intermediate_size, hidden),
+                p + "mlp.up_proj.weight": (config.intermediate_size, hidden),
+                p + "mlp.down_proj.weight": (hidden, config.intermediate_size),
+            })
+    return shapes
+
+
+def _mpt_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    hidden = config.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "transformer.wte.weight": (config.vocab_size, hidden),
+        "transformer.norm_f.weight": (hidden,),
+    }
+    for i in range(config.num_hidden_layers):
+        p = f"transformer.blocks.{i}."
+        shapes.update({
+            p + "norm_1.weight": (hidden,),
+            p + "norm_2.weight": (hidden,),
+            p + "attn.Wqkv.weight": (3 * hidden, hidden),
+            p + "attn.out_proj.weight": (hidden, hidden),
+            p + "ffn.up_proj.weight": (config.intermediate_size, hidden),
+            p + "ffn.down_proj.weight": (hidden, config.intermediate_size),
         })
     return shapes
 

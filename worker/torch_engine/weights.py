@@ -62,7 +62,7 @@ class RandomWeights:
 
     def get(self, name: str, rows: range | None = None, cols: range | None = None) -> torch.Tensor:
         shape = self._shapes[name]
-        if name.endswith("norm.weight"):
+        if name.endswith(("norm.weight", "norm_1.weight", "norm_2.weight", "norm_f.weight")):
             full = torch.ones(shape, device=self._device, dtype=self._dtype)
         else:
             seed = (self._seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
