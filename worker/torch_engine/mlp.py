@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from worker.torch_engine import fused_moe
 from worker.torch_engine.projection import Projection
 
 
@@ -59,7 +60,10 @@ class MixtureOfExperts:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).flatten()
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if fused_moe.available(x.device):
+            return fused_moe.fused_experts(x, self.gate_up, self.down, weights, experts)
+        weights = weights.flatten()
         choices = experts.flatten()
         order = choices.argsort(stable=True)
         counts = torch.bincount(choices, minlength=self.router.shape[0]).tolist()

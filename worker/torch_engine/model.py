@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from inflight.model_config import ModelConfig
 from worker.parallel import Collectives, ShardPlan
+from worker.torch_engine import fused_moe
 from worker.torch_engine.batch import AttentionGroup, BatchInput
 from worker.torch_engine.mlp import GatedMlp, GeluMlp, MixtureOfExperts
 from worker.torch_engine.paged_attention import paged_decode_attention
@@ -111,7 +112,8 @@ class LlamaModel:
     @property
     def graph_safe(self) -> bool:
         """Whether a decode step may be captured in a CUDA graph with the paged decode kernel."""
-        return not self.config.num_experts  # the experts' loop reads its token counts on the host
+        # Experts run graph-safe only as fused_moe's kernels; the loop reads its token counts on the host.
+        return not self.config.num_experts or fused_moe.available(self.device)
 
     def weight_bytes(self) -> int:
         """Bytes of weights this rank holds (as loaded, whatever layout a CPU adds beside them)."""
