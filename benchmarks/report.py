@@ -101,7 +101,7 @@ def markdown(report: dict) -> str:
         f = report["decode_floor"]
         lines += ["", "## Batch-1 decode step against the memory floor", "",
                   f"- measured device memory bandwidth: {f['bandwidth_gb_s']:.0f} GB/s (copy, bytes read + written)",
-                  f"- weight bytes: {f['weight_bytes'] / 1e9:.2f} GB → floor {f['floor_ms']:.2f} ms per decode step",
+                  f"- weight bytes a batch-1 step reads (of experts, only those a token routes to): {f['weight_bytes'] / 1e9:.2f} GB → floor {f['floor_ms']:.2f} ms per decode step",
                   f"- measured batch-1 decode step (engine alone): {f['step_ms']:.2f} ms → {f['floor_ms'] / f['step_ms']:.0%} of the floor"]
     lines += ["", "Plots: `latency_cdf.png`, `load_curve.png`.", ""]
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from benchmarks.baselines import BaselineResult, InProcessEngine, TokenizedReque
 from benchmarks.loadgen import run_workload  # noqa: E402
 from benchmarks.metrics import Slo, summarize  # noqa: E402
 from benchmarks.workload import PromptMaker, Workload, chat_like, fixed_lengths, with_poisson_arrivals  # noqa: E402
+from inflight.model_shapes import SHAPES  # noqa: E402
 from inflight.model_store import DEFAULT_MODEL, resolve_model  # noqa: E402
 from services.text.codec import TextCodec  # noqa: E402
 from tests.stack import ServedStack  # noqa: E402
@@ -42,6 +43,9 @@ PRESETS = {
                   chat_requests=4, slo=Slo(2.0, 0.25), kv_blocks=256, budget=256),
     "gpu": dict(fixed=(128, 128), concurrencies=(1, 16, 64), per_level=(8, 64, 192), chat_scale=1.0,
                 rates=(2.0, 8.0, 32.0), chat_requests=128, slo=Slo(0.5, 0.05), kv_blocks=4096, budget=4096),
+    # Concurrency 64 only (a big model's quick look): the fixed workload and one chat-like rate.
+    "gpu-c64": dict(fixed=(128, 128), concurrencies=(64,), per_level=(192,), chat_scale=1.0,
+                    rates=(32.0,), chat_requests=128, slo=Slo(0.5, 0.05), kv_blocks=4096, budget=4096),
 }
 
 
@@ -113,7 +117,9 @@ def main() -> None:
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else resolve_model(DEFAULT_MODEL)
     model_path = args.model if args.model.startswith("random:") else str(resolve_model(args.model))
     codec = TextCodec(tokenizer_dir if args.model.startswith("random:") else Path(model_path))
-    maker = PromptMaker(codec.tokenizer, seed=0)
+    # A random shape may have a smaller vocabulary than SmolLM2's tokenizer: prompts keep to its ids.
+    below = int(SHAPES[args.model.removeprefix("random:")]["vocab_size"]) if args.model.startswith("random:") else None  # type: ignore[call-overload]
+    maker = PromptMaker(codec.tokenizer, seed=0, below=below)
     prompt_len, output_len = preset["fixed"]
     slo: Slo = preset["slo"]
 
@@ -162,7 +168,9 @@ def main() -> None:
         from benchmarks.tp_decode import Driver, decode_step_ms
 
         step = decode_step_ms(Driver(engine.engine), 1, prompt_len, 30, torch.cuda.synchronize)
-        weight_bytes = engine.engine.model.weight_bytes()
+        model = engine.engine.model
+        # One sequence reads every dense weight, and of a mixture of experts only the experts it routes to.
+        weight_bytes = model.weight_bytes(experts_touched=model.config.num_experts_per_tok or None)
         bandwidth = measure_bandwidth_gb_s()
         floor = {"bandwidth_gb_s": bandwidth, "weight_bytes": weight_bytes,
                  "floor_ms": weight_bytes / (bandwidth * 1e9) * 1000, "step_ms": step["median_ms"]}

@@ -36,9 +36,11 @@ class Workload:
 
 
 class PromptMaker:
-    def __init__(self, tokenizer: Tokenizer, seed: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, seed: int, below: int | None = None) -> None:
+        """below: use only tokens with smaller ids (a random model whose vocabulary is smaller than the tokenizer's)."""
         vocab = tokenizer.get_vocab()
-        self.words = sorted(token[1:] for token in vocab if _WORD.match(token))
+        self.words = sorted(token[1:] for token, token_id in vocab.items()
+                            if _WORD.match(token) and (below is None or token_id < below))
         self.rng = np.random.default_rng(seed)
         self.tokenizer = tokenizer
 

@@ -82,4 +82,9 @@ class MixtureOfExperts:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.router, self.gate_up, self.down))
+        return self.touched_nbytes(self.router.shape[0])
+
+    def touched_nbytes(self, experts: int) -> int:
+        """Bytes read when `experts` of the experts get tokens (a single token: top_k)."""
+        per_expert = sum(t[0].numel() * t.element_size() for t in (self.gate_up, self.down))
+        return self.router.numel() * self.router.element_size() + experts * per_expert

@@ -115,14 +115,21 @@ class LlamaModel:
         # Experts run graph-safe only as fused_moe's kernels; the loop reads its token counts on the host.
         return not self.config.num_experts or fused_moe.available(self.device)
 
-    def weight_bytes(self) -> int:
-        """Bytes of weights this rank holds (as loaded, whatever layout a CPU adds beside them)."""
+    def weight_bytes(self, experts_touched: int | None = None) -> int:
+        """Bytes of weights this rank holds (as loaded, whatever layout a CPU adds beside them).
+
+        experts_touched: count only that many experts per mixture-of-experts layer, as a step whose
+        tokens route to that many reads them (one token: num_experts_per_tok).
+        """
         tensors = [self.embed_tokens, self.norm]
-        projections: list[Projection | GatedMlp | GeluMlp | MixtureOfExperts] = [self.lm_head]
+        total = self.lm_head.nbytes
         for layer in self.layers:
             tensors += [layer.input_norm, layer.post_attention_norm]
-            projections += [layer.qkv, layer.o, layer.mlp]
-        return sum(t.numel() * t.element_size() for t in tensors) + sum(p.nbytes for p in projections)
+            total += layer.qkv.nbytes + layer.o.nbytes
+            mlp = layer.mlp
+            total += mlp.touched_nbytes(experts_touched) if isinstance(mlp, MixtureOfExperts) and experts_touched \
+                else mlp.nbytes
+        return total + sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, batch: BatchInput, kv_cache: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] for the batch's tokens; writes their K/V into kv_cache."""
