@@ -32,7 +32,9 @@ def save_tiny(family: str, folder: Path, tokenizer_from: Path, seed: int = 0) ->
     torch.manual_seed(seed)
     model: torch.nn.Module
     if family == "mpt":
-        model = MptForCausalLM(MptConfig(vocab_size=VOCAB_SIZE, d_model=64, n_heads=4, n_layers=2, max_seq_len=1024))
+        # clip_qkv bites: with the scaled weights some q/k/v values pass 2.
+        model = MptForCausalLM(MptConfig(vocab_size=VOCAB_SIZE, d_model=64, n_heads=4, n_layers=2, max_seq_len=1024,
+                                         attn_config={"clip_qkv": 2.0}))
     elif family == "mixtral":
         # 4 heads over 2 KV heads, 4 experts of which each token takes 2: at tp=2 each rank has one KV
         # head and half of every expert.
