@@ -71,6 +71,14 @@ def test_random_llama_at_tp2_and_tp4_with_kv_head_replication_gives_the_tokens_o
     assert tokens[4] == tokens[1]
 
 
+def worker_restarts(served: ServedStack) -> int:
+    """The scheduler's count of worker groups lost and replaced (0 while it cannot answer)."""
+    try:
+        return served.stats().worker_restarts
+    except grpc.RpcError:  # UNAVAILABLE while it reconnects
+        return 0
+
+
 @pytest.mark.slow
 def test_killing_one_rank_fails_inflight_requests_and_the_group_comes_back():
     served = ServedStack("--tp", "3", "--num-kv-blocks", "128").wait_ready()
@@ -104,8 +112,14 @@ def test_killing_one_rank_fails_inflight_requests_and_the_group_comes_back():
             time.sleep(0.2)
         assert not any(alive(pid) for pid in ranks.values()), "a rank of the dead group is still running"
 
-        served.wait_ready(timeout=180)  # the launcher started a new group; the scheduler reconnected
-        new_ranks = worker_ranks(served.process.pid)
+        # The launcher starts a new group. Readiness may still read SERVING for a moment after the old
+        # group died (the scheduler's report reaches the gateway asynchronously), so wait for the new ranks.
+        deadline = time.monotonic() + 180
+        while sorted(new_ranks := worker_ranks(served.process.pid)) != [0, 1, 2] and time.monotonic() < deadline:
+            time.sleep(0.3)
+        while worker_restarts(served) < 1 and time.monotonic() < deadline:  # the scheduler reconnected
+            time.sleep(0.3)
+        served.wait_ready(timeout=180)
         assert sorted(new_ranks) == [0, 1, 2] and not set(new_ranks.values()) & set(ranks.values())
         again = generation_pb2.GenerateRequest(max_tokens=8)
         again.messages.add(role="user", content="What is the capital of France?")

@@ -87,6 +87,19 @@ class Gateway:
         await self.scheduler.close()
 
 
+def add_kserve(generation: GenerationService, server: grpc.aio.Server) -> list[str]:
+    """Triton's KServe v2 service on the gateway's server, where tritonclient (its stubs) is installed."""
+    try:
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        from services.gateway.kserve import KServeService
+    except ImportError:
+        structlog.get_logger().warning("kserve_off", reason="tritonclient is not installed: pip install inflight[kserve]")
+        return []
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(generation), server)
+    return [service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
+
+
 async def start_gateway(config: GatewayConfig) -> Gateway:
     codec = TextCodec(Path(config.model))
     scheduler = SchedulerClient(config.scheduler, KeepalivePolicy(config.keepalive_seconds))
@@ -104,13 +117,16 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     generation = GenerationService(codec, scheduler, metrics, authenticator, limits, config.trust_message_special_tokens)
     generation_pb2_grpc.add_GenerationServicer_to_server(generation, server)
     generation_pb2_grpc.add_AdminServicer_to_server(AdminService(scheduler), server)
+    services = list(PUBLIC_SERVICES)
+    if config.kserve:
+        services += add_kserve(generation, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*PUBLIC_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
 
     def on_ready_change(ready: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", *PUBLIC_SERVICES):
+        for name in ("", *services):
             asyncio.get_running_loop().create_task(health_servicer.set(name, status))
 
     on_ready_change(False)

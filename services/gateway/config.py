@@ -26,6 +26,7 @@ class GatewayConfig:
     log_level: str
     keepalive_seconds: float = 20.0  # ping interval to the scheduler
     exit_with_parent: bool = False   # started by a launcher: die with it
+    kserve: bool = True              # serve inference.GRPCInferenceService (Triton's KServe v2) beside Generation
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser, include_model: bool = True) -> None:
@@ -49,6 +50,8 @@ class GatewayConfig:
                             help="generations in flight at once across all clients; more get RESOURCE_EXHAUSTED "
                                  "(0: what the scheduler holds, --max-num-seqs + --max-waiting-requests; 1152 for a gateway alone)")
         parser.add_argument("--max-messages", type=int, default=1024, help="chat messages in one request")
+        parser.add_argument("--kserve", action=argparse.BooleanOptionalAction, default=True,
+                            help="serve Triton's KServe v2 gRPC protocol on the same port (needs tritonclient)")
         parser.add_argument("--trust-message-special-tokens", action="store_true",
                             help="encode control tokens typed into messages as control tokens (trusted callers only)")
 
@@ -66,6 +69,8 @@ class GatewayConfig:
             flags.append("--trust-message-special-tokens")
         if self.exit_with_parent:
             flags.append("--exit-with-parent")
+        if not self.kserve:
+            flags.append("--no-kserve")
         for name in ("auth_tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
             if getattr(self, name):
                 flags += ["--" + name.replace("_", "-"), getattr(self, name)]

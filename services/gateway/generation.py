@@ -163,7 +163,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.in_flight.discard((caller.tenant, request_id))
         self.metrics.in_flight.dec()
 
-    async def _stream(self, request: generation_pb2.GenerateRequest,
+    async def stream(self, request: generation_pb2.GenerateRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
         """The generation as a stream of responses; raises Rejected for a gRPC error status."""
         caller = self._caller(context)
@@ -240,7 +240,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
         try:
-            async for response in self._stream(request, context):
+            async for response in self.stream(request, context):
                 yield response
         except Rejected as rejected:  # the metrics interceptor counts the status
             await context.abort(rejected.code, rejected.message)
@@ -249,7 +249,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                        context: grpc.aio.ServicerContext) -> generation_pb2.CompleteResponse:
         result = generation_pb2.CompleteResponse()
         try:
-            async for response in self._stream(request, context):
+            async for response in self.stream(request, context):
                 result.text += response.text
                 result.token_ids.extend(response.token_ids)
                 result.logprobs.extend(response.logprobs)
