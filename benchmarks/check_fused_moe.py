@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.torch_engine.fused_moe import align_by_expert, fused_experts
-from worker.torch_engine.mlp import MixtureOfExperts
+from worker.torch_engine.mlp import MixtureOfExperts, loop_experts
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,27 +30,6 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tens
     probs = torch.softmax(F.linear(x, router).float(), dim=-1)
     weights, experts = probs.topk(top_k, dim=-1)
     return weights / weights.sum(dim=-1, keepdim=True), experts
-
-
-def loop_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
-                 topk_ids: torch.Tensor) -> torch.Tensor:
-    """MixtureOfExperts's per-expert loop, given the routing (a host sync, one GEMM pair per expert)."""
-    top_k = topk_ids.shape[1]
-    weights, choices = topk_weights.flatten(), topk_ids.flatten()
-    order = choices.argsort(stable=True)
-    counts = torch.bincount(choices, minlength=gate_up.shape[0]).tolist()
-    out = torch.zeros_like(x)
-    start = 0
-    for expert, count in enumerate(counts):
-        if not count:
-            continue
-        picked = order[start : start + count]
-        start += count
-        tokens = picked // top_k
-        gate, up = F.linear(x[tokens], gate_up[expert]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down[expert])
-        out.index_add_(0, tokens, (y * weights[picked, None]).to(x.dtype))
-    return out
 
 
 def dense_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,

@@ -63,22 +63,7 @@ class MixtureOfExperts:
         weights = weights / weights.sum(dim=-1, keepdim=True)
         if fused_moe.available(x.device):
             return fused_moe.fused_experts(x, self.gate_up, self.down, weights, experts)
-        weights = weights.flatten()
-        choices = experts.flatten()
-        order = choices.argsort(stable=True)
-        counts = torch.bincount(choices, minlength=self.router.shape[0]).tolist()
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts):
-            if not count:
-                continue
-            picked = order[start : start + count]
-            start += count
-            tokens = picked // self.top_k
-            gate, up = F.linear(x[tokens], self.gate_up[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down[expert])
-            out.index_add_(0, tokens, (y * weights[picked, None]).to(x.dtype))
-        return out
+        return loop_experts(x, self.gate_up, self.down, weights, experts)
 
     @property
     def nbytes(self) -> int:
@@ -88,3 +73,26 @@ class MixtureOfExperts:
         """Bytes read when `experts` of the experts get tokens (a single token: top_k)."""
         per_expert = sum(t[0].numel() * t.element_size() for t in (self.gate_up, self.down))
         return self.router.numel() * self.router.element_size() + experts * per_expert
+
+
+def loop_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
+                 topk_ids: torch.Tensor) -> torch.Tensor:
+    """The experts given the routing ([T, K] weights and ids): tokens grouped by expert with one argsort
+    (the counts read on the host), one gated-MLP GEMM pair per expert that got tokens, results added in
+    expert order, as transformers adds them."""
+    top_k = topk_ids.shape[1]
+    weights, choices = topk_weights.flatten(), topk_ids.flatten()
+    order = choices.argsort(stable=True)
+    counts = torch.bincount(choices, minlength=gate_up.shape[0]).tolist()
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(counts):
+        if not count:
+            continue
+        picked = order[start : start + count]
+        start += count
+        tokens = picked // top_k
+        gate, up = F.linear(x[tokens], gate_up[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down[expert])
+        out.index_add_(0, tokens, (y * weights[picked, None]).to(x.dtype))
+    return out
