@@ -100,6 +100,19 @@ def add_kserve(generation: GenerationService, server: grpc.aio.Server) -> list[s
     return [service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
 
 
+def add_trtllm(generation: GenerationService, server: grpc.aio.Server) -> list[str]:
+    """TensorRT-LLM's gRPC service on the gateway's server, where smg-grpc-proto (its stubs) is installed."""
+    try:
+        from smg_grpc_proto.generated import trtllm_service_pb2, trtllm_service_pb2_grpc
+
+        from services.gateway.trtllm import TrtllmService
+    except ImportError:
+        structlog.get_logger().warning("trtllm_off", reason="smg-grpc-proto is not installed: pip install inflight[trtllm]")
+        return []
+    trtllm_service_pb2_grpc.add_TrtllmServiceServicer_to_server(TrtllmService(generation), server)
+    return [trtllm_service_pb2.DESCRIPTOR.services_by_name["TrtllmService"].full_name]
+
+
 async def start_gateway(config: GatewayConfig) -> Gateway:
     codec = TextCodec(Path(config.model))
     scheduler = SchedulerClient(config.scheduler, KeepalivePolicy(config.keepalive_seconds))
@@ -120,6 +133,8 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     services = list(PUBLIC_SERVICES)
     if config.kserve:
         services += add_kserve(generation, server)
+    if config.trtllm:
+        services += add_trtllm(generation, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -27,6 +27,7 @@ class GatewayConfig:
     keepalive_seconds: float = 20.0  # ping interval to the scheduler
     exit_with_parent: bool = False   # started by a launcher: die with it
     kserve: bool = True              # serve inference.GRPCInferenceService (Triton's KServe v2) beside Generation
+    trtllm: bool = True              # serve trtllm.TrtllmService (TensorRT-LLM's gRPC, what SMG drives) beside it
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser, include_model: bool = True) -> None:
@@ -52,6 +53,8 @@ class GatewayConfig:
         parser.add_argument("--max-messages", type=int, default=1024, help="chat messages in one request")
         parser.add_argument("--kserve", action=argparse.BooleanOptionalAction, default=True,
                             help="serve Triton's KServe v2 gRPC protocol on the same port (needs tritonclient)")
+        parser.add_argument("--trtllm", action=argparse.BooleanOptionalAction, default=True,
+                            help="serve TensorRT-LLM's gRPC service on the same port (needs smg-grpc-proto)")
         parser.add_argument("--trust-message-special-tokens", action="store_true",
                             help="encode control tokens typed into messages as control tokens (trusted callers only)")
 
@@ -71,6 +74,8 @@ class GatewayConfig:
             flags.append("--exit-with-parent")
         if not self.kserve:
             flags.append("--no-kserve")
+        if not self.trtllm:
+            flags.append("--no-trtllm")
         for name in ("auth_tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
             if getattr(self, name):
                 flags += ["--" + name.replace("_", "-"), getattr(self, name)]

@@ -110,12 +110,16 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     # --- the generation itself ---------------------------------------------------------
 
     async def _submit_request(self, request: generation_pb2.GenerateRequest, request_id: str,
-                              caller: Caller) -> scheduler_pb2.SubmitRequest:
+                              caller: Caller, prompt_ids: list[int] | None) -> scheduler_pb2.SubmitRequest:
         info = self.scheduler.model_info
         if info is None:
             raise Rejected(grpc.StatusCode.UNAVAILABLE, "the model is not ready yet")
         try:
-            prompt_ids = await self._encode(request.prompt, request.messages, check=request)
+            if prompt_ids is None:
+                prompt_ids = await self._encode(request.prompt, request.messages, check=request)
+            else:
+                validation.check_sampling(request)
+                validation.check_token_ids(prompt_ids, info.vocab_size)
             limits = validation.ValidLimits(info.max_model_len, info.vocab_size)
             max_new_tokens = validation.max_new_tokens(request, len(prompt_ids), limits)
         except validation.InvalidField as error:
@@ -163,9 +167,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.in_flight.discard((caller.tenant, request_id))
         self.metrics.in_flight.dec()
 
-    async def stream(self, request: generation_pb2.GenerateRequest,
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        """The generation as a stream of responses; raises Rejected for a gRPC error status."""
+    async def stream(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
+                     prompt_ids: list[int] | None = None) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        """The generation as a stream of responses; raises Rejected for a gRPC error status.
+
+        prompt_ids: the prompt already tokenized (protocols whose router tokenizes); request then
+        carries only the sampling and stopping fields.
+        """
         caller = self._caller(context)
         request_id = request.request_id or uuid.uuid4().hex
         progress = Progress()
@@ -174,7 +182,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         finish_reason = common_pb2.FINISH_REASON_UNSPECIFIED
         call: grpc.aio.UnaryStreamCall | None = None
         try:
-            submit = await self._submit_request(request, request_id, caller)
+            submit = await self._submit_request(request, request_id, caller, prompt_ids)
             progress.usage.prompt_tokens = len(submit.prompt_token_ids)
             self.metrics.prompt_tokens.inc(len(submit.prompt_token_ids))
             log.info("request_received", prompt_tokens=len(submit.prompt_token_ids),

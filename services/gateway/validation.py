@@ -51,6 +51,21 @@ def check_request(request: generation_pb2.GenerateRequest, max_messages: int = M
     for index, message in enumerate(request.messages):
         if message.role not in ROLES:
             raise InvalidField(f"messages[{index}].role", f"unknown role {message.role!r}; use one of {sorted(ROLES)}")
+    check_sampling(request)
+    return [Message(m.role, m.content) for m in request.messages]
+
+
+def check_token_ids(prompt_ids: list[int], vocab_size: int) -> None:
+    """A prompt that arrives tokenized (its router tokenized it): ids inside the vocabulary, and some."""
+    if len(prompt_ids) > MAX_INPUT_CHARS:
+        raise InvalidField("prompt token ids", f"over {MAX_INPUT_CHARS} tokens")
+    bad = next((i for i, token in enumerate(prompt_ids) if not 0 <= token < vocab_size), None)
+    if bad is not None:
+        raise InvalidField(f"prompt token ids[{bad}]", f"{prompt_ids[bad]} is outside the vocabulary ({vocab_size})")
+
+
+def check_sampling(request: generation_pb2.GenerateRequest) -> None:
+    """The sampling, stopping and id fields, whatever the input."""
     if request.HasField("temperature") and not (math.isfinite(request.temperature) and request.temperature >= 0):
         raise InvalidField("temperature", "must be a finite number >= 0")
     if request.HasField("top_p") and not (0 < request.top_p <= 1):
@@ -74,7 +89,6 @@ def check_request(request: generation_pb2.GenerateRequest, max_messages: int = M
     for index, stop in enumerate(request.stop):
         if not stop or len(stop) > MAX_STOP_STRING_CHARS:
             raise InvalidField(f"stop[{index}]", f"must have 1 to {MAX_STOP_STRING_CHARS} characters")
-    return [Message(m.role, m.content) for m in request.messages]
 
 
 def max_new_tokens(request: generation_pb2.GenerateRequest, num_prompt_tokens: int, limits: ValidLimits) -> int:

@@ -1,0 +1,144 @@
+"""TensorRT-LLM's gRPC service (`trtllm.TrtllmService`), so routers that drive TensorRT-LLM workers (SMG) drive us.
+
+The router tokenizes: a request carries token ids, sampling and output configuration, and gets back
+token ids (streamed as delta `chunk`s, then one `complete` with every output id, the finish reason,
+the matched stop and the token counts). Each request runs through the gateway's own
+GenerationService, pre-tokenized, so admission, validation, metrics and aborts are the same as for
+`inflight.v1.Generation`. Fields this server does not serve (beam search, several sequences, guided
+decoding, LoRA, prompt tuning, multimodal input, bad words, embedding bias, lookahead,
+disaggregated serving) are refused with INVALID_ARGUMENT naming the field.
+
+The stubs are the ones `smg-grpc-proto` publishes (an optional dependency: `pip install
+inflight[trtllm]`), never a copy of the upstream .proto file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from smg_grpc_proto.generated import trtllm_service_pb2 as trtllm
+from smg_grpc_proto.generated import trtllm_service_pb2_grpc
+
+from inflight.v1 import common_pb2, generation_pb2
+from services.gateway.generation import GenerationService, Rejected
+
+FINISH_REASONS = {common_pb2.FINISH_REASON_LENGTH: "length", common_pb2.FINISH_REASON_STOP: "stop"}
+# (field, what to call it) of request parts with no counterpart here; set, they are refused.
+UNSERVED_OPTIONALS = ("guided_decoding", "lora_config", "prompt_tuning_config", "multimodal_input",
+                      "lookahead_config", "disaggregated_params")
+
+
+def _unserved(request: trtllm.GenerateRequest) -> str | None:
+    sampling = request.sampling_config
+    if sampling.beam_width > 1 or sampling.beam_width_array:
+        return "sampling_config.beam_width: beam search is not served here"
+    if sampling.num_return_sequences > 1:
+        return "sampling_config.num_return_sequences: one sequence per request"
+    for name in UNSERVED_OPTIONALS:
+        if request.HasField(name):
+            return f"{name}: not served here"
+    if request.embedding_bias:
+        return "embedding_bias: not served here"
+    if request.bad or request.bad_token_ids:
+        return "bad, bad_token_ids: bad words are not served here"
+    if request.output_config.prompt_logprobs or request.output_config.return_context_logits \
+            or request.output_config.return_generation_logits:
+        return "output_config: prompt log-probabilities and logits are not served here"
+    return None
+
+
+def to_generate_request(request: trtllm.GenerateRequest) -> generation_pb2.GenerateRequest:
+    sampling = request.sampling_config
+    generate = generation_pb2.GenerateRequest(
+        max_tokens=request.max_tokens, request_id=request.request_id, stop=list(request.stop),
+        stop_token_ids=list(request.stop_token_ids), ignore_eos=request.ignore_eos)
+    for name in ("temperature", "top_p", "seed", "min_p", "repetition_penalty"):
+        if sampling.HasField(name):
+            setattr(generate, name, getattr(sampling, name))
+    for name in ("presence_penalty", "frequency_penalty"):
+        if sampling.HasField(name):
+            setattr(generate, name, getattr(sampling, name))
+    if sampling.HasField("top_k") and sampling.top_k > 0:
+        generate.top_k = sampling.top_k
+    if sampling.HasField("min_tokens"):
+        generate.min_tokens = sampling.min_tokens
+    if request.output_config.HasField("logprobs") and request.output_config.logprobs >= 0:
+        generate.logprobs = True
+        generate.top_logprobs = request.output_config.logprobs
+    return generate
+
+
+def _logprobs(response: generation_pb2.GenerateResponse) -> list[trtllm.TokenLogprob]:
+    return [trtllm.TokenLogprob(token_id=p.token_id, logprob=p.logprob,
+                                top_logprobs=[trtllm.TopLogprob(token_id=token, logprob=logprob)
+                                              for token, logprob in zip(p.top_token_ids, p.top_logprobs)])
+            for p in response.logprobs]
+
+
+class TrtllmService(trtllm_service_pb2_grpc.TrtllmServiceServicer):
+    def __init__(self, generation: GenerationService) -> None:
+        self.generation = generation
+
+    async def Generate(self, request: trtllm.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[trtllm.GenerateResponse]:
+        problem = _unserved(request)
+        if problem is None and not request.max_tokens:
+            problem = "max_tokens: required, at least 1"
+        if problem is None and not request.tokenized.input_token_ids:
+            problem = "tokenized.input_token_ids: required (the router tokenizes)"
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        generate = to_generate_request(request)
+        prompt = list(request.tokenized.input_token_ids)
+        outputs: list[int] = []
+        logprobs: list[trtllm.TokenLogprob] = []
+        try:
+            async for response in self.generation.stream(generate, context, prompt_ids=prompt):
+                outputs += response.token_ids
+                chunk_logprobs = _logprobs(response) if generate.logprobs else []
+                logprobs += chunk_logprobs
+                if request.streaming and response.token_ids:
+                    yield trtllm.GenerateResponse(request_id=response.request_id, chunk=trtllm.GenerateStreamChunk(
+                        token_ids=response.token_ids, prompt_tokens=len(prompt), completion_tokens=len(outputs),
+                        logprobs=chunk_logprobs))
+                if response.finish_reason:
+                    complete = trtllm.GenerateComplete(
+                        output_token_ids=outputs, finish_reason=FINISH_REASONS.get(response.finish_reason, "stop"),
+                        prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens,
+                        cached_tokens=response.usage.cached_prompt_tokens, logprobs=logprobs)
+                    last = outputs[-1] if outputs else None
+                    if response.finish_reason == common_pb2.FINISH_REASON_STOP and last is not None \
+                            and (last in request.stop_token_ids or last in self._eos_ids()):
+                        complete.matched_token_id = last
+                    yield trtllm.GenerateResponse(request_id=response.request_id, complete=complete)
+        except Rejected as rejected:
+            await context.abort(rejected.code, rejected.message)
+
+    def _eos_ids(self) -> list[int]:
+        info = self.generation.scheduler.model_info
+        return list(info.eos_token_ids) if info is not None else []
+
+    async def Abort(self, request: trtllm.AbortRequest, context: grpc.aio.ServicerContext) -> trtllm.AbortResponse:
+        reply = await self.generation.Abort(generation_pb2.AbortRequest(request_id=request.request_id), context)
+        return trtllm.AbortResponse(success=reply.found, message="" if reply.found else "no such request in flight")
+
+    async def HealthCheck(self, request: trtllm.HealthCheckRequest,
+                          context: grpc.aio.ServicerContext) -> trtllm.HealthCheckResponse:
+        ready = self.generation.scheduler.model_info is not None and not self.generation.draining
+        return trtllm.HealthCheckResponse(status="OK" if ready else "NOT_SERVING: the model is not ready")
+
+    async def GetModelInfo(self, request: trtllm.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> trtllm.GetModelInfoResponse:
+        info = self.generation.scheduler.model_info
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is not ready yet")
+        return trtllm.GetModelInfoResponse(model_id=info.model_name, max_input_len=info.max_model_len - 1,
+                                           max_seq_len=info.max_model_len, vocab_size=info.vocab_size)
+
+    async def GetServerInfo(self, request: trtllm.GetServerInfoRequest,
+                            context: grpc.aio.ServicerContext) -> trtllm.GetServerInfoResponse:
+        info = self.generation.scheduler.model_info
+        tp = info.tp_size if info is not None else 0
+        return trtllm.GetServerInfoResponse(version="inflight 0.1.0", backend="pytorch", tensor_parallel_size=tp,
+                                            pipeline_parallel_size=1, context_parallel_size=1, world_size=tp)
