@@ -1,0 +1,106 @@
+"""SMG (the Shepherd Model Gateway, `smg` from PyPI) fronting one inflight replica as a TensorRT-LLM gRPC worker.
+
+Offline on loopback: SMG reads SmolLM2's tokenizer from the local folder, finds our
+`trtllm.TrtllmService` on the gateway's port, and serves OpenAI's HTTP API over it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from inflight.v1 import generation_pb2
+from tests.stack import free_port
+
+MODEL = "SmolLM2-135M-Instruct"
+QUESTION = "What is the capital of France?"
+PROMPT = "The history of the printing press begins"
+
+
+@pytest.fixture(scope="module")
+def smg(stack, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:  # noqa: ANN001
+    binary = shutil.which("smg", path=str(Path(sys.executable).parent)) or shutil.which("smg")
+    assert binary, "smg is a dev dependency (pip install smg)"
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("smg") / "smg.log", "wb")
+    process = subprocess.Popen([binary, "launch", "--worker-urls", f"grpc://{stack.address}", "--model-path", str(model_dir),
+                                "--tokenizer-path", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                workers = httpx.get(f"{url}/workers", timeout=5).json()["workers"]
+                if workers and workers[0].get("is_healthy") and workers[0].get("status") == "ready":
+                    break
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            assert process.poll() is None, "smg exited"
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def ours(stack, chat: bool, max_tokens: int) -> str:  # noqa: ANN001
+    request = generation_pb2.GenerateRequest(max_tokens=max_tokens)
+    if chat:
+        request.messages.add(role="user", content=QUESTION)
+    else:
+        request.prompt = PROMPT
+    return stack.client.complete(request, timeout=120).text
+
+
+@pytest.mark.slow
+def test_smg_registers_the_replica_as_a_tensorrt_llm_grpc_worker(smg: str, stack) -> None:  # noqa: ANN001
+    (worker,) = httpx.get(f"{smg}/workers", timeout=10).json()["workers"]
+    assert (worker["runtime_type"], worker["connection_mode"]) == ("trtllm", "grpc")
+    assert worker["is_healthy"] and worker["model_id"] == MODEL and worker["labels"]["tp_size"] == "1"
+
+
+@pytest.mark.slow
+def test_completions_and_chat_completions_answer_with_our_greedy_text(smg: str, stack) -> None:  # noqa: ANN001
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
+    completion = httpx.post(f"{smg}/v1/completions", json=body, timeout=120).json()
+    assert completion["choices"][0]["text"] == ours(stack, chat=False, max_tokens=16)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 24, "temperature": 0}
+    answer = httpx.post(f"{smg}/v1/chat/completions", json=chat, timeout=120).json()
+    expected = ours(stack, chat=True, max_tokens=24)
+    assert answer["choices"][0]["message"]["content"] == expected
+    pieces = []
+    with httpx.stream("POST", f"{smg}/v1/chat/completions", json={**chat, "stream": True}, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                choices = json.loads(line[len("data: "):]).get("choices") or [{}]
+                pieces.append(choices[0].get("delta", {}).get("content") or "")
+    assert "".join(pieces) == expected
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_mid_stream_makes_smg_abort_and_every_block_is_freed(smg: str, stack) -> None:  # noqa: ANN001
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{smg}/v1/completions", json=body, timeout=120) as response:
+        for index, _ in enumerate(response.iter_lines()):
+            if index >= 6:
+                break  # hang up with ~2,990 tokens to go
+    began = time.monotonic()
+    idle = stack.wait_idle(timeout=30)
+    # 3,000 tokens take well over a minute here: an idle stack within 30 s means the request was aborted.
+    assert idle.kv_blocks_free == idle.kv_blocks_total and idle.requests_running == 0
+    assert time.monotonic() - began < 30
+    assert ours(stack, chat=False, max_tokens=4)
