@@ -117,3 +117,44 @@ def test_health_model_and_server_info(stack, stub) -> None:
     info = stub.GetModelInfo(trtllm.GetModelInfoRequest(), timeout=10)
     assert info.vocab_size == 49152 and info.max_seq_len > info.max_input_len > 0 and info.model_id
     assert stub.GetServerInfo(trtllm.GetServerInfoRequest(), timeout=10).tensor_parallel_size == 1
+
+
+@pytest.mark.slow
+def test_fuzzed_requests_get_tokens_or_invalid_argument_and_nothing_else_is_harmed(stack, stub) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32))
+    sampling = st.builds(
+        lambda beam, n, top_k, top_p, seed, temperature, min_tokens, penalty, min_p: trtllm.SamplingConfig(
+            beam_width=beam, num_return_sequences=n, **{k: v for k, v in dict(
+                top_k=top_k, top_p=top_p, seed=seed, temperature=temperature, min_tokens=min_tokens,
+                repetition_penalty=penalty, min_p=min_p).items() if v is not None}),
+        st.integers(0, 3), st.integers(0, 2), st.one_of(st.none(), st.integers(-5, 60000)), floats,
+        st.one_of(st.none(), st.integers(0, 2**64 - 1)), floats, st.one_of(st.none(), st.integers(0, 10)), floats,
+        floats)
+    requests = st.builds(
+        lambda ids, max_tokens, streaming, config, stop, stop_ids, logprobs: trtllm.GenerateRequest(
+            tokenized=trtllm.TokenizedInput(input_token_ids=ids), max_tokens=max_tokens, streaming=streaming,
+            sampling_config=config, stop=stop, stop_token_ids=stop_ids,
+            output_config=trtllm.OutputConfig(**({} if logprobs is None else {"logprobs": logprobs}))),
+        st.lists(st.integers(0, 60000), max_size=12), st.integers(0, 4), st.booleans(), sampling,
+        st.lists(st.text(max_size=6), max_size=3), st.lists(st.integers(0, 60000), max_size=3),
+        st.one_of(st.none(), st.integers(-2, 30)))
+
+    @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(requests)
+    def check(fuzzed: trtllm.GenerateRequest) -> None:
+        try:
+            responses = list(stub.Generate(fuzzed, timeout=60))
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
+            assert error.details()
+        else:
+            assert responses[-1].WhichOneof("response") == "complete"
+            assert len(responses[-1].complete.output_token_ids) <= fuzzed.max_tokens
+
+    check()
+    idle = stack.wait_idle()
+    assert idle.kv_blocks_free == idle.kv_blocks_total
+    assert stub.HealthCheck(trtllm.HealthCheckRequest(), timeout=10).status == "OK"
