@@ -180,7 +180,7 @@ def test_any_request_maps_to_a_generation_or_a_bad_tensor_error(seed: int) -> No
             elif datatype == "FP32":
                 item.contents.fp32_contents.extend(float(n % 1000) for n in numbers)
         try:
-            inference = to_inference(request, streaming_default=True)
+            inference = to_inference(request)
         except BadTensor as error:
             assert str(error)
         else:

@@ -145,7 +145,8 @@ def _set(generate: generation_pb2.GenerateRequest, field: str, value: Any, name:
         raise BadTensor(f"input '{name}': {value!r} is out of range") from None
 
 
-def to_inference(request: service_pb2.ModelInferRequest, streaming_default: bool) -> Inference:
+def to_inference(request: service_pb2.ModelInferRequest) -> Inference:
+    """The generation a request asks for; streaming only when its `stream`/`streaming` input says so."""
     declared = {name: kind for name, kind, _ in INPUTS}
     for tensor in request.inputs:
         if tensor.name in declared and tensor.datatype != declared[tensor.name] and not (
@@ -182,7 +183,7 @@ def to_inference(request: service_pb2.ModelInferRequest, streaming_default: bool
     log_probs = bool(_one(values, "return_log_probs", bool, False))
     if log_probs:
         generate.logprobs = True
-    streaming = _one(values, "stream", bool, _one(values, "streaming", bool, streaming_default))
+    streaming = _one(values, "stream", bool, _one(values, "streaming", bool, False))
     return Inference(generate, bool(streaming), bool(_one(values, "exclude_input_in_output", bool, False)),
                      (bool(_one(values, "return_num_input_tokens", bool, False)),
                       bool(_one(values, "return_num_output_tokens", bool, False))), log_probs)
@@ -271,7 +272,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         """The responses of one inference; raises BadTensor or Rejected for an error."""
         if not self._known(request.model_name):
             raise BadTensor(f"Request for unknown model: '{request.model_name}' is not found")
-        inference = to_inference(request, streaming_default=False)
+        inference = to_inference(request)
         inference.streaming = inference.streaming and not unary  # a unary call has one response
         empty_final = request.parameters[EMPTY_FINAL].bool_param if EMPTY_FINAL in request.parameters else False
         text, log_probs = "", []

@@ -53,10 +53,7 @@ def to_generate_request(request: trtllm.GenerateRequest) -> generation_pb2.Gener
     generate = generation_pb2.GenerateRequest(
         max_tokens=request.max_tokens, request_id=request.request_id, stop=list(request.stop),
         stop_token_ids=list(request.stop_token_ids), ignore_eos=request.ignore_eos)
-    for name in ("temperature", "top_p", "seed", "min_p", "repetition_penalty"):
-        if sampling.HasField(name):
-            setattr(generate, name, getattr(sampling, name))
-    for name in ("presence_penalty", "frequency_penalty"):
+    for name in ("temperature", "top_p", "seed", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if sampling.HasField(name):
             setattr(generate, name, getattr(sampling, name))
     if sampling.HasField("top_k") and sampling.top_k > 0:

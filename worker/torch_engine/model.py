@@ -61,8 +61,8 @@ class LlamaModel:
         uniform = self.num_q_heads % self.num_kv_heads == 0 and torch.equal(
             kv_of_q, torch.arange(self.num_kv_heads, device=device).repeat_interleave(local_group))
         self._kv_of_q = None if uniform else kv_of_q
-        self.rope: RotaryTable | None = RotaryTable(config.head_dim, config.rope_theta, config.rope_scaling,
-                                                    config.max_position_embeddings, device, dtype)
+        self.rope: RotaryTable | None = None if config.uses_alibi else RotaryTable(
+            config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings, device, dtype)
         self.alibi_slopes: torch.Tensor | None = None  # [q_local] per head, where positions are ALiBi's
         self.clip_qkv: float | None = None
         self.softmax_scale: float | None = None  # None: 1 / sqrt(head_dim)

@@ -35,7 +35,6 @@ class MptModel(LlamaModel):
                  collectives: Collectives, device: torch.device, dtype: torch.dtype, block_size: int = 16) -> None:
         super().__init__(config, weights, shard, collectives, device, dtype, block_size)
         heads = shard.query_heads(config.num_attention_heads)
-        self.rope = None
         slopes = alibi_slopes(config.num_attention_heads, config.alibi_bias_max)[heads.start : heads.stop]
         self.alibi_slopes = slopes.to(device=device, dtype=dtype)
         self.clip_qkv = config.clip_qkv
