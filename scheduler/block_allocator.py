@@ -8,6 +8,7 @@ allocation needs it. Block 0 is the worker's null block (padding reads it); neve
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class OutOfBlocks(RuntimeError):
@@ -15,7 +16,8 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, on_evict: Callable[[int], None] | None = None) -> None:
+        """on_evict(block_hash) is told of each cached block dropped from the prefix index."""
         if num_blocks < 2:
             raise ValueError("the KV cache needs at least 2 blocks (one is reserved)")
         self.num_blocks = num_blocks
@@ -23,6 +25,7 @@ class BlockAllocator:
         self._ref_counts = [0] * num_blocks
         self._hash_of: list[int | None] = [None] * num_blocks
         self._block_of: dict[int, int] = {}
+        self._on_evict = on_evict
 
     @property
     def num_usable(self) -> int:
@@ -68,20 +71,28 @@ class BlockAllocator:
             if self._ref_counts[block] == 0:
                 self._free[block] = None
 
+    def indexed(self) -> dict[int, int]:
+        """The prefix index as it stands: key → block (a copy)."""
+        return dict(self._block_of)
+
     def lookup(self, block_hash: int) -> int | None:
         return self._block_of.get(block_hash)
 
-    def register(self, block: int, block_hash: int) -> None:
-        """Record that block holds the full block keyed by block_hash (first holder wins)."""
-        if block_hash not in self._block_of and self._hash_of[block] is None:
-            self._block_of[block_hash] = block
-            self._hash_of[block] = block_hash
+    def register(self, block: int, block_hash: int) -> bool:
+        """Record that block holds the full block keyed by block_hash (first holder wins); True if it is new."""
+        if block_hash in self._block_of or self._hash_of[block] is not None:
+            return False
+        self._block_of[block_hash] = block
+        self._hash_of[block] = block_hash
+        return True
 
     def _evict(self, block: int) -> None:
         block_hash = self._hash_of[block]
         if block_hash is not None:
             del self._block_of[block_hash]
             self._hash_of[block] = None
+            if self._on_evict is not None:
+                self._on_evict(block_hash)
 
     def check_invariants(self, held: list[list[int]]) -> None:
         """free + used = usable; refcounts = holders; a block held twice is a cached prefix block."""

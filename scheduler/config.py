@@ -24,6 +24,7 @@ class SchedulerConfig:
     keepalive_seconds: float     # ping interval on the worker link; the scheduler's server accepts half of it
     exit_with_parent: bool       # started by a launcher: die with it
     log_level: str
+    kv_event_history: int = 4096  # KV event batches kept for subscribers that resume
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +44,8 @@ class SchedulerConfig:
         parser.add_argument("--keepalive-seconds", type=float, default=20.0)
         parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies")
         parser.add_argument("--log-level", default="info")
+        parser.add_argument("--kv-event-history", type=int, default=4096,
+                            help="prefix-cache event batches kept for SubscribeKvEvents subscribers that resume")
 
     def step_bound(self, num_tokens: int) -> float:
         """The watchdog's bound for a step of num_tokens tokens (0: unbounded)."""

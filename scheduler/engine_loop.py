@@ -24,6 +24,7 @@ import structlog
 from inflight.connection import KeepalivePolicy
 from inflight.v1 import common_pb2, scheduler_pb2, worker_pb2
 from scheduler.config import SchedulerConfig
+from scheduler.kv_events import KvEventLog
 from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits, PlannerStats, RequestOutput
 from scheduler.policy import make_policy
 from scheduler.request import Request, RequestKey
@@ -65,6 +66,7 @@ class EngineLoop:
         self.description: worker_pb2.WorkerDescription | None = None
         self.streams: dict[RequestKey, asyncio.Queue[StreamItem]] = {}
         self.counters = FailureCounters()
+        self.kv_events = KvEventLog(config.kv_event_history)  # across worker groups: one sequence per process
         self._planner_stats = PlannerStats()  # kept across worker groups, so counters never go back
         self._on_ready_change = on_ready_change
         self._wake = asyncio.Event()
@@ -159,7 +161,7 @@ class EngineLoop:
         return Request(
             request_id=submit.request_id, prompt_token_ids=prompt, max_new_tokens=max_new_tokens,
             sampling=sampling, stop_token_ids=frozenset(stop), arrival_order=self._arrivals,
-            priority=submit.priority, tenant=submit.tenant, arrived_at=time.monotonic(),
+            priority=submit.priority, tenant=submit.tenant, cache_salt=submit.cache_salt, arrived_at=time.monotonic(),
             logprobs=submit.logprobs or submit.sampling.top_logprobs > 0,
         )
 
@@ -198,7 +200,10 @@ class EngineLoop:
         )
         self.description = description
         planner = BatchPlanner(limits, make_policy(self.config.policy, self.config.tenant_weights),
-                               enable_prefix_caching=description.prefix_caching and not self.config.no_prefix_caching)
+                               enable_prefix_caching=description.prefix_caching and not self.config.no_prefix_caching,
+                               events=self.kv_events)
+        self.kv_events.cleared()  # a new worker group's cache starts empty
+        self.kv_events.publish()
         planner.stats = self._planner_stats
         self.planner = planner
         self._connections += 1
@@ -230,6 +235,7 @@ class EngineLoop:
             sampled = {s.slot_id: s for s in result.sampled}
             outputs = planner.update(step, {slot: s.token_id for slot, s in sampled.items()})
             self._deliver(outputs, sampled)
+            self.kv_events.publish()
             await asyncio.sleep(0)  # let handlers read their tokens and aborts arrive
 
     def _deliver(self, outputs: list[RequestOutput], sampled: dict[int, worker_pb2.SampledToken]) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from scheduler.block_allocator import BlockAllocator
+from scheduler.kv_events import KvEventLog
 from scheduler.request import Request
 
 
 class KvManager:
-    def __init__(self, allocator: BlockAllocator, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, allocator: BlockAllocator, block_size: int, enable_prefix_caching: bool = True,
+                 events: KvEventLog | None = None) -> None:
         self.allocator = allocator
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.events = events
 
     def blocks_to_add(self, request: Request, num_new_tokens: int) -> int:
         needed = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size)
@@ -31,7 +34,7 @@ class KvManager:
         for index in range(len(hashes), num_blocks):
             parent = hashes[-1] if hashes else None
             tokens = tuple(request.token_ids(index * bs, (index + 1) * bs))
-            hashes.append(hash((parent, tokens, request.tenant)))
+            hashes.append(hash((parent, tokens, request.tenant, request.cache_salt)))
 
     def cached_prefix(self, request: Request) -> list[int]:
         """Cached blocks that hold the start of the request; never its last token (it must be computed)."""
@@ -64,9 +67,24 @@ class KvManager:
             return
         num_full = request.num_computed_tokens // self.block_size
         self._extend_hashes(request, num_full)
+        stored: list[int] = []  # indexes of newly cached blocks, published in runs of consecutive ones
         for index in range(request.num_indexed_blocks, num_full):
-            self.allocator.register(request.block_ids[index], request.block_hashes[index])
+            if self.allocator.register(request.block_ids[index], request.block_hashes[index]):
+                if stored and stored[-1] != index - 1:
+                    self._publish_stored(request, stored)
+                    stored = []
+                stored.append(index)
+        if stored:
+            self._publish_stored(request, stored)
         request.num_indexed_blocks = max(request.num_indexed_blocks, num_full)
+
+    def _publish_stored(self, request: Request, indexes: list[int]) -> None:
+        if self.events is None:
+            return
+        bs, hashes = self.block_size, request.block_hashes
+        parent = hashes[indexes[0] - 1] if indexes[0] > 0 else None
+        blocks = [(hashes[i], request.token_ids(i * bs, (i + 1) * bs)) for i in indexes]
+        self.events.stored(blocks, parent, bs, request.cache_salt, request.tenant)
 
     def free(self, request: Request) -> None:
         self.allocator.free(request.block_ids)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from inflight.v1 import common_pb2
 from scheduler.block_allocator import BlockAllocator
+from scheduler.kv_events import KvEventLog
 from scheduler.kv_manager import KvManager
 from scheduler.policy import Policy, WaitingQueue
 from scheduler.request import Request, RequestKey, RequestStatus
@@ -73,12 +74,13 @@ class BatchPlanner:
     limits: PlannerLimits
     policy: Policy
     enable_prefix_caching: bool = True
+    events: KvEventLog | None = None  # told what the prefix cache stores and drops
     allocator: BlockAllocator = field(init=False)
     kv: KvManager = field(init=False)
 
     def __post_init__(self) -> None:
-        self.allocator = BlockAllocator(self.limits.num_kv_blocks)
-        self.kv = KvManager(self.allocator, self.limits.block_size, self.enable_prefix_caching)
+        self.allocator = BlockAllocator(self.limits.num_kv_blocks, self.events.removed if self.events else None)
+        self.kv = KvManager(self.allocator, self.limits.block_size, self.enable_prefix_caching, self.events)
         self.waiting = WaitingQueue(self.policy)
         self.running: list[Request] = []
         self.requests: dict[RequestKey, Request] = {}

@@ -27,6 +27,7 @@ class Request:
     arrival_order: int
     priority: int = 0
     tenant: str = ""
+    cache_salt: str = ""               # with the tenant, the prefix-cache namespace
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0       # tokens whose K/V are in the cache

@@ -1,4 +1,4 @@
-"""The scheduler's gRPC service for gateways: Submit streams, Abort, stats, model info."""
+"""The scheduler's gRPC service for gateways: Submit streams, Abort, stats, model info, KV events."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import structlog
 
 from inflight.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.engine_loop import EngineLoop, Failure, RequestRejected
+from scheduler.kv_events import CursorExpired
 
 log = structlog.get_logger()
 
@@ -59,3 +60,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             eos_token_ids=d.eos_token_ids, tp_size=d.tp_size, engine=d.engine, device=d.device,
             block_size=d.block_size, instance_id=self.instance_id,
         )
+
+    async def SubscribeKvEvents(self, request: scheduler_pb2.SubscribeKvEventsRequest,
+                                context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.KvEventBatch]:
+        await context.send_initial_metadata(())  # a subscriber knows at once that the stream is up
+        try:
+            async for batch in self.loop.kv_events.subscribe(request.start_sequence_number):
+                yield batch
+        except CursorExpired as expired:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(expired))

@@ -46,6 +46,7 @@ class ServeConfig:
     policy: str
     tenant_weights: str
     no_prefix_caching: bool
+    kv_event_history: int
     max_waiting_requests: int
     step_timeout: float
     step_timeout_per_token: float
@@ -75,6 +76,8 @@ class ServeConfig:
         parser.add_argument("--policy", default="fcfs", choices=["fcfs", "priority", "fair"])
         parser.add_argument("--tenant-weights", default="", help='for --policy fair: "tenantA=2,tenantB=1"')
         parser.add_argument("--no-prefix-caching", action="store_true")
+        parser.add_argument("--kv-event-history", type=int, default=4096,
+                            help="prefix-cache event batches kept for SubscribeKvEvents subscribers that resume")
         parser.add_argument("--cache-dir", default="", help="where converted models are kept")
         parser.add_argument("--tokenizer", default="",
                             help="folder with tokenizer.json for the gateway (default: the model's; "
@@ -152,6 +155,7 @@ class Stack:
             "--policy", c.policy, "--tenant-weights", c.tenant_weights, "--log-level", c.log_level,
             "--max-waiting-requests", str(c.max_waiting_requests), "--step-timeout", str(c.step_timeout),
             "--step-timeout-per-token", str(c.step_timeout_per_token), "--keepalive-seconds", str(c.keepalive_seconds),
+            "--kv-event-history", str(c.kv_event_history),
             "--exit-with-parent", *(["--no-prefix-caching"] if c.no_prefix_caching else []),
         ])
 

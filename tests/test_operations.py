@@ -66,6 +66,25 @@ def test_a_valid_token_generates_and_only_admin_tokens_read_stats(secure_stack):
 
 
 @pytest.mark.slow
+def test_only_admin_tokens_subscribe_to_kv_events_which_carry_every_tenants_prompts(secure_stack):
+    from smg_grpc_proto.generated import common_pb2 as smg_common
+    from smg_grpc_proto.generated import trtllm_service_pb2_grpc
+
+    for token, allowed in (("user-token", False), ("ops-token", True)):
+        client = secure_stack.make_client(token=token)
+        call = trtllm_service_pb2_grpc.TrtllmServiceStub(client.channel).SubscribeKvEvents(
+            smg_common.SubscribeKvEventsRequest(), metadata=client.metadata, timeout=5)
+        batches = []
+        with pytest.raises(grpc.RpcError) as ended:
+            batches.extend(call)
+        expected = grpc.StatusCode.DEADLINE_EXCEEDED if allowed else grpc.StatusCode.PERMISSION_DENIED
+        assert ended.value.code() == expected
+        # The admin's stream opens on the scheduler's history: the stack's first batch clears the cache.
+        assert bool(batches) is allowed and (not allowed or batches[0].events[0].HasField("cleared"))
+        client.close()
+
+
+@pytest.mark.slow
 def test_health_needs_no_token_but_plaintext_is_refused(secure_stack):
     assert health_status(secure_stack.port, credentials=secure_stack.credentials()) == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.RpcError):

@@ -1,7 +1,8 @@
 """Bearer-token authentication for the gateway: who is calling, as which tenant, with which rights.
 
 The tokens file has one token a line: `TOKEN TENANT [admin]` (# starts a comment). Calls without
-a valid token get UNAUTHENTICATED; Admin calls from a token without `admin` get PERMISSION_DENIED.
+a valid token get UNAUTHENTICATED; Admin calls, and subscriptions to the prefix cache's events (they
+carry every tenant's prompt tokens), from a token without `admin` get PERMISSION_DENIED.
 Methods whose names start with an exempt prefix (health and reflection by default) need no token.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-ADMIN_PREFIX = "/inflight.v1.Admin/"
+ADMIN_ONLY = ("/inflight.v1.Admin/", "/trtllm.TrtllmService/SubscribeKvEvents")
 DEFAULT_EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -58,8 +59,8 @@ class Authenticator:
         principal = self.principal(metadata)
         if principal is None:
             return grpc.StatusCode.UNAUTHENTICATED, "a valid `authorization: Bearer <token>` is required"
-        if method.startswith(ADMIN_PREFIX) and not principal.admin:
-            return grpc.StatusCode.PERMISSION_DENIED, "this token may not call the Admin service"
+        if method.startswith(ADMIN_ONLY) and not principal.admin:
+            return grpc.StatusCode.PERMISSION_DENIED, f"{method} needs a token marked admin"
         return None
 
 

@@ -128,7 +128,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             request_id=request_id, prompt_token_ids=prompt_ids, max_new_tokens=max_new_tokens,
             sampling=validation.sampling_params(request), stop_token_ids=request.stop_token_ids,
             ignore_eos=request.ignore_eos, priority=request.priority, tenant=caller.tenant,
-            logprobs=request.logprobs or request.top_logprobs > 0,
+            cache_salt=request.cache_salt, logprobs=request.logprobs or request.top_logprobs > 0,
         )
 
     async def _encode(self, prompt: str, messages, check: generation_pb2.GenerateRequest | None = None) -> list[int]:  # type: ignore[no-untyped-def]

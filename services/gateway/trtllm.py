@@ -8,6 +8,9 @@ GenerationService, pre-tokenized, so admission, validation, metrics and aborts a
 decoding, LoRA, prompt tuning, multimodal input, bad words, embedding bias, lookahead,
 disaggregated serving) are refused with INVALID_ARGUMENT naming the field.
 
+`SubscribeKvEvents` relays the scheduler's prefix-cache events (what it stored, with each block's
+token ids, and what it dropped), so a router can place a request where its prefix is cached.
+
 The stubs are the ones `smg-grpc-proto` publishes (an optional dependency: `pip install
 inflight[trtllm]`), never a copy of the upstream .proto file.
 """
@@ -17,10 +20,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from smg_grpc_proto.generated import common_pb2 as smg_common
 from smg_grpc_proto.generated import trtllm_service_pb2 as trtllm
 from smg_grpc_proto.generated import trtllm_service_pb2_grpc
 
-from inflight.v1 import common_pb2, generation_pb2
+from inflight.v1 import common_pb2, generation_pb2, scheduler_pb2
 from services.gateway.generation import GenerationService, Rejected
 
 FINISH_REASONS = {common_pb2.FINISH_REASON_LENGTH: "length", common_pb2.FINISH_REASON_STOP: "stop"}
@@ -60,6 +64,8 @@ def to_generate_request(request: trtllm.GenerateRequest) -> generation_pb2.Gener
         generate.top_k = sampling.top_k
     if sampling.HasField("min_tokens"):
         generate.min_tokens = sampling.min_tokens
+    if request.HasField("cache_salt_id"):
+        generate.cache_salt = str(request.cache_salt_id)
     if request.output_config.HasField("logprobs") and request.output_config.logprobs >= 0:
         generate.logprobs = True
         generate.top_logprobs = request.output_config.logprobs
@@ -71,6 +77,31 @@ def _logprobs(response: generation_pb2.GenerateResponse) -> list[trtllm.TokenLog
                                 top_logprobs=[trtllm.TopLogprob(token_id=token, logprob=logprob)
                                               for token, logprob in zip(p.top_token_ids, p.top_logprobs)])
             for p in response.logprobs]
+
+
+def to_kv_event_batch(batch: scheduler_pb2.KvEventBatch) -> smg_common.KvEventBatch:
+    out = smg_common.KvEventBatch(sequence_number=batch.sequence_number, timestamp=batch.timestamp)
+    for index, event in enumerate(batch.events):
+        # Unique over the scheduler's life: a batch never holds 2**20 events (one step's worth).
+        converted = out.events.add(event_id=(batch.sequence_number << 20) + index)
+        kind = event.WhichOneof("data")
+        if kind == "stored":
+            stored = converted.stored
+            stored.tier = smg_common.KV_CACHE_TIER_DEVICE
+            if event.stored.HasField("parent_block_hash"):
+                stored.parent_block_hash = event.stored.parent_block_hash
+            if event.stored.cache_salt:
+                stored.cache_salt = event.stored.cache_salt
+            tenant = [smg_common.KvBlockExtraKey(text=event.stored.tenant)] if event.stored.tenant else []
+            for block in event.stored.blocks:
+                stored.blocks.add(block_hash=block.block_hash, token_ids=block.token_ids,
+                                  block_size=block.block_size, extra_keys=tenant)
+        elif kind == "removed":
+            converted.removed.block_hashes.extend(event.removed.block_hashes)
+            converted.removed.tier = smg_common.KV_CACHE_TIER_DEVICE
+        else:
+            converted.cleared.SetInParent()
+    return out
 
 
 class TrtllmService(trtllm_service_pb2_grpc.TrtllmServiceServicer):
@@ -139,3 +170,17 @@ class TrtllmService(trtllm_service_pb2_grpc.TrtllmServiceServicer):
         tp = info.tp_size if info is not None else 0
         return trtllm.GetServerInfoResponse(version="inflight 0.1.0", backend="pytorch", tensor_parallel_size=tp,
                                             pipeline_parallel_size=1, context_parallel_size=1, world_size=tp)
+
+    async def SubscribeKvEvents(self, request: smg_common.SubscribeKvEventsRequest,
+                                context: grpc.aio.ServicerContext) -> AsyncIterator[smg_common.KvEventBatch]:
+        await context.send_initial_metadata(())  # routers drop a worker whose subscription does not answer at once
+        relay = scheduler_pb2.SubscribeKvEventsRequest(start_sequence_number=request.start_sequence_number)
+        try:
+            async for batch in self.generation.scheduler.stub.SubscribeKvEvents(relay):
+                yield to_kv_event_batch(batch)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.OUT_OF_RANGE:
+                await context.abort(grpc.StatusCode.OUT_OF_RANGE, error.details() or "the cursor has expired")
+            # A scheduler that restarted numbers its batches afresh (from a KvCacheCleared): resubscribe.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the scheduler's event stream ended ({error.code().name}); "
+                                                             "resubscribe")

@@ -84,6 +84,8 @@ def check_sampling(request: generation_pb2.GenerateRequest) -> None:
         raise InvalidField("min_tokens", "must not exceed max_tokens")
     if len(request.request_id) > 128:
         raise InvalidField("request_id", "at most 128 characters")
+    if len(request.cache_salt) > 256:
+        raise InvalidField("cache_salt", "at most 256 characters")
     if len(request.stop) > MAX_STOP_STRINGS:
         raise InvalidField("stop", f"at most {MAX_STOP_STRINGS} stop strings")
     for index, stop in enumerate(request.stop):

@@ -1,0 +1,94 @@
+"""The prefix cache's history, for routers that place requests where their prefix is cached.
+
+The KV manager records what the cache stores and drops as it happens; once per step the
+engine loop publishes what was recorded as one numbered batch. Batches are kept in a bounded
+history, so a subscriber that reconnects resumes after the last batch it applied; one whose
+cursor the history no longer reaches is told so (CursorExpired) and starts over from live
+batches, rebuilding its view from a later KvCacheCleared or from what it sees stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+from inflight.v1 import scheduler_pb2
+
+
+class CursorExpired(Exception):
+    """The batches after a subscriber's cursor are no longer (or not yet) in the history."""
+
+
+class KvEventLog:
+    def __init__(self, max_batches: int = 4096) -> None:
+        if max_batches < 1:
+            raise ValueError("the KV event history keeps at least one batch")
+        self._history: deque[scheduler_pb2.KvEventBatch] = deque(maxlen=max_batches)
+        self._pending: list[scheduler_pb2.KvEvent] = []
+        self._next_sequence = 1
+        self._published = asyncio.Event()
+
+    @property
+    def newest(self) -> int:
+        """The sequence number of the newest published batch (0: none yet)."""
+        return self._next_sequence - 1
+
+    # --- recording (the engine loop's thread, between awaits) ---------------------------
+
+    def stored(self, blocks: list[tuple[int, list[int]]], parent_hash: int | None, block_size: int,
+               cache_salt: str, tenant: str) -> None:
+        """Full blocks, each (hash, token ids), chained from parent_hash."""
+        event = scheduler_pb2.KvEvent()
+        stored = event.stored
+        stored.cache_salt, stored.tenant = cache_salt, tenant
+        if parent_hash is not None:
+            stored.parent_block_hash = parent_hash
+        for block_hash, token_ids in blocks:
+            stored.blocks.add(block_hash=block_hash, token_ids=token_ids, block_size=block_size)
+        self._pending.append(event)
+
+    def removed(self, block_hash: int) -> None:
+        last = self._pending[-1] if self._pending else None
+        if last is not None and last.HasField("removed"):
+            last.removed.block_hashes.append(block_hash)
+        else:
+            self._pending.append(scheduler_pb2.KvEvent(removed=scheduler_pb2.KvBlocksRemoved(block_hashes=[block_hash])))
+
+    def cleared(self) -> None:
+        """Every block is gone: what was recorded but not yet published no longer matters."""
+        self._pending = [scheduler_pb2.KvEvent(cleared=scheduler_pb2.KvCacheCleared())]
+
+    def publish(self) -> None:
+        """What was recorded since the last call becomes the next batch (none if nothing was)."""
+        if not self._pending:
+            return
+        batch = scheduler_pb2.KvEventBatch(sequence_number=self._next_sequence, timestamp=time.time(),
+                                           events=self._pending)
+        self._pending = []
+        self._next_sequence += 1
+        self._history.append(batch)
+        published, self._published = self._published, asyncio.Event()
+        published.set()
+
+    # --- subscribers ------------------------------------------------------------------------
+
+    async def subscribe(self, cursor: int) -> AsyncIterator[scheduler_pb2.KvEventBatch]:
+        """Every batch after cursor (0: see the module), then each new one, for ever."""
+        oldest = self._history[0].sequence_number if self._history else self._next_sequence
+        if cursor > self.newest:
+            raise CursorExpired(f"start_sequence_number {cursor} is past the newest batch {self.newest}")
+        if cursor == 0 and oldest > 1:
+            cursor = self.newest  # the history no longer holds the start: live batches only
+        while True:
+            waiter = self._published
+            oldest = self._history[0].sequence_number if self._history else self._next_sequence
+            if cursor + 1 < oldest:
+                raise CursorExpired(f"batches {cursor + 1} to {oldest - 1} are no longer kept "
+                                    f"(the history holds {self._history.maxlen} batches)")
+            for batch in list(self._history)[cursor + 1 - oldest:]:
+                yield batch
+                cursor = batch.sequence_number
+            if cursor == self.newest:
+                await waiter.wait()
