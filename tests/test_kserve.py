@@ -200,3 +200,53 @@ def test_bytes_that_do_not_parse_get_invalid_argument_and_the_stack_serves_on(st
                     call(garbage, timeout=30)
                 assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert generate_text(stack, max_tokens=4)
+
+
+@pytest.mark.slow
+def test_fuzzed_requests_against_the_stack_get_outputs_or_invalid_argument_and_nothing_else_is_harmed(stack) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    def small_numbers(name: str) -> st.SearchStrategy[list[int]]:  # the stack really generates: keep it short
+        return st.lists(st.integers(-3, 6) if name == "max_tokens" else st.integers(-2**40, 2**40), max_size=3)
+
+    tensor_strategy = st.sampled_from(_NAMES).flatmap(lambda name: st.tuples(
+        st.just(name), st.sampled_from(_TYPES), st.binary(max_size=12), small_numbers(name)))
+
+    with grpc.insecure_channel(stack.address) as channel:
+        infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+
+        @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(st.lists(tensor_strategy, max_size=4), st.booleans(), st.sampled_from([True, True, False]),
+               st.integers(0, 2), st.sampled_from(["ensemble", "ensemble", "tensorrt_llm_bls", "nope"]))
+        def check(tensors, raw, well_formed_start, extra, model):  # type: ignore[no-untyped-def]
+            request = service_pb2.ModelInferRequest(model_name=model)
+            if well_formed_start:  # most requests then reach a generation, with the fuzzed tensors after
+                tensors = [("text_input", "BYTES", b"Tell me", []), ("max_tokens", "INT32", b"", [3]),
+                           *[t for t in tensors if t[0] not in ("text_input", "max_tokens")][:extra // 2]]
+            for name, datatype, payload, numbers in tensors:
+                item = request.inputs.add(name=name, datatype=datatype, shape=[1, 1])
+                if raw and (name, datatype) == ("text_input", "BYTES"):  # BYTES elements are length-prefixed
+                    request.raw_input_contents.append(len(payload).to_bytes(4, "little") + payload)
+                elif raw and (name, datatype) == ("max_tokens", "INT32"):
+                    request.raw_input_contents.append(np.int32(numbers[0] if numbers else 0).tobytes())
+                elif raw:
+                    request.raw_input_contents.append(payload)
+                elif datatype in ("BYTES", "STRING"):
+                    item.contents.bytes_contents.append(payload)
+                elif datatype in ("INT32", "INT8"):
+                    item.contents.int_contents.extend(n for n in numbers if -2**31 <= n < 2**31)
+                elif datatype in ("INT64",):
+                    item.contents.int64_contents.extend(numbers)
+            try:
+                reply = infer(request, timeout=60)
+            except grpc.RpcError as error:
+                assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), error.code()
+                assert error.details()
+            else:
+                assert any(o.name == "text_output" for o in reply.outputs)
+
+        check()
+    idle = stack.wait_idle()
+    assert idle.kv_blocks_free == idle.kv_blocks_total
+    assert generate_text(stack, max_tokens=4)
