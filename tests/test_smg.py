@@ -7,9 +7,6 @@ Offline on loopback: SMG reads SmolLM2's tokenizer from the local folder, finds 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,7 @@ import httpx
 import pytest
 
 from inflight.v1 import generation_pb2
-from tests.stack import free_port
+from tests.smg_router import SmgRouter
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = "What is the capital of France?"
@@ -27,33 +24,9 @@ PROMPT = "The history of the printing press begins"
 
 @pytest.fixture(scope="module")
 def smg(stack, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:  # noqa: ANN001
-    binary = shutil.which("smg", path=str(Path(sys.executable).parent)) or shutil.which("smg")
-    assert binary, "smg is a dev dependency (pip install smg)"
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("smg") / "smg.log", "wb")
-    process = subprocess.Popen([binary, "launch", "--worker-urls", f"grpc://{stack.address}", "--model-path", str(model_dir),
-                                "--tokenizer-path", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                workers = httpx.get(f"{url}/workers", timeout=5).json()["workers"]
-                if workers and workers[0].get("is_healthy") and workers[0].get("status") == "ready":
-                    break
-            except (httpx.HTTPError, KeyError, ValueError):
-                pass
-            assert process.poll() is None, "smg exited"
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    router = SmgRouter([stack.address], model_dir, tmp_path_factory.mktemp("smg") / "smg.log").wait_ready()
+    yield router.url
+    router.stop()
 
 
 def ours(stack, chat: bool, max_tokens: int) -> str:  # noqa: ANN001

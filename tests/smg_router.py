@@ -1,0 +1,60 @@
+"""SMG (the Shepherd Model Gateway, `smg` from PyPI) in a subprocess, fronting inflight replicas on loopback.
+
+Offline: SMG reads the tokenizer from a local model folder and finds each replica's
+`trtllm.TrtllmService` on its gateway port.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.stack import free_port
+
+
+class SmgRouter:
+    def __init__(self, worker_addresses: list[str], model_dir: Path, log_path: Path, policy: str = "cache_aware",
+                 extra_args: tuple[str, ...] = ()) -> None:
+        binary = shutil.which("smg", path=str(Path(sys.executable).parent)) or shutil.which("smg")
+        assert binary, "smg is a dev dependency (pip install smg)"
+        self.num_workers = len(worker_addresses)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [binary, "launch", "--worker-urls", *(f"grpc://{a}" for a in worker_addresses), "--policy", policy,
+             "--model-path", str(model_dir), "--tokenizer-path", str(model_dir), "--host", "127.0.0.1",
+             "--port", str(port), "--prometheus-port", str(free_port()), *extra_args],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def workers(self) -> list[dict]:
+        return httpx.get(f"{self.url}/workers", timeout=5).json()["workers"]
+
+    def wait_ready(self, timeout: float = 90.0) -> SmgRouter:
+        """Once every replica is registered, healthy and ready."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "smg exited"
+            try:
+                workers = self.workers()
+                if len(workers) == self.num_workers and all(w.get("is_healthy") and w.get("status") == "ready"
+                                                            for w in workers):
+                    return self
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"smg did not register {self.num_workers} ready workers within {timeout} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
