@@ -125,7 +125,7 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     if size > 1:
-        init_distributed(comm, args.device)
+        init_distributed(comm, args.device, comm.allgather(MPI.Get_processor_name()))
     elif args.device == "cuda":
         torch.cuda.set_device(0)
     config = WorkerConfig(model=args.model, listen="", device=args.device, dtype=args.dtype, block_size=16,

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,7 @@ class ServeConfig:
     cache_dir: str
     tokenizer: str
     mpiexec: str
+    mpi_hosts: str
     log_level: str
     gateway: GatewayConfig
 
@@ -83,6 +85,10 @@ class ServeConfig:
                             help="folder with tokenizer.json for the gateway (default: the model's; "
                                  f"for random:<shape> models, {DEFAULT_MODEL}'s)")
         parser.add_argument("--mpiexec", default="", help="mpiexec to use (default: beside this Python, else PATH)")
+        parser.add_argument("--mpi-hosts", default="",
+                            help="run the worker group's ranks across hosts: HOST[:SLOTS],... in rank order, this "
+                                 "host first (rank 0 serves the scheduler here); given to mpiexec as -host. Every "
+                                 "host needs the same paths (this Python, the model) and mpiexec's remote launch")
         parser.add_argument("--log-level", default="info")
         parser.add_argument("--max-waiting-requests", type=int, default=1024)
         parser.add_argument("--step-timeout", type=float, default=30.0,
@@ -140,7 +146,8 @@ class Stack:
         c = self.config
         self._spawn("worker", [
             sys.executable, "-m", "inflight.process",  # mpiexec, dying with this launcher
-            find_mpiexec(c.mpiexec), "-n", str(c.tp), sys.executable, "-m", "worker",
+            find_mpiexec(c.mpiexec), *(["-host", c.mpi_hosts] if c.mpi_hosts else []), "-n", str(c.tp),
+            sys.executable, "-m", "worker",
             "--model", self.model_path, "--listen", self.worker_address, "--device", c.device, "--dtype", c.dtype,
             "--block-size", str(c.block_size), "--num-kv-blocks", str(c.num_kv_blocks),
             "--kv-cache-gb", str(c.kv_cache_gb), "--max-num-batched-tokens", str(c.max_num_batched_tokens),
@@ -284,6 +291,22 @@ def check_tensor_parallel(model_path: str, tp: int) -> None:
         raise SystemExit(f"inflight serve: --tp {tp}: {heads} attention heads cannot be split across tp={tp} ranks")
 
 
+def check_mpi_hosts(mpi_hosts: str) -> None:
+    """Rank 0 goes to the first host, and it must be this one: the scheduler reaches it on a local socket."""
+    if not mpi_hosts:
+        return
+    first = mpi_hosts.split(",")[0].split(":")[0]
+    try:
+        with socket.socket() as probe:
+            probe.bind((socket.gethostbyname(first), 0))  # only this host's own addresses can be bound
+        is_local = True
+    except OSError:
+        is_local = first in (socket.gethostname(), socket.getfqdn())
+    if not is_local:
+        raise SystemExit(f"inflight serve: --mpi-hosts {mpi_hosts}: the first host ({first}) must be this one, "
+                         f"{socket.gethostname()}, which runs rank 0")
+
+
 def serve(config: ServeConfig) -> int:
     log = configure_logging("launcher", config.log_level)
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
@@ -294,6 +317,7 @@ def serve(config: ServeConfig) -> int:
     tokenizer_path = str(resolve_model(config.tokenizer, cache_dir)) if config.tokenizer else (
         str(resolve_model(DEFAULT_MODEL, cache_dir)) if config.model.startswith("random:") else model_path)
     check_tensor_parallel(model_path, config.tp)
+    check_mpi_hosts(config.mpi_hosts)
     log.info("launcher_starting", model=model_path, port=config.port, tp=config.tp, device=config.device)
     stopping = False
 

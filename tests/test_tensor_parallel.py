@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,17 +59,19 @@ def test_smollm2_at_tp3_gives_the_tokens_of_tp1(stack):
 
 @pytest.mark.slow
 def test_random_llama_at_tp2_and_tp4_with_kv_head_replication_gives_the_tokens_of_tp1(random_gqa_model):
+    # The host-list path: mpiexec -host places the ranks on the hosts named (this one, under two names).
+    host_list = ("--mpi-hosts", f"localhost:1,{socket.gethostname()}:1")
+    runs = {"tp1": (1, ()), "tp2": (2, ()), "tp4": (4, ()), "tp2 on a host list": (2, host_list)}
     tokens = {}
-    for tp in (1, 2, 4):
+    for name, (tp, flags) in runs.items():
         served = ServedStack("--model", str(random_gqa_model), "--tp", str(tp), "--num-kv-blocks", "64",
-                             "--max-model-len", "1024").wait_ready()
+                             "--max-model-len", "1024", *flags).wait_ready()
         try:
-            tokens[tp] = greedy(served, PROMPTS, max_tokens=48)
+            tokens[name] = greedy(served, PROMPTS, max_tokens=48)
         finally:
             assert served.stop() == 0
-    assert all(len(t) == 48 for t in tokens[1])
-    assert tokens[2] == tokens[1]
-    assert tokens[4] == tokens[1]
+    assert all(len(t) == 48 for t in tokens["tp1"])
+    assert tokens["tp2"] == tokens["tp4"] == tokens["tp2 on a host list"] == tokens["tp1"]
 
 
 def worker_restarts(served: ServedStack) -> int:

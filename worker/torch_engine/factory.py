@@ -17,10 +17,11 @@ log = structlog.get_logger()
 
 def create_torch_engine(config: WorkerConfig, comm: MPI.Comm) -> TorchEngine:
     rank, size = comm.Get_rank(), comm.Get_size()
-    if config.device == "cpu":
-        torch.set_num_threads(max(1, usable_cpus() // size))  # the ranks of one host share its cores
+    hosts = comm.allgather(MPI.Get_processor_name())
+    if config.device == "cpu":  # the ranks of one host share its cores
+        torch.set_num_threads(max(1, usable_cpus() // hosts.count(hosts[rank])))
     if size > 1:
-        init_distributed(comm, config.device)
+        init_distributed(comm, config.device, hosts)
     elif config.device == "cuda":
         torch.cuda.set_device(0)
     engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size))
