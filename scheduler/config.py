@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from inflight.tracing import add_otlp_traces_endpoint
 from scheduler.policy import POLICIES
 
 
@@ -24,6 +25,7 @@ class SchedulerConfig:
     keepalive_seconds: float     # ping interval on the worker link; the scheduler's server accepts half of it
     exit_with_parent: bool       # started by a launcher: die with it
     log_level: str
+    otlp_traces_endpoint: str = ""  # OTLP/gRPC collector for traces (http://host:4317); empty: not traced
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +45,7 @@ class SchedulerConfig:
         parser.add_argument("--keepalive-seconds", type=float, default=20.0)
         parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies")
         parser.add_argument("--log-level", default="info")
+        add_otlp_traces_endpoint(parser)
 
     def step_bound(self, num_tokens: int) -> float:
         """The watchdog's bound for a step of num_tokens tokens (0: unbounded)."""

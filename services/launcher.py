@@ -26,6 +26,7 @@ from inflight.log import configure_logging
 from inflight.model_config import ModelConfig, UnsupportedModel
 from inflight.model_shapes import SHAPES
 from inflight.model_store import DEFAULT_MODEL, resolve_model
+from inflight.tracing import add_otlp_traces_endpoint
 from services.gateway.config import GatewayConfig
 
 
@@ -55,6 +56,7 @@ class ServeConfig:
     tokenizer: str
     mpiexec: str
     log_level: str
+    otlp_traces_endpoint: str  # both the gateway and the scheduler trace to it
     gateway: GatewayConfig
 
     @staticmethod
@@ -91,6 +93,7 @@ class ServeConfig:
                                  "that process (the whole worker group) is restarted (0: never)")
         parser.add_argument("--keepalive-seconds", type=float, default=20.0,
                             help="ping interval on the internal connections (each server accepts half of it)")
+        add_otlp_traces_endpoint(parser)
         GatewayConfig.add_arguments(parser.add_argument_group("gateway"), include_model=False)
 
     @classmethod
@@ -153,6 +156,7 @@ class Stack:
             "--max-waiting-requests", str(c.max_waiting_requests), "--step-timeout", str(c.step_timeout),
             "--step-timeout-per-token", str(c.step_timeout_per_token), "--keepalive-seconds", str(c.keepalive_seconds),
             "--exit-with-parent", *(["--no-prefix-caching"] if c.no_prefix_caching else []),
+            *(["--otlp-traces-endpoint", c.otlp_traces_endpoint] if c.otlp_traces_endpoint else []),
         ])
 
     def start(self) -> None:
