@@ -29,6 +29,8 @@ MAX_LINKS_PER_STEP = 64  # a step of hundreds of sequences links the first ones;
 
 
 class SchedulerTracing:
+    """The engine loop's hooks into tracing: lifecycle events on request spans, and step spans."""
+
     def __init__(self, tracer: Tracer) -> None:
         self.tracer = tracer
 
