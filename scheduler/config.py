@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from inflight.tracing import add_otlp_traces_endpoint
 from scheduler.policy import POLICIES
 
 
@@ -25,6 +26,7 @@ class SchedulerConfig:
     exit_with_parent: bool       # started by a launcher: die with it
     log_level: str
     kv_event_history: int = 4096  # KV event batches kept for subscribers that resume
+    otlp_traces_endpoint: str = ""  # OTLP/gRPC collector for traces (http://host:4317); empty: not traced
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +48,7 @@ class SchedulerConfig:
         parser.add_argument("--log-level", default="info")
         parser.add_argument("--kv-event-history", type=int, default=4096,
                             help="prefix-cache event batches kept for SubscribeKvEvents subscribers that resume")
+        add_otlp_traces_endpoint(parser)
 
     def step_bound(self, num_tokens: int) -> float:
         """The watchdog's bound for a step of num_tokens tokens (0: unbounded)."""

@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
@@ -29,6 +30,9 @@ from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits, PlannerS
 from scheduler.policy import make_policy
 from scheduler.request import Request, RequestKey
 from scheduler.worker_link import StepTimedOut, WorkerLink, WorkerUnavailable, plan_to_proto
+
+if TYPE_CHECKING:
+    from scheduler.tracing import SchedulerTracing
 
 log = structlog.get_logger()
 
@@ -59,8 +63,10 @@ StreamItem = scheduler_pb2.TokenEvent | Failure
 
 
 class EngineLoop:
-    def __init__(self, config: SchedulerConfig, on_ready_change: Callable[[bool], None]) -> None:
+    def __init__(self, config: SchedulerConfig, on_ready_change: Callable[[bool], None],
+                 tracing: SchedulerTracing | None = None) -> None:
         self.config = config
+        self.tracing = tracing  # None: not traced
         self.link = WorkerLink(config.worker, KeepalivePolicy(config.keepalive_seconds))
         self.planner: BatchPlanner | None = None
         self.description: worker_pb2.WorkerDescription | None = None
@@ -87,6 +93,8 @@ class EngineLoop:
         queue: asyncio.Queue[StreamItem] = asyncio.Queue()
         self.streams[request.key] = queue
         planner.add(request)
+        if self.tracing is not None:
+            self.tracing.queued(request)
         log.info("request_queued", request_id=request.request_id, tenant=request.tenant,
                  prompt_tokens=len(request.prompt_token_ids), max_new_tokens=request.max_new_tokens)
         self._wake.set()
@@ -99,6 +107,8 @@ class EngineLoop:
             queue.put_nowait(scheduler_pb2.TokenEvent(finish_reason=common_pb2.FINISH_REASON_ABORT))
         if request is not None:
             log.info("request_aborted", request_id=request.request_id, generated=len(request.output_token_ids))
+            if self.tracing is not None:
+                self.tracing.finished(request, common_pb2.FINISH_REASON_ABORT)
         return request is not None
 
     def stats(self) -> common_pb2.Stats:
@@ -227,7 +237,7 @@ class EngineLoop:
             if not step.chunks:
                 raise AssertionError("work is waiting but nothing could be scheduled")
             by_slot = {c.request.slot_id: c.request for c in step.chunks}  # slots change once the step is back
-            result = await self.link.step(plan_to_proto(step, self.config.step_bound(step.num_tokens)))
+            result = await self._round_trip(step)
             if result.error:
                 self._fail_step(step, result.error)
                 continue
@@ -237,6 +247,16 @@ class EngineLoop:
             self._deliver(outputs, sampled)
             self.kv_events.publish()
             await asyncio.sleep(0)  # let handlers read their tokens and aborts arrive
+
+    async def _round_trip(self, step: PlannedStep) -> worker_pb2.StepResult:
+        plan = plan_to_proto(step, self.config.step_bound(step.num_tokens))
+        if self.tracing is None:
+            return await self.link.step(plan)
+        self.tracing.scheduled(step)
+        with self.tracing.step(step) as span:
+            result = await self.link.step(plan)
+            self.tracing.step_done(span, result)
+            return result
 
     def _deliver(self, outputs: list[RequestOutput], sampled: dict[int, worker_pb2.SampledToken]) -> None:
         for output in outputs:
@@ -252,8 +272,12 @@ class EngineLoop:
             if len(request.output_token_ids) == len(output.new_token_ids):
                 event.num_cached_prompt_tokens = request.num_cached_prompt_tokens
                 event.queue_seconds = max(0.0, request.first_scheduled_at - request.arrived_at)
+                if self.tracing is not None:
+                    self.tracing.first_token(request)
             queue.put_nowait(event)
             if output.finish_reason:
+                if self.tracing is not None:
+                    self.tracing.finished(request, output.finish_reason)
                 del self.streams[request.key]
                 log.info("request_finished", request_id=request.request_id,
                          reason=common_pb2.FinishReason.Name(output.finish_reason),
@@ -264,6 +288,8 @@ class EngineLoop:
         if self.planner is None or self.planner.abort(request.key) is None:
             return
         self.counters.failed_requests += 1
+        if self.tracing is not None:
+            self.tracing.finished(request, common_pb2.FINISH_REASON_ABORT, failure=code)
         queue = self.streams.pop(request.key, None)
         if queue is not None:
             queue.put_nowait(Failure(code, message))
@@ -296,6 +322,9 @@ class EngineLoop:
                                                                   f"{request_id}; it was not completed"))
         if planner is not None:
             self.counters.failed_requests += len(planner.requests)
+            if self.tracing is not None:
+                for request in planner.requests.values():
+                    self.tracing.finished(request, common_pb2.FINISH_REASON_ABORT, failure=grpc.StatusCode.UNAVAILABLE)
         self.streams.clear()
 
 

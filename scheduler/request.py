@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from inflight.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 
 RequestKey = tuple[str, str]  # (tenant, request id): request ids are scoped by tenant
@@ -43,6 +47,7 @@ class Request:
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     num_cached_prompt_tokens: int = 0
     num_preemptions: int = 0
+    span: Span | None = None           # its Submit call's span, while traced and unfinished (scheduler/tracing.py)
 
     @property
     def key(self) -> RequestKey:

@@ -27,6 +27,7 @@ from inflight.log import configure_logging
 from inflight.model_config import ModelConfig, UnsupportedModel
 from inflight.model_shapes import SHAPES
 from inflight.model_store import DEFAULT_MODEL, resolve_model
+from inflight.tracing import add_otlp_traces_endpoint
 from services.gateway.config import GatewayConfig
 
 
@@ -58,6 +59,7 @@ class ServeConfig:
     mpiexec: str
     mpi_hosts: str
     log_level: str
+    otlp_traces_endpoint: str  # both the gateway and the scheduler trace to it
     gateway: GatewayConfig
 
     @staticmethod
@@ -100,6 +102,7 @@ class ServeConfig:
                                  "that process (the whole worker group) is restarted (0: never)")
         parser.add_argument("--keepalive-seconds", type=float, default=20.0,
                             help="ping interval on the internal connections (each server accepts half of it)")
+        add_otlp_traces_endpoint(parser)
         GatewayConfig.add_arguments(parser.add_argument_group("gateway"), include_model=False)
 
     @classmethod
@@ -164,6 +167,7 @@ class Stack:
             "--step-timeout-per-token", str(c.step_timeout_per_token), "--keepalive-seconds", str(c.keepalive_seconds),
             "--kv-event-history", str(c.kv_event_history),
             "--exit-with-parent", *(["--no-prefix-caching"] if c.no_prefix_caching else []),
+            *(["--otlp-traces-endpoint", c.otlp_traces_endpoint] if c.otlp_traces_endpoint else []),
         ])
 
     def start(self) -> None:

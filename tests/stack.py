@@ -38,14 +38,14 @@ class ServedStack:
     """`inflight serve` in a subprocess, with a client on its port."""
 
     def __init__(self, *args: str, log_path: Path | None = None, tls: dict[str, bytes] | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"inflight-test-{self.port}.log"
         self._log = open(self.log_path, "wb")
         command = [sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1",
                    "--port", str(self.port), *args]
         self.process = subprocess.Popen(command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, env={**os.environ, **env} if env else None)
         self.tls = tls
         self.address = f"localhost:{self.port}" if tls else f"127.0.0.1:{self.port}"
         self.client = self.make_client(token=token)

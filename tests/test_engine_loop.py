@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -17,6 +18,9 @@ import pytest
 from inflight.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.config import SchedulerConfig
 from scheduler.engine_loop import EngineLoop, Failure, RequestRejected
+
+if TYPE_CHECKING:
+    from scheduler.tracing import SchedulerTracing
 
 DESCRIPTION = worker_pb2.WorkerDescription(
     model_name="scripted", vocab_size=100, eos_token_ids=[0], tp_size=1, block_size=4, num_kv_blocks=65,
@@ -93,7 +97,8 @@ async def outcome(queue: asyncio.Queue, timeout: float = 10.0) -> tuple[list[int
 EXPECTED = [token_at(p) for p in range(5, 11)]  # six tokens after a five-token prompt
 
 
-def run_with(answer: Answer, body: Callable[[Harness], Awaitable[None]], tmp_path: Path, step_timeout: float = 30.0) -> None:
+def run_with(answer: Answer, body: Callable[[Harness], Awaitable[None]], tmp_path: Path, step_timeout: float = 30.0,
+             tracing: SchedulerTracing | None = None) -> None:
     async def main() -> None:
         socket = f"unix://{tmp_path}/worker.sock"
         server = grpc.aio.server()
@@ -105,7 +110,7 @@ def run_with(answer: Answer, body: Callable[[Harness], Awaitable[None]], tmp_pat
                                  tenant_weights="", no_prefix_caching=False, connect_timeout=10.0,
                                  max_waiting_requests=64, step_timeout=step_timeout, step_timeout_per_token=0.0,
                                  keepalive_seconds=20.0, exit_with_parent=False, log_level="info")
-        loop = EngineLoop(config, on_ready_change=lambda ready: None)
+        loop = EngineLoop(config, on_ready_change=lambda ready: None, tracing=tracing)
         runner = asyncio.create_task(loop.run())
         harness = Harness(loop, worker)
         try:

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 from inflight.connection import KeepalivePolicy, public_server_options
 from inflight.log import configure_logging
 from inflight.process import die_with_parent
+from inflight.tracing import HEALTH_AND_REFLECTION, Tracing, start_tracing
 from inflight.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from services.gateway.admin import AdminService
 from services.gateway.auth import AuthInterceptor, Authenticator, load_tokens
@@ -27,6 +28,9 @@ from services.gateway.metrics import GatewayMetrics, MetricsInterceptor
 from services.gateway.scheduler_client import SchedulerClient
 from services.text.codec import TextCodec
 
+TRACED_AS = "inflight-gateway"
+# Probes and the once-a-second stats poll to the scheduler: spans for those would bury the requests'.
+UNTRACED = (*HEALTH_AND_REFLECTION, "/inflight.v1.Scheduler/GetStats")
 PUBLIC_SERVICES = [
     generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
     generation_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
@@ -73,6 +77,7 @@ class Gateway:
     health: health.aio.HealthServicer
     tasks: list[asyncio.Task[None]]
     address: str
+    tracing: Tracing
 
     async def stop(self, drain_seconds: float) -> None:
         """NOT_SERVING, new generations UNAVAILABLE, streams in flight finish (up to drain_seconds), then stop."""
@@ -85,6 +90,7 @@ class Gateway:
             await asyncio.sleep(0.1)
         await self.server.stop(grace=1.0)
         await self.scheduler.close()
+        self.tracing.shutdown()
 
 
 def add_kserve(generation: GenerationService, server: grpc.aio.Server) -> list[str]:
@@ -115,11 +121,14 @@ def add_trtllm(generation: GenerationService, server: grpc.aio.Server) -> list[s
 
 async def start_gateway(config: GatewayConfig) -> Gateway:
     codec = TextCodec(Path(config.model))
-    scheduler = SchedulerClient(config.scheduler, KeepalivePolicy(config.keepalive_seconds))
+    tracing = start_tracing(TRACED_AS, config.otlp_traces_endpoint, UNTRACED)
+    scheduler = SchedulerClient(config.scheduler, KeepalivePolicy(config.keepalive_seconds), tracing.client_interceptors)
     metrics = GatewayMetrics()
     authenticator = None
-    # Outermost first: every call is counted, malformed bytes never reach a handler, then auth.
-    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics.requests), MalformedRequestInterceptor()]
+    # Outermost first: the trace's span covers the whole call, every call is counted, malformed bytes never
+    # reach a handler, then auth.
+    interceptors: list[grpc.aio.ServerInterceptor] = [*tracing.server_interceptors, MetricsInterceptor(metrics.requests),
+                                                      MalformedRequestInterceptor()]
     if config.auth_tokens_file:
         exempt = [p for p in config.auth_exempt.split(",") if p]
         authenticator = Authenticator(load_tokens(Path(config.auth_tokens_file)), exempt)
@@ -156,8 +165,8 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     tasks = [asyncio.create_task(scheduler.watch(on_ready_change)), asyncio.create_task(poll_stats(scheduler, metrics))]
     log = structlog.get_logger()
     log.info("gateway_listening", address=address, tls=credentials is not None, auth=authenticator is not None,
-             metrics_port=config.metrics_port)
-    return Gateway(server, generation, scheduler, metrics, health_servicer, tasks, address)
+             metrics_port=config.metrics_port, traced=tracing.enabled)
+    return Gateway(server, generation, scheduler, metrics, health_servicer, tasks, address, tracing)
 
 
 async def serve(config: GatewayConfig) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from inflight.tracing import add_otlp_traces_endpoint
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -28,6 +30,7 @@ class GatewayConfig:
     exit_with_parent: bool = False   # started by a launcher: die with it
     kserve: bool = True              # serve inference.GRPCInferenceService (Triton's KServe v2) beside Generation
     trtllm: bool = True              # serve trtllm.TrtllmService (TensorRT-LLM's gRPC, what SMG drives) beside it
+    otlp_traces_endpoint: str = ""   # OTLP/gRPC collector for traces (http://host:4317); empty: not traced
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser, include_model: bool = True) -> None:
@@ -39,6 +42,7 @@ class GatewayConfig:
             parser.add_argument("--log-level", default="info")
             parser.add_argument("--keepalive-seconds", type=float, default=20.0)
             parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies")
+            add_otlp_traces_endpoint(parser)
         parser.add_argument("--metrics-port", type=int, default=0)
         parser.add_argument("--auth-tokens-file", default="")
         parser.add_argument("--auth-exempt", default="/grpc.health.v1.Health/,/grpc.reflection.")
@@ -72,6 +76,8 @@ class GatewayConfig:
             flags.append("--trust-message-special-tokens")
         if self.exit_with_parent:
             flags.append("--exit-with-parent")
+        if self.otlp_traces_endpoint:
+            flags += ["--otlp-traces-endpoint", self.otlp_traces_endpoint]
         if not self.kserve:
             flags.append("--no-kserve")
         if not self.trtllm:

@@ -7,7 +7,7 @@ health over it for ever, so the gateway turns SERVING again as soon as a new sch
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 import structlog
@@ -20,9 +20,10 @@ log = structlog.get_logger()
 
 
 class SchedulerClient:
-    def __init__(self, target: str, keepalive: KeepalivePolicy | None = None) -> None:
+    def __init__(self, target: str, keepalive: KeepalivePolicy | None = None,
+                 interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
         options = (keepalive or KeepalivePolicy()).client_options()
-        self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.channel = grpc.aio.insecure_channel(target, options=options, interceptors=list(interceptors) or None)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.model_info: scheduler_pb2.ModelInfo | None = None
