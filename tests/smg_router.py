@@ -22,6 +22,7 @@ class SmgRouter:
                  extra_args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("smg", path=str(Path(sys.executable).parent)) or shutil.which("smg")
         assert binary, "smg is a dev dependency (pip install smg)"
+        self.binary = binary
         self.num_workers = len(worker_addresses)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
