@@ -155,6 +155,31 @@ _NAMES = ["text_input", "max_tokens", "stream", "temperature", "top_k", "top_p",
           "stop_words", "bad_words", "exclude_input_in_output", "return_log_probs", "other"]
 
 
+def add_tensors(request: service_pb2.ModelInferRequest, tensors: list[tuple[str, str, bytes, list[int]]],
+                raw: bool, framed: bool = True) -> None:
+    """Fuzzed (name, datatype, payload, numbers) tensors, as raw_input_contents or as typed contents.
+
+    Raw and framed, a BYTES text_input is length-prefixed and an INT32 max_tokens is its first number (its
+    low 32 bits), as a well-formed request would send them; every other raw tensor is its payload as it is.
+    """
+    for name, datatype, payload, numbers in tensors:
+        item = request.inputs.add(name=name, datatype=datatype, shape=[1, 1])
+        if raw and framed and (name, datatype) == ("text_input", "BYTES"):
+            request.raw_input_contents.append(len(payload).to_bytes(4, "little") + payload)
+        elif raw and framed and (name, datatype) == ("max_tokens", "INT32"):
+            request.raw_input_contents.append(((numbers[0] if numbers else 0) % 2**32).to_bytes(4, "little"))
+        elif raw:
+            request.raw_input_contents.append(payload)
+        elif datatype in ("BYTES", "STRING"):
+            item.contents.bytes_contents.append(payload)
+        elif datatype in ("INT32", "INT8"):
+            item.contents.int_contents.extend(n for n in numbers if -2**31 <= n < 2**31)
+        elif datatype == "INT64":
+            item.contents.int64_contents.extend(n for n in numbers if -2**63 <= n < 2**63)
+        elif datatype == "FP32":
+            item.contents.fp32_contents.extend(float(n % 1000) for n in numbers)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_any_request_maps_to_a_generation_or_a_bad_tensor_error(seed: int) -> None:
     from hypothesis import given, settings
@@ -169,16 +194,7 @@ def test_any_request_maps_to_a_generation_or_a_bad_tensor_error(seed: int) -> No
     @given(st.lists(tensor_strategy, max_size=6), st.booleans(), st.integers(0, 2**32))
     def check(tensors, raw, salt):  # type: ignore[no-untyped-def]
         request = service_pb2.ModelInferRequest(model_name="ensemble", id=str(salt + seed))
-        for name, datatype, payload, numbers in tensors:
-            item = request.inputs.add(name=name, datatype=datatype, shape=[1, 1])
-            if raw:
-                request.raw_input_contents.append(payload)
-            elif datatype in ("BYTES", "STRING"):
-                item.contents.bytes_contents.append(payload)
-            elif datatype in ("INT32", "INT8"):
-                item.contents.int_contents.extend(n for n in numbers if -2**31 <= n < 2**31)
-            elif datatype == "FP32":
-                item.contents.fp32_contents.extend(float(n % 1000) for n in numbers)
+        add_tensors(request, tensors, raw, framed=False)  # raw payloads as they came: bad framing too
         try:
             inference = to_inference(request)
         except BadTensor as error:
@@ -224,20 +240,7 @@ def test_fuzzed_requests_against_the_stack_get_outputs_or_invalid_argument_and_n
             if well_formed_start:  # most requests then reach a generation, with the fuzzed tensors after
                 tensors = [("text_input", "BYTES", b"Tell me", []), ("max_tokens", "INT32", b"", [3]),
                            *[t for t in tensors if t[0] not in ("text_input", "max_tokens")][:extra // 2]]
-            for name, datatype, payload, numbers in tensors:
-                item = request.inputs.add(name=name, datatype=datatype, shape=[1, 1])
-                if raw and (name, datatype) == ("text_input", "BYTES"):  # BYTES elements are length-prefixed
-                    request.raw_input_contents.append(len(payload).to_bytes(4, "little") + payload)
-                elif raw and (name, datatype) == ("max_tokens", "INT32"):
-                    request.raw_input_contents.append(np.int32(numbers[0] if numbers else 0).tobytes())
-                elif raw:
-                    request.raw_input_contents.append(payload)
-                elif datatype in ("BYTES", "STRING"):
-                    item.contents.bytes_contents.append(payload)
-                elif datatype in ("INT32", "INT8"):
-                    item.contents.int_contents.extend(n for n in numbers if -2**31 <= n < 2**31)
-                elif datatype in ("INT64",):
-                    item.contents.int64_contents.extend(numbers)
+            add_tensors(request, tensors, raw)
             try:
                 reply = infer(request, timeout=60)
             except grpc.RpcError as error:
