@@ -25,7 +25,7 @@ import structlog
 from inflight.connection import KeepalivePolicy
 from inflight.v1 import common_pb2, scheduler_pb2, worker_pb2
 from scheduler.config import SchedulerConfig
-from scheduler.kv_events import KvEventLog
+from scheduler.kv_events import KvEventLog, restart_safe_first_sequence
 from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits, PlannerStats, RequestOutput
 from scheduler.policy import make_policy
 from scheduler.request import Request, RequestKey
@@ -72,7 +72,8 @@ class EngineLoop:
         self.description: worker_pb2.WorkerDescription | None = None
         self.streams: dict[RequestKey, asyncio.Queue[StreamItem]] = {}
         self.counters = FailureCounters()
-        self.kv_events = KvEventLog(config.kv_event_history)  # across worker groups: one sequence per process
+        # Across worker groups: one sequence per process, numbered above any predecessor's.
+        self.kv_events = KvEventLog(config.kv_event_history, restart_safe_first_sequence())
         self._planner_stats = PlannerStats()  # kept across worker groups, so counters never go back
         self._on_ready_change = on_ready_change
         self._wake = asyncio.Event()

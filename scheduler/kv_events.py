@@ -21,18 +21,29 @@ class CursorExpired(Exception):
     """The batches after a subscriber's cursor are no longer (or not yet) in the history."""
 
 
+def restart_safe_first_sequence() -> int:
+    """A first sequence number above any an earlier process can have reached: 16 per millisecond of clock.
+
+    A process publishes at most one batch a step, and no step (a round trip to the worker group
+    among it) takes under 1/16 ms, so its numbers stay below the clock's; its successor's start above. A subscriber resuming across a restart then
+    holds a cursor below the new history and gets OUT_OF_RANGE, never a silent continuation that
+    misses the new process's KvCacheCleared.
+    """
+    return int(time.time() * 16_000)
+
+
 class KvEventLog:
-    def __init__(self, max_batches: int = 4096) -> None:
+    def __init__(self, max_batches: int = 4096, first_sequence: int = 1) -> None:
         if max_batches < 1:
             raise ValueError("the KV event history keeps at least one batch")
         self._history: deque[scheduler_pb2.KvEventBatch] = deque(maxlen=max_batches)
         self._pending: list[scheduler_pb2.KvEvent] = []
-        self._next_sequence = 1
+        self._first_sequence = self._next_sequence = first_sequence
         self._published = asyncio.Event()
 
     @property
     def newest(self) -> int:
-        """The sequence number of the newest published batch (0: none yet)."""
+        """The sequence number of the newest published batch (first_sequence - 1: none yet)."""
         return self._next_sequence - 1
 
     # --- recording (the engine loop's thread, between awaits) ---------------------------
@@ -79,8 +90,11 @@ class KvEventLog:
         oldest = self._history[0].sequence_number if self._history else self._next_sequence
         if cursor > self.newest:
             raise CursorExpired(f"start_sequence_number {cursor} is past the newest batch {self.newest}")
-        if cursor == 0 and oldest > 1:
-            cursor = self.newest  # the history no longer holds the start: live batches only
+        if 0 < cursor < self._first_sequence - 1:
+            raise CursorExpired(f"start_sequence_number {cursor} is from before this scheduler's first batch "
+                                f"{self._first_sequence} (a scheduler that restarts numbers afresh): resubscribe with 0")
+        if cursor == 0:  # the whole history if it still holds the first batch, else live batches only
+            cursor = self._first_sequence - 1 if oldest == self._first_sequence else self.newest
         while True:
             waiter = self._published
             oldest = self._history[0].sequence_number if self._history else self._next_sequence

@@ -202,3 +202,12 @@ def test_cleared_drops_what_was_recorded_but_not_published() -> None:
     log.publish()
     (batch,) = drain(log, 0)
     assert [e.WhichOneof("data") for e in batch.events] == ["cleared"]
+
+
+def test_a_cursor_from_before_this_logs_first_batch_is_refused_with_what_to_do() -> None:
+    log = KvEventLog(first_sequence=1000)
+    log.cleared()
+    log.publish()
+    with pytest.raises(CursorExpired, match="resubscribe with 0"):
+        drain(log, 500)
+    assert [b.sequence_number for b in drain(log, 0)] == [1000]

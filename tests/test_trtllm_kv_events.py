@@ -8,7 +8,10 @@ predicts what the next request finds cached.
 from __future__ import annotations
 
 import queue
+import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -17,6 +20,7 @@ from smg_grpc_proto.generated import common_pb2 as smg_common
 from smg_grpc_proto.generated import trtllm_service_pb2 as trtllm
 from smg_grpc_proto.generated import trtllm_service_pb2_grpc
 
+from tests.processes import stack_processes
 from tests.stack import ServedStack
 
 BLOCK = 16
@@ -49,6 +53,8 @@ class Subscriber:
         self.blocks: dict[int, list[int]] = {}
         self.stored: list[int] = []
         self.salts: list[str | None] = []  # per stored event
+        self.cleared_in: list[int] = []  # sequence numbers of the batches that cleared the cache
+        self.ended: grpc.StatusCode | None = None
         self.removed: list[int] = []
         self.sequence_numbers: list[int] = []
         self.from_start = cursor == 0  # else blocks stored before the cursor may be removed
@@ -58,8 +64,8 @@ class Subscriber:
         try:
             for batch in self.call:
                 self.batches.put(batch)
-        except grpc.RpcError:
-            pass
+        except grpc.RpcError as error:
+            self.ended = error.code()
 
     def catch_up(self, seconds: float = 0.5) -> None:
         """Apply what arrived, waiting until the stream has been quiet for `seconds`."""
@@ -72,6 +78,7 @@ class Subscriber:
             for event in batch.events:
                 kind = event.WhichOneof("data")
                 if kind == "cleared":
+                    self.cleared_in.append(batch.sequence_number)
                     self.blocks.clear()
                 elif kind == "removed":
                     for key in event.removed.block_hashes:
@@ -105,7 +112,8 @@ def generate(stub: trtllm_service_pb2_grpc.TrtllmServiceStub, prompt: list[int],
 def test_stores_hits_and_evictions_reach_a_subscriber_with_their_token_ids(stub) -> None:
     subscriber = Subscriber(stub)
     subscriber.catch_up()
-    assert subscriber.sequence_numbers[:1] == [1] and not subscriber.blocks  # a new stack's cache starts cleared
+    # The whole history: a new stack's first batch clears the cache.
+    assert subscriber.cleared_in[:1] == subscriber.sequence_numbers[:1] and not subscriber.blocks
 
     assert generate(stub, PROMPT_A, "a1").cached_tokens == 0
     subscriber.catch_up()
@@ -135,7 +143,7 @@ def test_a_resumed_subscription_continues_after_its_cursor(stub) -> None:
     generate(stub, [2000 + i for i in range(40)], "r1")
     first.catch_up()
     newest = first.sequence_numbers[-1]
-    assert first.sequence_numbers == list(range(1, newest + 1))  # numbered without gaps
+    assert first.sequence_numbers == list(range(first.sequence_numbers[0], newest + 1))  # without gaps
     resumed = Subscriber(stub, cursor=newest - 1)
     resumed.catch_up()
     assert resumed.sequence_numbers == [newest]
@@ -154,7 +162,7 @@ def test_a_quiet_subscription_answers_its_headers_at_once_and_a_cursor_past_the_
     assert caught_up.is_active(), "the headers came only with the end of the call"
     caught_up.cancel()
     with pytest.raises(grpc.RpcError) as refused:
-        list(stub.SubscribeKvEvents(smg_common.SubscribeKvEventsRequest(start_sequence_number=10**12), timeout=30))
+        list(stub.SubscribeKvEvents(smg_common.SubscribeKvEventsRequest(start_sequence_number=2**62), timeout=30))
     assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE and "newest" in refused.value.details()
 
 
@@ -198,3 +206,32 @@ def test_cache_salt_id_keeps_prefixes_apart_and_is_published_with_the_blocks(stu
     assert [cached(7, "s1"), cached(7, "s2"), cached(8, "s3"), cached(None, "s4")] == [0, 32, 0, 0]
     subscriber.catch_up()
     assert subscriber.salts[before:] == ["7", "8", None]
+
+
+@pytest.mark.slow
+def test_after_a_scheduler_restart_the_old_cursor_is_out_of_range_and_a_fresh_subscription_starts_cleared(
+        small_stack, stub) -> None:
+    """Last in this module: it restarts the stack's scheduler."""
+    before = Subscriber(stub)
+    generate(stub, [9000 + i for i in range(40)], "before-restart")
+    before.catch_up()
+    cursor = before.sequence_numbers[-1]
+    os.kill(stack_processes(small_stack.process.pid)["scheduler"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:  # the launcher starts a new scheduler; the gateway turns SERVING again
+        try:
+            generate(stub, [9500 + i for i in range(40)], f"after-restart-{time.monotonic()}")
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, "the stack did not serve again after its scheduler was killed"
+            time.sleep(0.5)
+    before.catch_up()
+    assert before.ended == grpc.StatusCode.UNAVAILABLE  # the old scheduler's stream ended with it
+    # The new scheduler numbers its batches above the old one's: a resumed cursor cannot silently continue.
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stub.SubscribeKvEvents(smg_common.SubscribeKvEventsRequest(start_sequence_number=cursor), timeout=30))
+    assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE and "resubscribe with 0" in refused.value.details()
+    fresh = Subscriber(stub)
+    fresh.catch_up()
+    assert fresh.sequence_numbers[0] > cursor and fresh.cleared_in[:1] == fresh.sequence_numbers[:1]
+    assert sorted(fresh.blocks.values()) == [[9500 + i for i in range(j, j + BLOCK)] for j in (0, 16)]

@@ -82,8 +82,8 @@ def _logprobs(response: generation_pb2.GenerateResponse) -> list[trtllm.TokenLog
 def to_kv_event_batch(batch: scheduler_pb2.KvEventBatch) -> smg_common.KvEventBatch:
     out = smg_common.KvEventBatch(sequence_number=batch.sequence_number, timestamp=batch.timestamp)
     for index, event in enumerate(batch.events):
-        # Unique over the scheduler's life: a batch never holds 2**20 events (one step's worth).
-        converted = out.events.add(event_id=(batch.sequence_number << 20) + index)
+        # Unique: a batch (one step's) holds fewer than 4096 events; sequence numbers stay below 2**52.
+        converted = out.events.add(event_id=batch.sequence_number * 4096 + index)
         kind = event.WhichOneof("data")
         if kind == "stored":
             stored = converted.stored
