@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -70,8 +71,10 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    labels = [f"{r['workload']}\n{r['policy']}" for r in results]
+    labels = [f"{r['workload']}\n{r['policy'].split()[0]}" + ("\n(flags)" if " " in r["policy"] else "")
+              for r in results]
     x = np.arange(len(results))
+    fig.set_size_inches(4.5 * len(results) / 2 + 4, 4)
     axes[0].bar(x - 0.2, [r["summary"]["ttft_ms"]["p50"] for r in results], 0.4, label="p50")
     axes[0].bar(x + 0.2, [r["summary"]["ttft_ms"]["p99"] for r in results], 0.4, label="p99")
     axes[0].set_title("TTFT (ms)")
@@ -91,8 +94,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# {c['replicas']} inflight replicas behind SMG: cache_aware against round_robin",
         "",
-        f"Host: {report['host']}. Each replica: `inflight serve --num-kv-blocks {c['num_kv_blocks']}` "
-        f"(block 16), SmolLM2-135M on CPU; SMG {report['smg_version']} on loopback. Closed loop at concurrency "
+        f"Host: {report['host']}. Each replica: `inflight serve --num-kv-blocks {c['num_kv_blocks']} --cpu-threads "
+        f"{c['cpu_threads']}` (block 16), SmolLM2-135M on CPU; SMG {report['smg_version']} on loopback. Closed loop at concurrency "
         f"{c['concurrency']}, {c['requests']} requests per run, {c['output_tokens']} output tokens each.",
         f"Shared-prefix: {c['groups']} groups of {c['prefix_tokens']}-token system prompts plus "
         f"{c['question_tokens']}-token questions (the groups' prefixes need "
@@ -116,13 +119,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--groups", type=int, default=12)
-    parser.add_argument("--requests", type=int, default=96)
-    parser.add_argument("--prefix-tokens", type=int, default=800)
+    parser.add_argument("--requests", type=int, default=72)
+    parser.add_argument("--prefix-tokens", type=int, default=600)
     parser.add_argument("--question-tokens", type=int, default=24)
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=6)
-    parser.add_argument("--num-kv-blocks", type=int, default=321)
-    parser.add_argument("--policies", nargs="+", default=["cache_aware", "round_robin"])
+    parser.add_argument("--num-kv-blocks", type=int, default=241)
+    parser.add_argument("--cpu-threads", type=int, default=1, help="per replica: the replicas share this host's cores")
+    parser.add_argument("--policies", nargs="+",
+                        default=["cache_aware", "cache_aware --balance-abs-threshold 1 --balance-rel-threshold 1.5",
+                                 "round_robin"],
+                        help="SMG policies to compare, each with any further smg launch flags")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/smg-replicas-cpu"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -130,14 +137,16 @@ def main() -> None:
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 
     replicas = [ServedStack("--num-kv-blocks", str(args.num_kv_blocks), "--max-num-batched-tokens", "1024",
+                            "--cpu-threads", str(args.cpu_threads),
                             log_path=args.out / f"replica-{i}.log") for i in range(args.replicas)]
     results = []
     try:
         for replica in replicas:
             replica.wait_ready()
         for seed, policy in enumerate(args.policies):
-            router = SmgRouter([r.address for r in replicas], model_dir, args.out / f"smg-{policy}.log",
-                               policy=policy).wait_ready()
+            name, *smg_args = shlex.split(policy)
+            router = SmgRouter([r.address for r in replicas], model_dir, args.out / f"smg-{seed}.log",
+                               policy=name, extra_args=tuple(smg_args)).wait_ready()
             try:
                 # Fresh prompts for every run: nothing cached by an earlier run helps this one.
                 maker = PromptMaker(tokenizer, seed=100 + seed)
@@ -167,7 +176,7 @@ def main() -> None:
               "smg_version": smg_version or "from PyPI",
               "config": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
               "command": "python -m benchmarks.smg_replicas " + " ".join(
-                  f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
+                  f"--{k.replace('_', '-')} {' '.join(shlex.quote(p) for p in v) if isinstance(v, list) else v}"
                   for k, v in vars(args).items()),
               "results": results}
     (args.out / "report.json").write_text(json.dumps(report, indent=2))

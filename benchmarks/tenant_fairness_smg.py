@@ -115,8 +115,9 @@ def main() -> None:
         replica = ServedStack("--policy", policy, "--max-num-seqs", str(args.max_num_seqs), "--num-kv-blocks", "512",
                               log_path=args.out / f"replica-{policy}.log").wait_ready()
         try:
-            results[f"direct-{policy}"] = asyncio.run(contend(direct_sender(replica.address), maker, args.seconds,
-                                                              args.flood_concurrency))
+            async def direct() -> dict[str, object]:  # the aio channel belongs to the loop that runs it
+                return await contend(direct_sender(replica.address), maker, args.seconds, args.flood_concurrency)
+            results[f"direct-{policy}"] = asyncio.run(direct())
             print(f"direct-{policy}: {results[f'direct-{policy}']}", flush=True)
             if policy == "fair":
                 limits = args.out / "tenant-rate-limit.yaml"
@@ -125,10 +126,11 @@ def main() -> None:
                                   f"    requests_per_minute: {args.flood_requests_per_minute}\n"
                                   "    tokens_per_minute: 100000000\n")
                 keys = [flag for tenant, key in KEYS.items() for flag in ("--tenant-api-key", f"{tenant}:{key}")]
+                keys += ["--control-plane-api-keys", "bench:bench:admin:bench-admin-key"]  # for /workers
                 for name, extra in (("smg", keys), ("smg-rate-limited", [*keys, "--tenant-rate-limit-enabled",
                                                                          "--tenant-rate-limit-config", str(limits)])):
                     router = SmgRouter([replica.address], model_dir, args.out / f"{name}.log",
-                                       extra_args=tuple(extra)).wait_ready()
+                                       extra_args=tuple(extra), api_key="bench-admin-key").wait_ready()
                     try:
                         async def through_smg() -> dict[str, object]:
                             async with httpx.AsyncClient(base_url=router.url, timeout=600) as client:

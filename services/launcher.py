@@ -58,6 +58,7 @@ class ServeConfig:
     tokenizer: str
     mpiexec: str
     mpi_hosts: str
+    cpu_threads: int
     log_level: str
     otlp_traces_endpoint: str  # both the gateway and the scheduler trace to it
     gateway: GatewayConfig
@@ -87,6 +88,9 @@ class ServeConfig:
                             help="folder with tokenizer.json for the gateway (default: the model's; "
                                  f"for random:<shape> models, {DEFAULT_MODEL}'s)")
         parser.add_argument("--mpiexec", default="", help="mpiexec to use (default: beside this Python, else PATH)")
+        parser.add_argument("--cpu-threads", type=int, default=0,
+                            help="on cpu, compute threads per rank (0: the host's usable CPUs shared by its ranks); "
+                                 "set it when several stacks share one host")
         parser.add_argument("--mpi-hosts", default="",
                             help="run the worker group's ranks across hosts: HOST[:SLOTS],... in rank order, this "
                                  "host first (rank 0 serves the scheduler here); given to mpiexec as -host. Every "
@@ -156,6 +160,7 @@ class Stack:
             "--kv-cache-gb", str(c.kv_cache_gb), "--max-num-batched-tokens", str(c.max_num_batched_tokens),
             "--max-num-seqs", str(c.max_num_seqs), "--max-model-len", str(c.max_model_len),
             "--keepalive-seconds", str(c.keepalive_seconds), "--log-level", c.log_level,
+            "--cpu-threads", str(c.cpu_threads),
         ])
 
     def start_scheduler(self) -> None:

@@ -19,11 +19,13 @@ from tests.stack import free_port
 
 class SmgRouter:
     def __init__(self, worker_addresses: list[str], model_dir: Path, log_path: Path, policy: str = "cache_aware",
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), api_key: str = "") -> None:
+        """api_key: a control-plane key SMG accepts, for /workers when SMG requires one."""
         binary = shutil.which("smg", path=str(Path(sys.executable).parent)) or shutil.which("smg")
         assert binary, "smg is a dev dependency (pip install smg)"
         self.binary = binary
         self.num_workers = len(worker_addresses)
+        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self._log = open(log_path, "wb")
@@ -34,7 +36,7 @@ class SmgRouter:
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def workers(self) -> list[dict]:
-        return httpx.get(f"{self.url}/workers", timeout=5).json()["workers"]
+        return httpx.get(f"{self.url}/workers", headers=self._headers, timeout=5).json()["workers"]
 
     def wait_ready(self, timeout: float = 90.0) -> SmgRouter:
         """Once every replica is registered, healthy and ready."""

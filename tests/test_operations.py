@@ -182,6 +182,7 @@ def test_sigterm_drains_streams_in_flight_then_exits_cleanly():
     deadline = time.monotonic() + 30
     while len(responses) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
+    subscription = kv_event_subscription(served)  # a router's long-lived stream, open through the drain
     served.process.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     assert health_status(served.port) == health_pb2.HealthCheckResponse.NOT_SERVING  # draining
@@ -189,3 +190,18 @@ def test_sigterm_drains_streams_in_flight_then_exits_cleanly():
     assert responses[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert sum(len(r.token_ids) for r in responses) == 60
     assert served.process.wait(60) == 0
+    # The subscription ended with a status that says what to do, not with a cancelled handler.
+    with pytest.raises(grpc.RpcError) as ended:
+        list(subscription)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "resubscribe" in ended.value.details()
+    assert "Exception not handled" not in served.log_tail(1000)
+
+
+def kv_event_subscription(served: ServedStack):  # noqa: ANN201
+    from smg_grpc_proto.generated import common_pb2 as smg_common
+    from smg_grpc_proto.generated import trtllm_service_pb2_grpc
+
+    stub = trtllm_service_pb2_grpc.TrtllmServiceStub(served.client.channel)
+    call = stub.SubscribeKvEvents(smg_common.SubscribeKvEventsRequest(), timeout=120)
+    call.initial_metadata()
+    return call

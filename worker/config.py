@@ -23,6 +23,7 @@ class WorkerConfig:
     keepalive_seconds: float = 20.0  # the scheduler's ping interval; this server accepts pings at half of it
     cuda_graphs: bool = True  # decode steps on CUDA replay captured graphs (with paged decode attention)
     engine: str = "torch"     # a name in worker.engine.ENGINES
+    cpu_threads: int = 0      # on cpu, compute threads per rank; 0: this host's usable CPUs over its ranks
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,8 @@ class WorkerConfig:
         parser.add_argument("--keepalive-seconds", type=float, default=20.0)
         parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
         parser.add_argument("--engine", default="torch", help="the engine every rank runs (worker/engine.py)")
+        parser.add_argument("--cpu-threads", type=int, default=0,
+                            help="on cpu, compute threads per rank (0: the host's usable CPUs shared by its ranks)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:

@@ -88,6 +88,7 @@ class Gateway:
         deadline = asyncio.get_running_loop().time() + drain_seconds
         while self.generation.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
+        self.generation.stopping.set()  # subscriptions end with a status, not a cancelled handler
         await self.server.stop(grace=1.0)
         await self.scheduler.close()
         self.tracing.shutdown()

@@ -94,6 +94,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.trust_message_special_tokens = trust_message_special_tokens
         self.in_flight: set[tuple[str, str]] = set()  # (tenant, request id): ids are scoped by tenant
         self.draining = False
+        self.stopping = asyncio.Event()  # set once in-flight generations are done: long-lived streams end then
         self._per_client: Counter[str] = Counter()
 
     # --- who is calling ----------------------------------------------------------------

@@ -17,6 +17,7 @@ inflight[trtllm]`), never a copy of the upstream .proto file.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -175,8 +176,18 @@ class TrtllmService(trtllm_service_pb2_grpc.TrtllmServiceServicer):
                                 context: grpc.aio.ServicerContext) -> AsyncIterator[smg_common.KvEventBatch]:
         await context.send_initial_metadata(())  # routers drop a worker whose subscription does not answer at once
         relay = scheduler_pb2.SubscribeKvEventsRequest(start_sequence_number=request.start_sequence_number)
+        call = self.generation.scheduler.stub.SubscribeKvEvents(relay)
+        stopping = asyncio.ensure_future(self.generation.stopping.wait())
         try:
-            async for batch in self.generation.scheduler.stub.SubscribeKvEvents(relay):
+            while True:
+                read = asyncio.ensure_future(call.read())
+                await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "this server is shutting down; resubscribe")
+                batch = read.result()
+                if batch is grpc.aio.EOF:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler's event stream ended; resubscribe")
                 yield to_kv_event_batch(batch)
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.OUT_OF_RANGE:
@@ -184,3 +195,6 @@ class TrtllmService(trtllm_service_pb2_grpc.TrtllmServiceServicer):
             # A scheduler that restarted numbers its batches afresh (from a KvCacheCleared): resubscribe.
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the scheduler's event stream ended ({error.code().name}); "
                                                              "resubscribe")
+        finally:
+            stopping.cancel()
+            call.cancel()

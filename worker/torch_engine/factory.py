@@ -18,8 +18,8 @@ log = structlog.get_logger()
 def create_torch_engine(config: WorkerConfig, comm: MPI.Comm) -> TorchEngine:
     rank, size = comm.Get_rank(), comm.Get_size()
     hosts = comm.allgather(MPI.Get_processor_name())
-    if config.device == "cpu":  # the ranks of one host share its cores
-        torch.set_num_threads(max(1, usable_cpus() // hosts.count(hosts[rank])))
+    if config.device == "cpu":  # the ranks of one host share its cores, unless told how many each takes
+        torch.set_num_threads(config.cpu_threads or max(1, usable_cpus() // hosts.count(hosts[rank])))
     if size > 1:
         init_distributed(comm, config.device, hosts)
     elif config.device == "cuda":
