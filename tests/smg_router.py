@@ -18,9 +18,10 @@ from tests.stack import free_port
 
 
 class SmgRouter:
-    def __init__(self, worker_addresses: list[str], model_dir: Path, log_path: Path, policy: str = "cache_aware",
+    def __init__(self, worker_addresses: list[str], model_dir: Path | None, log_path: Path, policy: str = "cache_aware",
                  extra_args: tuple[str, ...] = (), api_key: str = "") -> None:
-        """api_key: a control-plane key SMG accepts, for /workers when SMG requires one."""
+        """model_dir None: SMG has no tokenizer of its own and fetches the replicas' (GetTokenizer).
+        api_key: a control-plane key SMG accepts, for /workers when SMG requires one."""
         binary = shutil.which("smg", path=str(Path(sys.executable).parent)) or shutil.which("smg")
         assert binary, "smg is a dev dependency (pip install smg)"
         self.binary = binary
@@ -31,7 +32,8 @@ class SmgRouter:
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
             [binary, "launch", "--worker-urls", *(f"grpc://{a}" for a in worker_addresses), "--policy", policy,
-             "--model-path", str(model_dir), "--tokenizer-path", str(model_dir), "--host", "127.0.0.1",
+             *(["--model-path", str(model_dir), "--tokenizer-path", str(model_dir)] if model_dir
+               else ["--model-path", "/nonexistent/tokenizer-from-the-worker"]), "--host", "127.0.0.1",
              "--port", str(port), "--prometheus-port", str(free_port()), *extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -77,3 +77,15 @@ def test_a_client_that_disconnects_mid_stream_makes_smg_abort_and_every_block_is
     assert idle.kv_blocks_free == idle.kv_blocks_total and idle.requests_running == 0
     assert time.monotonic() - began < 30
     assert ours(stack, chat=False, max_tokens=4)
+
+
+@pytest.mark.slow
+def test_smg_without_a_tokenizer_of_its_own_fetches_ours_and_answers_the_same(stack, tmp_path: Path) -> None:  # noqa: ANN001
+    router = SmgRouter([stack.address], None, tmp_path / "smg.log").wait_ready()
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 24, "temperature": 0}
+        answer = httpx.post(f"{router.url}/v1/chat/completions", json=chat, timeout=120).json()
+        assert answer["choices"][0]["message"]["content"] == ours(stack, chat=True, max_tokens=24)
+        assert "Fetching tokenizer from worker" in (tmp_path / "smg.log").read_text(errors="replace")
+    finally:
+        router.stop()

@@ -158,3 +158,21 @@ def test_fuzzed_requests_get_tokens_or_invalid_argument_and_nothing_else_is_harm
     idle = stack.wait_idle()
     assert idle.kv_blocks_free == idle.kv_blocks_total
     assert stub.HealthCheck(trtllm.HealthCheckRequest(), timeout=10).status == "OK"
+
+
+@pytest.mark.slow
+def test_get_tokenizer_streams_the_model_folders_tokenizer_as_a_zip_with_its_digest(stack, stub, model_dir) -> None:
+    import hashlib
+    import io
+    import zipfile
+
+    from smg_grpc_proto.generated import common_pb2 as smg_common
+
+    chunks = list(stub.GetTokenizer(smg_common.GetTokenizerRequest(), timeout=60))
+    data = b"".join(c.data for c in chunks)
+    assert [bool(c.sha256) for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1].sha256 == hashlib.sha256(data).hexdigest()
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert "model.safetensors" not in archive.namelist()
+        assert archive.read("tokenizer.json") == (model_dir / "tokenizer.json").read_bytes()
+        assert archive.read("tokenizer_config.json") == (model_dir / "tokenizer_config.json").read_bytes()

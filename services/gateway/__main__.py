@@ -107,7 +107,7 @@ def add_kserve(generation: GenerationService, server: grpc.aio.Server) -> list[s
     return [service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
 
 
-def add_trtllm(generation: GenerationService, server: grpc.aio.Server) -> list[str]:
+def add_trtllm(generation: GenerationService, server: grpc.aio.Server, tokenizer_folder: Path) -> list[str]:
     """TensorRT-LLM's gRPC service on the gateway's server, where smg-grpc-proto (its stubs) is installed."""
     try:
         from smg_grpc_proto.generated import trtllm_service_pb2, trtllm_service_pb2_grpc
@@ -116,7 +116,7 @@ def add_trtllm(generation: GenerationService, server: grpc.aio.Server) -> list[s
     except ImportError:
         structlog.get_logger().warning("trtllm_off", reason="smg-grpc-proto is not installed: pip install inflight[trtllm]")
         return []
-    trtllm_service_pb2_grpc.add_TrtllmServiceServicer_to_server(TrtllmService(generation), server)
+    trtllm_service_pb2_grpc.add_TrtllmServiceServicer_to_server(TrtllmService(generation, tokenizer_folder), server)
     return [trtllm_service_pb2.DESCRIPTOR.services_by_name["TrtllmService"].full_name]
 
 
@@ -144,7 +144,7 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     if config.kserve:
         services += add_kserve(generation, server)
     if config.trtllm:
-        services += add_trtllm(generation, server)
+        services += add_trtllm(generation, server, Path(config.model))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -8,6 +8,7 @@ GenerationService, pre-tokenized, so admission, validation, metrics and aborts a
 decoding, LoRA, prompt tuning, multimodal input, bad words, embedding bias, lookahead,
 disaggregated serving) are refused with INVALID_ARGUMENT naming the field.
 
+`GetTokenizer` streams the model folder's tokenizer files as one zip, so a router needs no copy.
 `SubscribeKvEvents` relays the scheduler's prefix-cache events (what it stored, with each block's
 token ids, and what it dropped), so a router can place a request where its prefix is cached.
 
@@ -18,7 +19,11 @@ inflight[trtllm]`), never a copy of the upstream .proto file.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
+import zipfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 from smg_grpc_proto.generated import common_pb2 as smg_common
@@ -105,9 +110,26 @@ def to_kv_event_batch(batch: scheduler_pb2.KvEventBatch) -> smg_common.KvEventBa
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "config.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json")
+TOKENIZER_CHUNK = 1 << 20
+
+
+def tokenizer_zip(folder: Path) -> bytes:
+    """The folder's tokenizer files (no weights) as a zip, as GetTokenizer sends them."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                archive.write(folder / name, name)
+    return buffer.getvalue()
+
+
 class TrtllmService(trtllm_service_pb2_grpc.TrtllmServiceServicer):
-    def __init__(self, generation: GenerationService) -> None:
+    def __init__(self, generation: GenerationService, tokenizer_folder: Path | None = None) -> None:
         self.generation = generation
+        self._tokenizer = tokenizer_zip(tokenizer_folder) if tokenizer_folder is not None else b""
 
     async def Generate(self, request: trtllm.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[trtllm.GenerateResponse]:
@@ -171,6 +193,16 @@ class TrtllmService(trtllm_service_pb2_grpc.TrtllmServiceServicer):
         tp = info.tp_size if info is not None else 0
         return trtllm.GetServerInfoResponse(version="inflight 0.1.0", backend="pytorch", tensor_parallel_size=tp,
                                             pipeline_parallel_size=1, context_parallel_size=1, world_size=tp)
+
+    async def GetTokenizer(self, request: smg_common.GetTokenizerRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[smg_common.GetTokenizerChunk]:
+        if not self._tokenizer:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server was started without a tokenizer folder")
+        digest = hashlib.sha256(self._tokenizer).hexdigest()
+        for start in range(0, len(self._tokenizer), TOKENIZER_CHUNK):
+            end = start + TOKENIZER_CHUNK
+            yield smg_common.GetTokenizerChunk(data=self._tokenizer[start:end],
+                                               sha256=digest if end >= len(self._tokenizer) else "")
 
     async def SubscribeKvEvents(self, request: smg_common.SubscribeKvEventsRequest,
                                 context: grpc.aio.ServicerContext) -> AsyncIterator[smg_common.KvEventBatch]:
