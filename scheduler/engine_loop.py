@@ -231,6 +231,8 @@ class EngineLoop:
         while True:
             if not planner.has_work():
                 planner.check_invariants()
+                if self.kv_events.subscribers:
+                    self.kv_events.set_load(engine_load(planner))
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -246,6 +248,8 @@ class EngineLoop:
             sampled = {s.slot_id: s for s in result.sampled}
             outputs = planner.update(step, {slot: s.token_id for slot, s in sampled.items()})
             self._deliver(outputs, sampled)
+            if self.kv_events.subscribers:
+                self.kv_events.set_load(engine_load(planner))
             self.kv_events.publish()
             await asyncio.sleep(0)  # let handlers read their tokens and aborts arrive
 
@@ -327,6 +331,21 @@ class EngineLoop:
                 for request in planner.requests.values():
                     self.tracing.finished(request, common_pb2.FINISH_REASON_ABORT, failure=grpc.StatusCode.UNAVAILABLE)
         self.streams.clear()
+
+
+def engine_load(planner: BatchPlanner) -> scheduler_pb2.EngineLoad:
+    """What a router weighs besides the prefix cache: queue, pending prefill, KV blocks held."""
+    waiting = list(planner.waiting)
+    uncached = sum(len(r.prompt_token_ids) - r.num_computed_tokens for r in waiting)
+    prefilling = sum(max(0, len(r.prompt_token_ids) - r.num_computed_tokens) for r in planner.running
+                     if not r.output_token_ids)
+    allocator, block_size = planner.allocator, planner.limits.block_size
+    held = allocator.num_usable - allocator.num_free
+    return scheduler_pb2.EngineLoad(
+        running_requests=len(planner.running), waiting_requests=len(waiting), waiting_uncached_tokens=uncached,
+        prefill_pending_tokens=uncached + prefilling, kv_usage=held / allocator.num_usable,
+        max_running_requests=planner.limits.max_num_seqs, used_tokens=held * block_size,
+        total_tokens=allocator.num_usable * block_size)
 
 
 def _internal_error(request_id: str) -> str:

@@ -39,7 +39,10 @@ class KvEventLog:
         self._history: deque[scheduler_pb2.KvEventBatch] = deque(maxlen=max_batches)
         self._pending: list[scheduler_pb2.KvEvent] = []
         self._first_sequence = self._next_sequence = first_sequence
-        self._published = asyncio.Event()
+        self._published = asyncio.Event()  # set (and replaced) on every new batch or load
+        self._load = scheduler_pb2.EngineLoad()
+        self._load_version = 0
+        self.subscribers = 0  # the load is worth computing only while someone listens
 
     @property
     def newest(self) -> int:
@@ -71,22 +74,37 @@ class KvEventLog:
         """Every block is gone: what was recorded but not yet published no longer matters."""
         self._pending = [scheduler_pb2.KvEvent(cleared=scheduler_pb2.KvCacheCleared())]
 
+    def set_load(self, load: scheduler_pb2.EngineLoad) -> None:
+        """The scheduler's load now; subscribers hear of a change with the next batch, or alone."""
+        if load != self._load:
+            self._load = load
+            self._load_version += 1
+            self._wake()
+
     def publish(self) -> None:
         """What was recorded since the last call becomes the next batch (none if nothing was)."""
         if not self._pending:
             return
         batch = scheduler_pb2.KvEventBatch(sequence_number=self._next_sequence, timestamp=time.time(),
-                                           events=self._pending)
+                                           events=self._pending, load=self._load)
         self._pending = []
         self._next_sequence += 1
         self._history.append(batch)
+        self._wake()
+
+    def _wake(self) -> None:
         published, self._published = self._published, asyncio.Event()
         published.set()
 
+    def _load_record(self, cursor: int) -> scheduler_pb2.KvEventBatch:
+        return scheduler_pb2.KvEventBatch(sequence_number=cursor, timestamp=time.time(), load=self._load,
+                                          load_only=True)
+
     # --- subscribers ------------------------------------------------------------------------
 
-    async def subscribe(self, cursor: int) -> AsyncIterator[scheduler_pb2.KvEventBatch]:
-        """Every batch after cursor (0: see the module), then each new one, for ever."""
+    async def subscribe(self, cursor: int, heartbeat_seconds: float = 1.0) -> AsyncIterator[scheduler_pb2.KvEventBatch]:
+        """Every batch after cursor (0: see the module), then each new one, for ever; between batches a
+        load record when the load changes, and one every heartbeat_seconds while nothing else goes out."""
         oldest = self._history[0].sequence_number if self._history else self._next_sequence
         if cursor > self.newest:
             raise CursorExpired(f"start_sequence_number {cursor} is past the newest batch {self.newest}")
@@ -95,8 +113,17 @@ class KvEventLog:
                                 f"{self._first_sequence} (a scheduler that restarts numbers afresh): resubscribe with 0")
         if cursor == 0:  # the whole history if it still holds the first batch, else live batches only
             cursor = self._first_sequence - 1 if oldest == self._first_sequence else self.newest
+        self.subscribers += 1
+        try:
+            async for batch in self._follow(cursor, heartbeat_seconds):
+                yield batch
+        finally:
+            self.subscribers -= 1
+
+    async def _follow(self, cursor: int, heartbeat_seconds: float) -> AsyncIterator[scheduler_pb2.KvEventBatch]:
+        load_sent = -1
         while True:
-            waiter = self._published
+            waiter, load_version = self._published, self._load_version
             oldest = self._history[0].sequence_number if self._history else self._next_sequence
             if cursor + 1 < oldest:
                 raise CursorExpired(f"batches {cursor + 1} to {oldest - 1} are no longer kept "
@@ -104,5 +131,13 @@ class KvEventLog:
             for batch in list(self._history)[cursor + 1 - oldest:]:
                 yield batch
                 cursor = batch.sequence_number
-            if cursor == self.newest:
-                await waiter.wait()
+            if cursor != self.newest:
+                continue
+            if load_sent != load_version:
+                yield self._load_record(cursor)  # the latest load, whichever batch carried an older one
+                load_sent = load_version
+                continue
+            try:
+                await asyncio.wait_for(waiter.wait(), heartbeat_seconds)
+            except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11
+                load_sent = -1  # quiet for a while: say the load again

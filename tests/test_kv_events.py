@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -28,6 +29,9 @@ class RouterView:
         self.cursor = 0
 
     def apply(self, batch: scheduler_pb2.KvEventBatch) -> None:
+        if batch.load_only:
+            assert not batch.events and batch.sequence_number == self.cursor, "a load record repeats the last batch"
+            return
         assert batch.sequence_number == self.cursor + 1, "batches are numbered without gaps"
         self.cursor = batch.sequence_number
         for event in batch.events:
@@ -53,6 +57,8 @@ def drain(log: KvEventLog, cursor: int) -> list[scheduler_pb2.KvEventBatch]:
         if cursor == log.newest:
             return batches
         async for batch in log.subscribe(cursor):
+            if batch.load_only:
+                continue
             batches.append(batch)
             if batch.sequence_number == log.newest:
                 return batches
@@ -168,6 +174,7 @@ def test_resuming_gets_the_batches_after_the_cursor_and_an_unreachable_cursor_is
     # 0 asks for the whole history, which no longer starts at batch 1: live batches only.
     async def first_live() -> scheduler_pb2.KvEventBatch:
         subscription = log.subscribe(0)
+        assert (await anext(subscription)).load_only  # the load first, at the newest batch: nothing older
         waiting = asyncio.ensure_future(anext(subscription))
         await asyncio.sleep(0)
         assert not waiting.done()
@@ -187,6 +194,8 @@ def test_a_subscriber_that_falls_behind_the_history_is_told_so() -> None:
         subscription = log.subscribe(0)
         with pytest.raises(CursorExpired):
             async for batch in subscription:
+                if batch.load_only:
+                    continue
                 seen.append(batch.sequence_number)
                 for key in range(3):  # three batches published while the subscriber handles one
                     log.removed(key)
@@ -211,3 +220,33 @@ def test_a_cursor_from_before_this_logs_first_batch_is_refused_with_what_to_do()
     with pytest.raises(CursorExpired, match="resubscribe with 0"):
         drain(log, 500)
     assert [b.sequence_number for b in drain(log, 0)] == [1000]
+
+
+def test_load_records_come_between_batches_when_the_load_changes_and_as_a_heartbeat() -> None:
+    log = KvEventLog()
+    log.cleared()
+    log.publish()
+
+    async def follow() -> list[tuple[int, bool, int]]:
+        seen = []
+        subscription = log.subscribe(0, heartbeat_seconds=0.2)
+        for _ in range(2):  # the history's batch, then the load as it stands
+            batch = await anext(subscription)
+            seen.append((batch.sequence_number, batch.load_only, batch.load.running_requests))
+        assert log.subscribers == 1
+        log.set_load(scheduler_pb2.EngineLoad(running_requests=3))  # changed, with no KV event
+        batch = await asyncio.wait_for(anext(subscription), 5)
+        seen.append((batch.sequence_number, batch.load_only, batch.load.running_requests))
+        log.removed(7)
+        log.publish()  # a batch carries the load too
+        batch = await asyncio.wait_for(anext(subscription), 5)
+        seen.append((batch.sequence_number, batch.load_only, batch.load.running_requests))
+        started = time.monotonic()
+        batch = await asyncio.wait_for(anext(subscription), 5)  # nothing happens: a heartbeat
+        seen.append((batch.sequence_number, batch.load_only, batch.load.running_requests))
+        assert time.monotonic() - started >= 0.15
+        await subscription.aclose()
+        assert log.subscribers == 0
+        return seen
+
+    assert asyncio.run(follow()) == [(1, False, 0), (1, True, 0), (1, True, 3), (2, False, 3), (2, True, 3)]

@@ -54,6 +54,7 @@ class Subscriber:
         self.stored: list[int] = []
         self.salts: list[str | None] = []  # per stored event
         self.cleared_in: list[int] = []  # sequence numbers of the batches that cleared the cache
+        self.loads: list[smg_common.EngineLoad] = []  # on every batch, and alone between them
         self.ended: grpc.StatusCode | None = None
         self.removed: list[int] = []
         self.sequence_numbers: list[int] = []
@@ -68,12 +69,19 @@ class Subscriber:
             self.ended = error.code()
 
     def catch_up(self, seconds: float = 0.5) -> None:
-        """Apply what arrived, waiting until the stream has been quiet for `seconds`."""
+        """Apply what arrived, until no KV event has come for `seconds` (load records come every second)."""
+        deadline = time.monotonic() + seconds
         while True:
             try:
-                batch = self.batches.get(timeout=seconds)
+                batch = self.batches.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 return
+            if not batch.load.load_only:
+                deadline = time.monotonic() + seconds
+            self.loads.append(batch.load)
+            if batch.load.load_only:
+                assert not batch.events and batch.sequence_number == (self.sequence_numbers or [batch.sequence_number])[-1]
+                continue
             self.sequence_numbers.append(batch.sequence_number)
             for event in batch.events:
                 kind = event.WhichOneof("data")
@@ -235,3 +243,27 @@ def test_after_a_scheduler_restart_the_old_cursor_is_out_of_range_and_a_fresh_su
     fresh.catch_up()
     assert fresh.sequence_numbers[0] > cursor and fresh.cleared_in[:1] == fresh.sequence_numbers[:1]
     assert sorted(fresh.blocks.values()) == [[9500 + i for i in range(j, j + BLOCK)] for j in (0, 16)]
+
+
+@pytest.mark.slow
+def test_load_records_show_a_request_running_and_then_an_idle_engine(stub) -> None:
+    subscriber = Subscriber(stub)
+    subscriber.catch_up()
+    done = threading.Event()
+
+    def long_request() -> None:
+        request = trtllm.GenerateRequest(request_id="load", max_tokens=48, streaming=False,
+                                         tokenized=trtllm.TokenizedInput(input_token_ids=[4000 + i for i in range(200)]))
+        list(stub.Generate(request, timeout=120))
+        done.set()
+
+    threading.Thread(target=long_request, daemon=True).start()
+    assert done.wait(120)
+    subscriber.catch_up(seconds=1.5)  # at least one heartbeat after the request
+    busy = [load for load in subscriber.loads if load.running_requests]
+    assert busy and max(load.num_used_tokens for load in busy) >= 208 and busy[0].max_running_requests >= 1
+    assert all(0 < load.token_usage <= 1 for load in busy)
+    last = subscriber.loads[-1]
+    assert last.load_only and last.running_requests == 0 and last.waiting_requests == 0 and last.num_used_tokens == 0
+    samples = [load.sample for load in subscriber.loads]
+    assert samples == sorted(samples) and len(set(samples)) == len(samples)  # ordered, one number each

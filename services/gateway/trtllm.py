@@ -85,8 +85,19 @@ def _logprobs(response: generation_pb2.GenerateResponse) -> list[trtllm.TokenLog
             for p in response.logprobs]
 
 
-def to_kv_event_batch(batch: scheduler_pb2.KvEventBatch) -> smg_common.KvEventBatch:
-    out = smg_common.KvEventBatch(sequence_number=batch.sequence_number, timestamp=batch.timestamp)
+def to_engine_load(load: scheduler_pb2.EngineLoad, sample: int, load_only: bool) -> smg_common.EngineLoad:
+    return smg_common.EngineLoad(
+        running_requests=load.running_requests, waiting_requests=load.waiting_requests,
+        waiting_uncached_tokens=load.waiting_uncached_tokens, token_usage=load.kv_usage,
+        active_token_usage=load.kv_usage, max_running_requests=load.max_running_requests, sample=sample,
+        load_only=load_only, prefill_pending_tokens=load.prefill_pending_tokens, num_used_tokens=load.used_tokens,
+        max_total_num_tokens=load.total_tokens)
+
+
+def to_kv_event_batch(batch: scheduler_pb2.KvEventBatch, sample: int = 0) -> smg_common.KvEventBatch:
+    """sample: the load record's number on its stream (monotonic, as routers order them)."""
+    out = smg_common.KvEventBatch(sequence_number=batch.sequence_number, timestamp=batch.timestamp,
+                                  load=to_engine_load(batch.load, sample, batch.load_only))
     for index, event in enumerate(batch.events):
         # Unique: a batch (one step's) holds fewer than 4096 events; sequence numbers stay below 2**52.
         converted = out.events.add(event_id=batch.sequence_number * 4096 + index)
@@ -210,6 +221,7 @@ class TrtllmService(trtllm_service_pb2_grpc.TrtllmServiceServicer):
         relay = scheduler_pb2.SubscribeKvEventsRequest(start_sequence_number=request.start_sequence_number)
         call = self.generation.scheduler.stub.SubscribeKvEvents(relay)
         stopping = asyncio.ensure_future(self.generation.stopping.wait())
+        sample = 0
         try:
             while True:
                 read = asyncio.ensure_future(call.read())
@@ -220,7 +232,8 @@ class TrtllmService(trtllm_service_pb2_grpc.TrtllmServiceServicer):
                 batch = read.result()
                 if batch is grpc.aio.EOF:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler's event stream ended; resubscribe")
-                yield to_kv_event_batch(batch)
+                sample += 1
+                yield to_kv_event_batch(batch, sample)
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.OUT_OF_RANGE:
                 await context.abort(grpc.StatusCode.OUT_OF_RANGE, error.details() or "the cursor has expired")
