@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=6)
     parser.add_argument("--num-kv-blocks", type=int, default=241)
     parser.add_argument("--cpu-threads", type=int, default=1, help="per replica: the replicas share this host's cores")
+    parser.add_argument("--workloads", nargs="+", default=["shared-prefix", "unique"],
+                        choices=["shared-prefix", "unique"])
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each workload under each policy")
     parser.add_argument("--policies", nargs="+",
                         default=["cache_aware", "cache_aware --balance-abs-threshold 1 --balance-rel-threshold 1.5",
                                  "round_robin"],
@@ -153,12 +156,13 @@ def main() -> None:
                 asyncio.run(run_openai_workload(router.url, MODEL, Workload("warmup", unique(maker, 4, 32, 4), 2),
                                                 progress=False))
                 workloads = {
-                    "shared-prefix": shared_prefix(maker, args.groups, args.requests, args.prefix_tokens,
-                                                   args.question_tokens, args.output_tokens),
-                    "unique": unique(maker, args.requests, args.prefix_tokens + args.question_tokens,
-                                     args.output_tokens),
+                    "shared-prefix": lambda: shared_prefix(maker, args.groups, args.requests, args.prefix_tokens,
+                                                           args.question_tokens, args.output_tokens),
+                    "unique": lambda: unique(maker, args.requests, args.prefix_tokens + args.question_tokens,
+                                             args.output_tokens),
                 }
-                for name, requests in workloads.items():
+                for name in [w for w in args.workloads for _ in range(args.repeat)]:
+                    requests = workloads[name]()  # fresh prompts each time
                     started = time.time()
                     summary = run(router, replicas, Workload(name, requests, concurrency=args.concurrency))
                     print(f"{name:14s} {policy:12s} hit {100 * summary['hit_rate']:5.1f}%  TTFT p50 "
