@@ -231,8 +231,7 @@ class EngineLoop:
         while True:
             if not planner.has_work():
                 planner.check_invariants()
-                if self.kv_events.subscribers:
-                    self.kv_events.set_load(engine_load(planner))
+                self._report_load(planner)
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -248,10 +247,13 @@ class EngineLoop:
             sampled = {s.slot_id: s for s in result.sampled}
             outputs = planner.update(step, {slot: s.token_id for slot, s in sampled.items()})
             self._deliver(outputs, sampled)
-            if self.kv_events.subscribers:
-                self.kv_events.set_load(engine_load(planner))
+            self._report_load(planner)
             self.kv_events.publish()
             await asyncio.sleep(0)  # let handlers read their tokens and aborts arrive
+
+    def _report_load(self, planner: BatchPlanner) -> None:
+        if self.kv_events.subscribers:  # computed only while a router listens
+            self.kv_events.set_load(engine_load(planner))
 
     async def _round_trip(self, step: PlannedStep) -> worker_pb2.StepResult:
         plan = plan_to_proto(step, self.config.step_bound(step.num_tokens))

@@ -25,9 +25,9 @@ def restart_safe_first_sequence() -> int:
     """A first sequence number above any an earlier process can have reached: 16 per millisecond of clock.
 
     A process publishes at most one batch a step, and no step (a round trip to the worker group
-    among it) takes under 1/16 ms, so its numbers stay below the clock's; its successor's start above. A subscriber resuming across a restart then
-    holds a cursor below the new history and gets OUT_OF_RANGE, never a silent continuation that
-    misses the new process's KvCacheCleared.
+    among it) takes under 1/16 ms, so its numbers stay below the clock's; its successor's start
+    above. A subscriber resuming across a restart then holds a cursor below the new history and gets
+    OUT_OF_RANGE, never a silent continuation that misses the new process's KvCacheCleared.
     """
     return int(time.time() * 16_000)
 
