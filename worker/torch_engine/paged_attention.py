@@ -21,7 +21,7 @@ from worker.torch_engine.paged_prefill import paged_prefill_attention
 from worker.torch_engine.triton_support import available, dot_settings, tl, triton
 
 if triton is not None:
-    from worker.torch_engine.triton_support import cache_rows, dot
+    from worker.torch_engine.triton_support import attend
 
 __all__ = ["DECODE_TILE", "available", "paged_decode_attention", "paged_prefill_attention"]
 
@@ -63,30 +63,19 @@ if triton is not None:
         q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         qk_scale = scale * 1.4426950408889634  # log2(e): exp2 below
+        slopes = tl.zeros([ROWS], tl.float32)
         if HAS_ALIBI:
             slopes = tl.load(alibi_ptr + heads, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        query_pos = tl.zeros([ROWS], tl.int32) + context_len - 1
         running_max = tl.full([ROWS], float("-inf"), tl.float32)
         running_sum = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, DIM_PAD], tl.float32)
-        table = block_tables_ptr + seq * stride_table
         for offset in range(start, end, SUB_TILE):
             positions = offset + tl.arange(0, SUB_TILE)
-            valid = positions < end
-            slots = cache_rows(table, positions, valid, BLOCK_SIZE)
-            k = tl.load(k_cache_ptr + slots[None, :] * stride_kt + kv_head * stride_kh + dims[:, None],
-                        mask=valid[None, :] & dim_ok[:, None], other=0.0)  # [DIM_PAD, SUB_TILE]
-            scores = dot(q, k, PRECISION, WIDEN) * qk_scale  # [ROWS, SUB_TILE]
-            if HAS_ALIBI:
-                scores += slopes[:, None] * (positions - (context_len - 1)).to(tl.float32)[None, :]
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            correction = tl.exp2(running_max - new_max)
-            weights = tl.exp2(scores - new_max[:, None])
-            running_sum = running_sum * correction + tl.sum(weights, axis=1)
-            v = tl.load(v_cache_ptr + slots[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
-                        mask=valid[:, None] & dim_ok[None, :], other=0.0)  # [SUB_TILE, DIM_PAD]
-            acc = acc * correction[:, None] + dot(weights.to(v.dtype), v, PRECISION, WIDEN)
-            running_max = new_max
+            acc, running_max, running_sum = attend(
+                acc, running_max, running_sum, q, k_cache_ptr + kv_head * stride_kh, v_cache_ptr + kv_head * stride_vh,
+                stride_kt, stride_vt, block_tables_ptr + seq * stride_table, positions, positions < end, query_pos,
+                slopes, qk_scale, dims, dim_ok, BLOCK_SIZE, HAS_ALIBI, PRECISION, WIDEN)
         out = acc / running_sum[:, None]
         store_ok = row_ok[:, None] & dim_ok[None, :]
         if context_len <= TILE:  # a single split is the whole answer: no merge, no fp32 round trip

@@ -20,7 +20,7 @@ import torch
 from worker.torch_engine.triton_support import dot_settings, tl, triton
 
 if triton is not None:
-    from worker.torch_engine.triton_support import cache_rows, dot
+    from worker.torch_engine.triton_support import attend
 
 # (BLOCK_M rows = query tokens x group heads, BLOCK_N keys per iteration, num_warps), by head size. Picked so
 # that ptxas (sm_90, bf16) needs no register spills; not yet timed on a GPU. tl.dot needs both >= 16.
@@ -52,6 +52,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_ALIBI: tl.constexpr,
         PRECISION: tl.constexpr, WIDEN: tl.constexpr,
     ):
+        """BLOCK_Q queries of one sequence with every query head of one KV head: online softmax, causal."""
         tile = tl.program_id(0)
         kv_head = tl.program_id(1)
         seq = _find_sequence(query_start_ptr, num_seqs, tile, BLOCK_Q)
@@ -74,31 +75,19 @@ if triton is not None:
         # Rows past the sequence's queries get positions past its keys: they see every key, never an empty row.
         query_pos = prefix + tokens
         qk_scale = scale * 1.4426950408889634  # log2(e): exp2 below
+        slopes = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
         if HAS_ALIBI:
             slopes = tl.load(alibi_ptr + heads, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
         running_max = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
         acc = tl.zeros([BLOCK_Q * GROUP_PAD, DIM_PAD], tl.float32)
-        table = block_tables_ptr + seq * stride_table
         kv_end = prefix + tl.minimum(first + BLOCK_Q, q_len)  # keys past the tile's last query are never seen
         for kv_start in range(0, kv_end, BLOCK_N):
             positions = kv_start + tl.arange(0, BLOCK_N)
-            valid = positions < kv_end
-            slots = cache_rows(table, positions, valid, BLOCK_SIZE)
-            k = tl.load(k_cache_ptr + slots[None, :] * stride_kt + kv_head * stride_kh + dims[:, None],
-                        mask=valid[None, :] & dim_ok[:, None], other=0.0)  # [DIM_PAD, BLOCK_N]
-            scores = dot(q, k, PRECISION, WIDEN) * qk_scale  # [BLOCK_M, BLOCK_N]
-            if HAS_ALIBI:
-                scores += slopes[:, None] * (positions[None, :] - query_pos[:, None]).to(tl.float32)
-            scores = tl.where(valid[None, :] & (positions[None, :] <= query_pos[:, None]), scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            correction = tl.exp2(running_max - new_max)
-            weights = tl.exp2(scores - new_max[:, None])
-            running_sum = running_sum * correction + tl.sum(weights, axis=1)
-            v = tl.load(v_cache_ptr + slots[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
-                        mask=valid[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_N, DIM_PAD]
-            acc = acc * correction[:, None] + dot(weights.to(v.dtype), v, PRECISION, WIDEN)
-            running_max = new_max
+            acc, running_max, running_sum = attend(
+                acc, running_max, running_sum, q, k_cache_ptr + kv_head * stride_kh, v_cache_ptr + kv_head * stride_vh,
+                stride_kt, stride_vt, block_tables_ptr + seq * stride_table, positions, positions < kv_end, query_pos,
+                slopes, qk_scale, dims, dim_ok, BLOCK_SIZE, HAS_ALIBI, PRECISION, WIDEN)
         out = acc / running_sum[:, None]
         tl.store(out_ptr + (q_start + tokens)[:, None].to(tl.int64) * stride_ot + heads[:, None] * stride_oh
                  + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)

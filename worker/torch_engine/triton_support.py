@@ -1,4 +1,4 @@
-"""What the paged attention kernels share: the optional Triton import, cache addressing, tl.dot settings."""
+"""What the paged attention kernels share: the optional Triton import, tl.dot settings, the inner step."""
 
 from __future__ import annotations
 
@@ -47,3 +47,30 @@ if triton is not None:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def attend(acc, running_max, running_sum, q, k_head_ptr, v_head_ptr, stride_kt, stride_vt, table_ptr, positions,
+               valid, query_pos, slopes, qk_scale, dims, dim_ok, BLOCK_SIZE: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+        """One online-softmax step (base 2) for the rows of q over the keys at `positions` of one KV head.
+
+        A row sees the keys that are `valid` and at or before its query_pos; with ALiBi it adds
+        slope * (key position - query_pos), the slopes already scaled by log2(e). Every row must have
+        seen a key by its first step (running_max stays finite). Returns (acc, running_max, running_sum).
+        """
+        slots = cache_rows(table_ptr, positions, valid, BLOCK_SIZE)
+        k = tl.load(k_head_ptr + slots[None, :] * stride_kt + dims[:, None], mask=valid[None, :] & dim_ok[:, None],
+                    other=0.0)  # [DIM_PAD, keys]
+        scores = dot(q, k, PRECISION, WIDEN) * qk_scale  # [rows, keys]
+        distance = positions[None, :] - query_pos[:, None]
+        if HAS_ALIBI:
+            scores += slopes[:, None] * distance.to(tl.float32)
+        scores = tl.where(valid[None, :] & (distance <= 0), scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        correction = tl.exp2(running_max - new_max)
+        weights = tl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(weights, axis=1)
+        v = tl.load(v_head_ptr + slots[:, None] * stride_vt + dims[None, :], mask=valid[:, None] & dim_ok[None, :],
+                    other=0.0)  # [keys, DIM_PAD]
+        acc = acc * correction[:, None] + dot(weights.to(v.dtype), v, PRECISION, WIDEN)
+        return acc, new_max, running_sum
