@@ -82,7 +82,7 @@ if triton is not None:
             tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=store_ok)
         else:
-            part = (seq * (tl.num_programs(1) * GROUP) + heads) * max_splits + split  # [ROWS]
+            part = (seq * (tl.num_programs(1) * GROUP) + heads).to(tl.int64) * max_splits + split  # [ROWS]
             tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=store_ok)
             tl.store(part_lse_ptr + part, running_max + tl.log2(running_sum), mask=row_ok)
 
@@ -98,7 +98,7 @@ if triton is not None:
         num_splits = tl.cdiv(context_len, TILE)
         if num_splits <= 1:  # written by the split kernel
             return
-        base = (seq * tl.num_programs(1) + head) * max_splits
+        base = (seq * tl.num_programs(1) + head).to(tl.int64) * max_splits  # int64: B*Hq*splits*D may pass 2^31
         dims = tl.arange(0, DIM_PAD)
         dim_ok = dims < HEAD_DIM
         top = tl.load(part_lse_ptr + base)
