@@ -1,72 +1,117 @@
-"""Decode attention straight from the paged KV cache (Triton, CUDA only).
+"""Attention straight from the paged KV cache (Triton; CUDA, or Triton's CPU interpreter in tests).
 
-One program per (sequence, KV head) walks the sequence's block table and keeps an online
-softmax for the query heads that share that KV head (GQA). No tensor shape depends on the
-context length, so a decode step can be captured once in a CUDA graph and replayed. With ALiBi
-(MPT), each query head's slope times (key position - query position) is added to its scores.
+Cache layout: token `pos` of a sequence lives in slot `table[pos // block_size] * block_size +
+pos % block_size` of a [slots, kv_heads, head_dim] cache. Every kernel here processes the query
+heads that share a KV head together (GQA), so one load of a K/V tile serves the whole group, and
+scores go through tl.dot with the group's heads (and, for prefill, several tokens) as its rows.
+
+Decode is split-KV (flash-decoding): each sequence's context is cut into fixed TILE-token splits,
+computed in parallel, then merged by their log-sum-exp. How a sequence is split depends only on its
+own length, so its output is bitwise the same whatever else is in the batch. No launch depends on
+the data (grids come from tensor shapes), so both kernels can be captured in a CUDA graph.
+
+Softmax runs in base 2: scores are scaled by log2(e) up front and LSEs are log2-sums.
 """
 
 from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the engine falls back to SDPA
-    triton = None
+from worker.torch_engine.paged_prefill import paged_prefill_attention
+from worker.torch_engine.triton_support import available, dot_settings, tl, triton
+
+if triton is not None:
+    from worker.torch_engine.triton_support import attend
+
+__all__ = ["DECODE_TILE", "available", "paged_decode_attention", "paged_prefill_attention"]
+
+# Tokens per split: the unit of decode parallelism. Longer tiles mean fewer partial results to merge,
+# shorter ones more programs for a small batch with long contexts. Changing it changes the numbers.
+DECODE_TILE = 256
+# Tokens gathered from the block table per inner iteration of a split (divides DECODE_TILE), and warps per
+# program by head size: ptxas (sm_90, bf16) needs no register spills with these; not yet timed on a GPU.
+DECODE_SUB_TILE = 64
+DECODE_WARPS_SMALL_HEAD = 4  # head_dim <= 64
+DECODE_WARPS_LARGE_HEAD = 8
 
 
 if triton is not None:
 
     @triton.jit
-    def _paged_decode_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr, alibi_ptr,
-        scale, stride_table, num_kv_heads,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HAS_ALIBI: tl.constexpr,
+    def _decode_split_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr, context_lens_ptr,
+        alibi_ptr, scale, stride_qb, stride_qh, stride_ob, stride_oh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_table, max_splits,
+        GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SUB_TILE: tl.constexpr, HAS_ALIBI: tl.constexpr,
+        PRECISION: tl.constexpr, WIDEN: tl.constexpr,
     ):
+        """One split of one sequence for one KV head's query group: an online softmax over TILE keys."""
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
         context_len = tl.load(context_lens_ptr + seq)
-        groups = tl.arange(0, GROUP_PAD)
-        dims = tl.arange(0, HEAD_DIM)
-        slots = tl.arange(0, BLOCK_SIZE)
-        num_q_heads = num_kv_heads * GROUP
-        q_rows = seq * num_q_heads + kv_head * GROUP + groups
-        group_ok = groups < GROUP
-        q = tl.load(q_ptr + q_rows[:, None] * HEAD_DIM + dims[None, :], mask=group_ok[:, None], other=0.0)
-        q = q.to(tl.float32) * scale
+        start = split * TILE
+        if start >= context_len:
+            return
+        end = tl.minimum(start + TILE, context_len)
+        rows = tl.arange(0, ROWS)
+        heads = kv_head * GROUP + rows
+        row_ok = rows < GROUP
+        dims = tl.arange(0, DIM_PAD)
+        dim_ok = dims < HEAD_DIM
+        q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        qk_scale = scale * 1.4426950408889634  # log2(e): exp2 below
+        slopes = tl.zeros([ROWS], tl.float32)
         if HAS_ALIBI:
-            slopes = tl.load(alibi_ptr + kv_head * GROUP + groups, mask=group_ok, other=0.0).to(tl.float32)
-        running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        running_sum = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        num_blocks = tl.cdiv(context_len, BLOCK_SIZE)
-        for index in range(0, num_blocks):
-            block = tl.load(block_tables_ptr + seq * stride_table + index)
-            positions = index * BLOCK_SIZE + slots
-            valid = positions < context_len
-            rows = (block * BLOCK_SIZE + slots) * num_kv_heads + kv_head
-            k = tl.load(k_cache_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
-            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_SIZE]
-            if HAS_ALIBI:
-                scores += slopes[:, None] * (positions - (context_len - 1)).to(tl.float32)[None, :]
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            correction = tl.exp(running_max - new_max)
-            weights = tl.exp(scores - new_max[:, None])
-            running_sum = running_sum * correction + tl.sum(weights, axis=1)
-            acc = acc * correction[:, None] + tl.sum(weights[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-            running_max = new_max
+            slopes = tl.load(alibi_ptr + heads, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        query_pos = tl.zeros([ROWS], tl.int32) + context_len - 1
+        running_max = tl.full([ROWS], float("-inf"), tl.float32)
+        running_sum = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, DIM_PAD], tl.float32)
+        for offset in range(start, end, SUB_TILE):
+            positions = offset + tl.arange(0, SUB_TILE)
+            acc, running_max, running_sum = attend(
+                acc, running_max, running_sum, q, k_cache_ptr + kv_head * stride_kh, v_cache_ptr + kv_head * stride_vh,
+                stride_kt, stride_vt, block_tables_ptr + seq * stride_table, positions, positions < end, query_pos,
+                slopes, qk_scale, dims, dim_ok, BLOCK_SIZE, HAS_ALIBI, PRECISION, WIDEN)
         out = acc / running_sum[:, None]
-        tl.store(out_ptr + q_rows[:, None] * HEAD_DIM + dims[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=group_ok[:, None])
+        store_ok = row_ok[:, None] & dim_ok[None, :]
+        if context_len <= TILE:  # a single split is the whole answer: no merge, no fp32 round trip
+            tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=store_ok)
+        else:
+            part = (seq * (tl.num_programs(1) * GROUP) + heads).to(tl.int64) * max_splits + split  # [ROWS]
+            tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=store_ok)
+            tl.store(part_lse_ptr + part, running_max + tl.log2(running_sum), mask=row_ok)
 
-
-def available(device: torch.device) -> bool:
-    return triton is not None and device.type == "cuda"
+    @triton.jit
+    def _decode_merge_kernel(
+        out_ptr, part_out_ptr, part_lse_ptr, context_lens_ptr, stride_ob, stride_oh, max_splits,
+        HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, TILE: tl.constexpr,
+    ):
+        """One (sequence, query head): the splits' outputs weighted by exp2(their LSE - the largest)."""
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        context_len = tl.load(context_lens_ptr + seq)
+        num_splits = tl.cdiv(context_len, TILE)
+        if num_splits <= 1:  # written by the split kernel
+            return
+        base = (seq * tl.num_programs(1) + head).to(tl.int64) * max_splits  # int64: B*Hq*splits*D may pass 2^31
+        dims = tl.arange(0, DIM_PAD)
+        dim_ok = dims < HEAD_DIM
+        top = tl.load(part_lse_ptr + base)
+        for split in range(1, num_splits):
+            top = tl.maximum(top, tl.load(part_lse_ptr + base + split))
+        total = tl.zeros([], tl.float32)
+        acc = tl.zeros([DIM_PAD], tl.float32)
+        for split in range(num_splits):  # a fixed order: the sum does not depend on the batch
+            weight = tl.exp2(tl.load(part_lse_ptr + base + split) - top)
+            total += weight
+            acc += weight * tl.load(part_out_ptr + (base + split) * HEAD_DIM + dims, mask=dim_ok, other=0.0)
+        tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, (acc / total).to(out_ptr.dtype.element_ty),
+                 mask=dim_ok)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -74,16 +119,35 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            scale: float | None = None) -> torch.Tensor:
     """q [B, Hq, D] (one query per sequence); caches [slots, Hkv, D]; returns [B, Hq, D].
 
-    alibi_slopes: [Hq] float, ALiBi's per-head slopes, or None; scale: None for 1 / sqrt(D).
+    block_tables [B, max_blocks] int32; context_lens [B] int32, each >= 1, counting the current
+    token (already in the cache). alibi_slopes: [Hq] ALiBi slopes, or None; scale: None for 1/sqrt(D).
+    The grid (B, Hkv, splits) and the fp32 partial buffers [B, Hq, splits, D] are sized by the shape of
+    block_tables alone (splits = its width in tokens / DECODE_TILE); programs past a sequence's last
+    split exit at once.
     """
     num_seqs, num_q_heads, head_dim = q.shape
+    assert q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1, "head_dim must be contiguous"
     num_kv_heads = k_cache.shape[1]
     group = num_q_heads // num_kv_heads
+    max_splits = triton.cdiv(block_tables.shape[1] * block_size, DECODE_TILE)
     out = torch.empty_like(q)
-    _paged_decode_kernel[(num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens, q if alibi_slopes is None else alibi_slopes,
-        head_dim**-0.5 if scale is None else scale, block_tables.stride(0), num_kv_heads,
-        GROUP=group, GROUP_PAD=max(2, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        HAS_ALIBI=alibi_slopes is not None, num_warps=4,
+    part_out = torch.empty(num_seqs, num_q_heads, max_splits, head_dim, device=q.device, dtype=torch.float32)
+    part_lse = torch.empty(num_seqs, num_q_heads, max_splits, device=q.device, dtype=torch.float32)
+    dim_pad = triton.next_power_of_2(head_dim)
+    precision, widen = dot_settings(q.dtype)
+    _decode_split_kernel[(num_seqs, num_kv_heads, max_splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, block_tables, context_lens,
+        q if alibi_slopes is None else alibi_slopes, head_dim**-0.5 if scale is None else scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), block_tables.stride(0), max_splits,
+        GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, DIM_PAD=dim_pad,
+        BLOCK_SIZE=block_size, TILE=DECODE_TILE, SUB_TILE=DECODE_SUB_TILE, HAS_ALIBI=alibi_slopes is not None,
+        PRECISION=precision, WIDEN=widen,
+        num_warps=DECODE_WARPS_SMALL_HEAD if dim_pad <= 64 else DECODE_WARPS_LARGE_HEAD,
+    )
+    _decode_merge_kernel[(num_seqs, num_q_heads)](
+        out, part_out, part_lse, context_lens, out.stride(0), out.stride(1), max_splits,
+        HEAD_DIM=head_dim, DIM_PAD=dim_pad, TILE=DECODE_TILE, num_warps=1,
     )
     return out
+

@@ -1,0 +1,76 @@
+"""What the paged attention kernels share: the optional Triton import, tl.dot settings, the inner step."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the engine falls back to SDPA
+    triton = None
+    tl = None
+
+# Triton's CPU interpreter multiplies bf16 tiles as raw 16-bit integers (and computes bf16 arithmetic on
+# the bit patterns), so there the kernels widen tl.dot's operands to fp32; compiled kernels keep bf16.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available(device: torch.device) -> bool:
+    """Whether the engine may use the Triton kernels on this device (compiled: CUDA only)."""
+    return triton is not None and device.type == "cuda"
+
+
+def dot_settings(dtype: torch.dtype) -> tuple[str, bool]:
+    """tl.dot's (input precision, widen-to-fp32) for caches of this dtype.
+
+    fp32 caches get full fp32 products ("ieee"; TF32 would cost ~1e-3 relative error).
+    """
+    widen = INTERPRET and dtype != torch.float32
+    return ("ieee" if dtype == torch.float32 or widen else "tf32"), widen
+
+
+if triton is not None:
+
+    @triton.jit
+    def cache_rows(table_ptr, positions, mask, BLOCK_SIZE: tl.constexpr):
+        """The cache row (slot, int64: caches may exceed 2^31 elements) of each token position."""
+        blocks = tl.load(table_ptr + positions // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
+        return blocks * BLOCK_SIZE + positions % BLOCK_SIZE
+
+    @triton.jit
+    def dot(a, b, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+        """a @ b in fp32; WIDEN lifts bf16/fp16 operands to fp32 first (the interpreter's workaround)."""
+        if WIDEN:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def attend(acc, running_max, running_sum, q, k_head_ptr, v_head_ptr, stride_kt, stride_vt, table_ptr, positions,
+               valid, query_pos, slopes, qk_scale, dims, dim_ok, BLOCK_SIZE: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+        """One online-softmax step (base 2) for the rows of q over the keys at `positions` of one KV head.
+
+        A row sees the keys that are `valid` and at or before its query_pos; with ALiBi it adds
+        slope * (key position - query_pos), the slopes already scaled by log2(e). Every row must have
+        seen a key by its first step (running_max stays finite). Returns (acc, running_max, running_sum).
+        """
+        slots = cache_rows(table_ptr, positions, valid, BLOCK_SIZE)
+        k = tl.load(k_head_ptr + slots[None, :] * stride_kt + dims[:, None], mask=valid[None, :] & dim_ok[:, None],
+                    other=0.0)  # [DIM_PAD, keys]
+        scores = dot(q, k, PRECISION, WIDEN) * qk_scale  # [rows, keys]
+        distance = positions[None, :] - query_pos[:, None]
+        if HAS_ALIBI:
+            scores += slopes[:, None] * distance.to(tl.float32)
+        scores = tl.where(valid[None, :] & (distance <= 0), scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        correction = tl.exp2(running_max - new_max)
+        weights = tl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(weights, axis=1)
+        v = tl.load(v_head_ptr + slots[:, None] * stride_vt + dims[None, :], mask=valid[:, None] & dim_ok[None, :],
+                    other=0.0)  # [keys, DIM_PAD]
+        acc = acc * correction[:, None] + dot(weights.to(v.dtype), v, PRECISION, WIDEN)
+        return acc, new_max, running_sum
