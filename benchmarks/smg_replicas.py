@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from benchmarks.metrics import Slo, summarize
 from benchmarks.openai_loadgen import run_openai_workload
-from benchmarks.workload import PromptMaker, RequestSpec, Workload
+from benchmarks.workload import PromptMaker, RequestSpec, Workload, with_poisson_arrivals
 from inflight.model_store import resolve_model
 from tests.smg_router import SmgRouter
 from tests.stack import ServedStack
@@ -91,12 +91,14 @@ def plot(results: list[dict], path: Path) -> None:
 
 def markdown(report: dict) -> str:
     c = report["config"]
+    offered = (f"Open loop: Poisson arrivals at {c['request_rate']:g} requests/s" if c.get("request_rate")
+               else f"Closed loop at concurrency {c['concurrency']}")
     lines = [
         f"# {c['replicas']} inflight replicas behind SMG: cache_aware against round_robin",
         "",
         f"Host: {report['host']}. Each replica: `inflight serve --num-kv-blocks {c['num_kv_blocks']} --cpu-threads "
-        f"{c['cpu_threads']}` (block 16), SmolLM2-135M on CPU; SMG {report['smg_version']} on loopback. Closed loop at concurrency "
-        f"{c['concurrency']}, {c['requests']} requests per run, {c['output_tokens']} output tokens each.",
+        f"{c['cpu_threads']}` (block 16), SmolLM2-135M on CPU; SMG {report['smg_version']} on loopback. "
+        f"{offered}, {c['requests']} requests per run, {c['output_tokens']} output tokens each.",
         f"Shared-prefix: {c['groups']} groups of {c['prefix_tokens']}-token system prompts plus "
         f"{c['question_tokens']}-token questions (the groups' prefixes need "
         f"{c['groups'] * c['prefix_tokens'] // 16} blocks; one replica holds {c['num_kv_blocks'] - 1}). "
@@ -124,6 +126,8 @@ def main() -> None:
     parser.add_argument("--question-tokens", type=int, default=24)
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=6)
+    parser.add_argument("--request-rate", type=float, default=0.0,
+                        help="open loop: Poisson arrivals at this many requests/s instead of a fixed concurrency")
     parser.add_argument("--num-kv-blocks", type=int, default=241)
     parser.add_argument("--cpu-threads", type=int, default=1, help="per replica: the replicas share this host's cores")
     parser.add_argument("--workloads", nargs="+", default=["shared-prefix", "unique"],
@@ -161,10 +165,15 @@ def main() -> None:
                     "unique": lambda: unique(maker, args.requests, args.prefix_tokens + args.question_tokens,
                                              args.output_tokens),
                 }
-                for name in [w for w in args.workloads for _ in range(args.repeat)]:
+                for run_index, name in enumerate([w for w in args.workloads for _ in range(args.repeat)]):
                     requests = workloads[name]()  # fresh prompts each time
                     started = time.time()
-                    summary = run(router, replicas, Workload(name, requests, concurrency=args.concurrency))
+                    if args.request_rate:
+                        offered = Workload(name, with_poisson_arrivals(requests, args.request_rate, seed=run_index),
+                                           request_rate=args.request_rate)
+                    else:
+                        offered = Workload(name, requests, concurrency=args.concurrency)
+                    summary = run(router, replicas, offered)
                     print(f"{name:14s} {policy:12s} hit {100 * summary['hit_rate']:5.1f}%  TTFT p50 "
                           f"{summary['ttft_ms']['p50']:7.0f} ms p99 {summary['ttft_ms']['p99']:7.0f} ms  "
                           f"{summary['request_throughput_rps']:.2f} req/s  failed {summary['failed']}  "

@@ -94,6 +94,7 @@ class EngineLoop:
         queue: asyncio.Queue[StreamItem] = asyncio.Queue()
         self.streams[request.key] = queue
         planner.add(request)
+        self._report_load(planner)  # a router hears of the new prompt now, not after the step in flight
         if self.tracing is not None:
             self.tracing.queued(request)
         log.info("request_queued", request_id=request.request_id, tenant=request.tenant,
@@ -102,11 +103,13 @@ class EngineLoop:
         return queue
 
     def abort(self, key: RequestKey) -> bool:
-        request = self.planner.abort(key) if self.planner else None
+        planner = self.planner
+        request = planner.abort(key) if planner else None
         queue = self.streams.pop(key, None)
         if queue is not None:
             queue.put_nowait(scheduler_pb2.TokenEvent(finish_reason=common_pb2.FINISH_REASON_ABORT))
-        if request is not None:
+        if planner is not None and request is not None:
+            self._report_load(planner)
             log.info("request_aborted", request_id=request.request_id, generated=len(request.output_token_ids))
             if self.tracing is not None:
                 self.tracing.finished(request, common_pb2.FINISH_REASON_ABORT)
