@@ -116,12 +116,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--num-kv-blocks", type=int, default=2048)
     parser.add_argument("--batches", default="1,32")
-    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--contexts", default="128", help="context lengths to time each batch size at")
+    parser.add_argument("--max-num-seqs", type=int, default=0, help="default: the largest batch, at least 64")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", required=True)
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",") if b]
+    contexts = [int(c) for c in args.contexts.split(",") if c]
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     if size > 1:
@@ -130,7 +133,8 @@ def main() -> None:
         torch.cuda.set_device(0)
     config = WorkerConfig(model=args.model, listen="", device=args.device, dtype=args.dtype, block_size=16,
                           num_kv_blocks=args.num_kv_blocks, kv_cache_gb=0, max_num_batched_tokens=2048,
-                          max_num_seqs=64, max_model_len=4096, seed=0, log_level="warning",
+                          max_num_seqs=args.max_num_seqs or max([64] + batches), max_model_len=4096 + 64, seed=0,
+                          log_level="warning",
                           cuda_graphs=args.cuda_graphs)
     began = time.perf_counter()
     engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size))
@@ -142,7 +146,8 @@ def main() -> None:
     vocab = engine.model_config.vocab_size
     prompts = [rng.integers(3, vocab, n).tolist() for n in (17, 64, 100, 33)]
     tokens = greedy(driver, prompts, args.new_tokens)
-    timings = [decode_step_ms(driver, int(b), args.context, args.steps, sync) for b in args.batches.split(",") if b]
+    fits = [(b, c) for c in contexts for b in batches if b * -(-(c + args.steps + 4) // 16) < args.num_kv_blocks]
+    timings = [decode_step_ms(driver, b, c, args.steps, sync) for b, c in fits]
     weight_bytes = comm.gather(engine.model.weight_bytes(), root=0)
     if rank == 0:
         report = {

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from worker.torch_engine.paged_step import PagedAttention
+
 
 @dataclass(frozen=True)
 class SequenceChunk:
@@ -48,9 +50,7 @@ class BatchInput:
     sample_index: torch.Tensor    # [S] token index of the last token of each sampled sequence
     sample_positions: list[int]   # position of the token to be sampled, per sampled sequence
     groups: list[AttentionGroup] = field(default_factory=list)  # gathered attention (any mix)
-    # Paged decode attention (one token per sequence, CUDA): nothing depends on the context length.
-    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
-    context_lens: torch.Tensor | None = None  # [B] int32, tokens in the cache after this step's write
+    paged: PagedAttention | None = None  # attention straight from the paged cache instead (CUDA)
 
     @property
     def num_tokens(self) -> int:

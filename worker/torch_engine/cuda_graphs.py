@@ -1,82 +1,129 @@
-"""CUDA graphs for decode steps: one graph per batch-size bucket, replayed with new inputs.
+"""CUDA graphs for whole steps: one graph per token-count bucket, replayed with new inputs.
 
-A decode step launches ~50 kernels per layer; from Python that costs far more than the GPU
-work at small batches. The graph holds the whole forward and the head; only five small input
-vectors change per step, and block tables live on the GPU, one row per slot.
+A step launches ~50 kernels per layer; from Python that costs far more than the GPU work unless
+the step carries thousands of tokens. Each graph holds the whole forward and the head for up to
+its bucket's tokens and min(bucket, max_num_seqs) sequences, decodes and prompt chunks alike
+(worker/torch_engine/paged_step.py): a step is padded to the next bucket. Padded tokens write
+their K/V into the null block; padded sequences have no queries (prefill) or a one-token context
+whose output lands in a spare row (decode). Steps of more tokens than the largest bucket run
+eagerly; their cost is arithmetic, not launches.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from worker.torch_engine.batch import BatchInput
 from worker.torch_engine.model import LlamaModel
+from worker.torch_engine.paged_step import DeviceBlockTables, PagedAttention, StepLayout
 
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024,
+           1280, 1536, 1792, 2048)
 
 
-class DecodeGraphs:
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, max_num_seqs: int, max_blocks: int,
-                 device: torch.device) -> None:
-        self.model, self.kv_cache = model, kv_cache
-        self.buckets = sorted({b for b in BUCKETS if b < max_num_seqs} | {max_num_seqs})
-        size = self.buckets[-1]
-        self.block_tables = torch.zeros(max_num_seqs, max_blocks, dtype=torch.int32, device=device)  # per slot
-        self.token_ids = torch.zeros(size, dtype=torch.long, device=device)
-        self.positions = torch.zeros(size, dtype=torch.long, device=device)
-        self.slot_mapping = torch.zeros(size, dtype=torch.long, device=device)
-        self.slot_ids = torch.zeros(size, dtype=torch.long, device=device)
-        self.context_lens = torch.ones(size, dtype=torch.int32, device=device)
+class StepGraphs:
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, tables: DeviceBlockTables, max_num_seqs: int,
+                 max_tokens: int) -> None:
+        self.model, self.kv_cache, self.tables = model, kv_cache, tables
+        self.max_num_seqs = max_num_seqs
+        self.buckets = sorted({b for b in BUCKETS if b < max_tokens} | {max_tokens})
+        device = kv_cache.device
+        tokens, seqs = self.buckets[-1], min(self.buckets[-1], max_num_seqs)
+        # Every per-step input in one int64 buffer, filled by one host-to-device copy.
+        self._fields = {"token_ids": tokens, "positions": tokens, "slot_mapping": tokens,
+                        "prefill_query_start": seqs + 1, "prefill_slots": seqs, "prefill_lens": seqs,
+                        "decode_gather": seqs, "decode_scatter": seqs, "decode_slots": seqs, "decode_lens": seqs,
+                        "sample_rows": seqs}
+        self.inputs = torch.zeros(sum(self._fields.values()), dtype=torch.int64, device=device)
+        offset, self._views = 0, {}
+        for name, size in self._fields.items():
+            self._views[name] = self.inputs[offset : offset + size]
+            offset += size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = torch.cuda.graph_pool_handle()
 
-    def _batch(self, size: int) -> BatchInput:
-        return BatchInput(
-            token_ids=self.token_ids[:size], positions=self.positions[:size], slot_mapping=self.slot_mapping[:size],
-            sample_index=torch.arange(size, device=self.token_ids.device), sample_positions=[],
-            block_tables=self.block_tables[self.slot_ids[:size]], context_lens=self.context_lens[:size],
+    @property
+    def max_tokens(self) -> int:
+        return self.buckets[-1]
+
+    def _seqs(self, tokens: int) -> int:
+        return min(tokens, self.max_num_seqs)
+
+    def _batch(self, tokens: int) -> BatchInput:
+        v, seqs = self._views, self._seqs(tokens)
+        prefill_slots, decode_slots = v["prefill_slots"][:seqs], v["decode_slots"][:seqs]
+        paged = PagedAttention(
+            prefill_query_start=v["prefill_query_start"][: seqs + 1].int(),
+            prefill_tables=self.tables.tables.index_select(0, prefill_slots),
+            prefill_lens=v["prefill_lens"][:seqs].int(),
+            max_query_len=tokens,
+            decode_gather=v["decode_gather"][:seqs],
+            decode_scatter=v["decode_scatter"][:seqs],
+            decode_tables=self.tables.tables.index_select(0, decode_slots),
+            decode_lens=v["decode_lens"][:seqs].int(),
         )
+        return BatchInput(token_ids=v["token_ids"][:tokens], positions=v["positions"][:tokens],
+                          slot_mapping=v["slot_mapping"][:tokens], sample_index=v["sample_rows"][:seqs],
+                          sample_positions=[], paged=paged)
+
+    def _forward(self, tokens: int) -> torch.Tensor:
+        batch = self._batch(tokens)
+        return self.model.logits(self.model.forward(batch, self.kv_cache)[batch.sample_index])
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first so that the smaller ones reuse its memory pool."""
-        for size in reversed(self.buckets):
+        pool = torch.cuda.graph_pool_handle()
+        for tokens in reversed(self.buckets):
+            self._fill(_EMPTY, tokens)  # all padding: touches nothing but the null block
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm up kernels and autotuning outside the capture
-                    self._forward(size)
+                    self._forward(tokens)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._forward(size)
-            self.graphs[size] = (graph, logits)
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(tokens)
+            self.graphs[tokens] = (graph, logits)
         torch.cuda.synchronize()
 
-    def _forward(self, size: int) -> torch.Tensor:
-        batch = self._batch(size)
-        return self.model.logits(self.model.forward(batch, self.kv_cache))
+    def _fill(self, layout: StepLayout, tokens: int) -> None:
+        """The inputs of the bucket of `tokens`: the layout's values, then padding."""
+        seqs = self._seqs(tokens)
+        prefill_end = int(layout.prefill_query_start[-1])
+        rows = {  # name: (values, padding, entries the bucket reads)
+            "token_ids": (layout.token_ids, 0, tokens), "positions": (layout.positions, 0, tokens),
+            "slot_mapping": (layout.slot_mapping, 0, tokens),
+            "prefill_query_start": (layout.prefill_query_start, prefill_end, seqs + 1),
+            "prefill_slots": (layout.prefill_slots, 0, seqs), "prefill_lens": (layout.prefill_lens, 0, seqs),
+            "decode_gather": (layout.decode_rows, 0, seqs), "decode_scatter": (layout.decode_rows, tokens, seqs),
+            "decode_slots": (layout.decode_slots, 0, seqs), "decode_lens": (layout.decode_lens, 1, seqs),
+            "sample_rows": (layout.sample_rows, 0, seqs),
+        }
+        host = np.zeros(len(self.inputs), dtype=np.int64)
+        offset = 0
+        for name, size in self._fields.items():
+            values, padding, used = rows[name]
+            host[offset : offset + len(values)] = values
+            host[offset + len(values) : offset + used] = padding
+            offset += size
+        staged = torch.from_numpy(host)
+        self.inputs.copy_(staged.pin_memory() if self.inputs.is_cuda else staged, non_blocking=True)
 
-    def set_blocks(self, slot: int, start: int, block_ids: list[int]) -> None:
-        if block_ids:
-            self.block_tables[slot, start : start + len(block_ids)] = torch.tensor(block_ids, dtype=torch.int32)
-
-    @torch.inference_mode()
-    def run(self, slot_ids: list[int], token_ids: list[int], positions: list[int], block_size: int,
-            tables: list[list[int]]) -> torch.Tensor:
-        """Logits [n, vocab] of a decode step: sequence i feeds token_ids[i] at positions[i]."""
-        n = len(slot_ids)
-        size = next(b for b in self.buckets if b >= n)
-        pad = size - n
-        slots = [table[p // block_size] * block_size + p % block_size for table, p in zip(tables, positions)]
-        host = torch.tensor([token_ids + [0] * pad, positions + [0] * pad, slots + [0] * pad,
-                             slot_ids + [slot_ids[0]] * pad, [p + 1 for p in positions] + [1] * pad], dtype=torch.long)
-        device = host.pin_memory().to(self.token_ids.device, non_blocking=True)
-        self.token_ids[:size].copy_(device[0])
-        self.positions[:size].copy_(device[1])
-        self.slot_mapping[:size].copy_(device[2])
-        self.slot_ids[:size].copy_(device[3])
-        self.context_lens[:size].copy_(device[4])
-        graph, logits = self.graphs[size]
+    def run(self, layout: StepLayout) -> torch.Tensor:
+        """Logits [S, vocab] of the layout's sampled rows, in its order (uncaptured: run the same padded
+        forward without a graph, as tests on CPU do)."""
+        tokens = next(b for b in self.buckets if b >= layout.num_tokens)
+        self._fill(layout, tokens)
+        if tokens not in self.graphs:
+            return self._forward(tokens)[: len(layout.sample_rows)]
+        graph, logits = self.graphs[tokens]
         graph.replay()
-        return logits[:n]
+        return logits[: len(layout.sample_rows)]
+
+
+_NONE = np.zeros(0, dtype=np.int64)
+_EMPTY = StepLayout(token_ids=_NONE, positions=_NONE, slot_mapping=_NONE, prefill_query_start=np.zeros(1, np.int64),
+                    prefill_slots=_NONE, prefill_lens=_NONE, decode_rows=_NONE, decode_slots=_NONE,
+                    decode_lens=_NONE, sample_rows=_NONE, sample_positions=[], sampled_slots=[])

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from inflight.model_config import ModelConfig
@@ -13,16 +14,18 @@ from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
 from worker.step import EngineDescription, SampledToken, ScheduledChunk, SequenceFailure, Step, StepOutput
 from worker.torch_engine import paged_attention
-from worker.torch_engine.batch import SequenceChunk, build_batch
-from worker.torch_engine.cuda_graphs import DecodeGraphs
+from worker.torch_engine.batch import BatchInput, SequenceChunk, build_batch
+from worker.torch_engine.cuda_graphs import StepGraphs
 from worker.torch_engine.model import LlamaModel
 from worker.torch_engine.mpt import MptModel
+from worker.torch_engine.paged_step import DeviceBlockTables, StepLayout, eager_attention, lay_out
 from worker.torch_engine.random_models import random_model
 from worker.torch_engine.sampler import SequenceSampling, sample
 from worker.torch_engine.weights import SafetensorsWeights, WeightSource
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NULL_BLOCK = 0
+GRAPH_TOKENS = 2048  # steps of up to this many tokens (or max_num_seqs, if more) replay a CUDA graph
 
 
 @dataclass
@@ -35,6 +38,10 @@ def _resolve_dtype(config: WorkerConfig) -> torch.dtype:
     if config.dtype == "auto":
         return torch.float32 if config.device == "cpu" else torch.bfloat16
     return _DTYPES[config.dtype]
+
+
+def _on(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(array).to(device, non_blocking=True)
 
 
 def load_weights(model: str, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[ModelConfig, WeightSource]:
@@ -67,10 +74,15 @@ class TorchEngine:
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_that_fit()
         self.kv_cache = self._allocate_cache(self.num_kv_blocks)
         self.slots: dict[int, SlotState] = {}
-        self.graphs: DecodeGraphs | None = None
-        if config.cuda_graphs and paged_attention.available(self.device) and self.model.graph_safe:
-            max_blocks = -(-self.max_model_len // config.block_size)
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, max_blocks, self.device)
+        # On CUDA, attention reads the paged cache (one forward per step); on CPU it gathers the blocks.
+        self.tables: DeviceBlockTables | None = None
+        self.graphs: StepGraphs | None = None
+        if paged_attention.available(self.device):
+            self.tables = DeviceBlockTables(config.max_num_seqs, -(-self.max_model_len // config.block_size),
+                                            self.device)
+            if config.cuda_graphs and self.model.graph_safe:
+                max_tokens = min(config.max_num_batched_tokens, max(GRAPH_TOKENS, config.max_num_seqs))
+                self.graphs = StepGraphs(self.model, self.kv_cache, self.tables, config.max_num_seqs, max_tokens)
 
     def _block_bytes(self) -> int:
         c = self.model_config
@@ -114,10 +126,13 @@ class TorchEngine:
         """Run the largest step once (into the null block) so later steps cannot run out of memory."""
         num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
         blocks = [_NULL_BLOCK] * -(-num_tokens // self.config.block_size)
-        chunk = SequenceChunk([0] * num_tokens, 0, blocks, sample=True)
-        batch = build_batch([chunk], self.config.block_size, self.device, self.dtype)
-        hidden = self.model.forward(batch, self.kv_cache)
-        self.model.logits(hidden[batch.sample_index])
+        if self.tables is not None:
+            self._forward_paged(lay_out([ScheduledChunk(0, [0] * num_tokens, 0, blocks, True)], {0: blocks},
+                                        self.config.block_size))
+        else:
+            chunk = SequenceChunk([0] * num_tokens, 0, blocks, sample=True)
+            batch = build_batch([chunk], self.config.block_size, self.device, self.dtype)
+            self.model.logits(self.model.forward(batch, self.kv_cache)[batch.sample_index])
         if self.graphs is not None:
             self.graphs.capture()
         self.kv_cache.zero_()
@@ -140,8 +155,8 @@ class TorchEngine:
             return StepOutput(step.step_id, [], 0.0)
         for scheduled in step.chunks:
             table = self.slots[scheduled.slot_id].block_table
-            if self.graphs is not None:
-                self.graphs.set_blocks(scheduled.slot_id, len(table), scheduled.new_block_ids)
+            if self.tables is not None:
+                self.tables.append(scheduled.slot_id, len(table), scheduled.new_block_ids)
             table.extend(scheduled.new_block_ids)
         logits, positions, sampled_slots = self._forward(step.chunks)
         if logits is None:
@@ -160,33 +175,29 @@ class TorchEngine:
         return StepOutput(step.step_id, sampled, time.perf_counter() - start, failures)
 
     def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[int], list[int]]:
-        """Logits, sample positions and slots of the sampled chunks (rows matched by slot, not step order).
-
-        With CUDA graphs, decodes replay a graph (decodes never outnumber the slots, the largest bucket)
-        and prompt chunks, if any, run eagerly beside them: the two touch different sequences and cache
-        slots, so the split changes no result.
-        """
-        decodes = [c for c in chunks if len(c.token_ids) == 1 and c.sample] if self.graphs is not None else []
-        if not decodes:
+        """Logits, sample positions and slots of the sampled chunks (rows matched by slot, not step order)."""
+        if self.tables is None:
             return self._forward_eager(chunks)
-        others = [c for c in chunks if not (len(c.token_ids) == 1 and c.sample)]
-        logits, positions, slots = self._decode_with_graph(decodes)
-        if not others:
-            return logits, positions, slots
-        other_logits, other_positions, other_slots = self._forward_eager(others)
-        if other_logits is None:
-            return logits, positions, slots
-        return (torch.cat([logits, other_logits]), positions + other_positions, slots + other_slots)
+        layout = lay_out(chunks, {c.slot_id: self.slots[c.slot_id].block_table for c in chunks},
+                         self.config.block_size)
+        if self.graphs is not None and layout.num_tokens <= self.graphs.max_tokens:
+            logits = self.graphs.run(layout)
+        else:
+            logits = self._forward_paged(layout)
+        if not layout.sampled_slots:
+            return None, [], []
+        return logits, layout.sample_positions, layout.sampled_slots
 
-    def _decode_with_graph(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[int], list[int]]:
-        assert self.graphs is not None
-        positions = [c.num_computed_tokens for c in chunks]
-        slots = [c.slot_id for c in chunks]
-        logits = self.graphs.run(slots, [c.token_ids[0] for c in chunks], positions, self.config.block_size,
-                                 [self.slots[s].block_table for s in slots])
-        return logits, [p + 1 for p in positions], slots
+    def _forward_paged(self, layout: StepLayout) -> torch.Tensor:
+        assert self.tables is not None
+        batch = BatchInput(token_ids=_on(layout.token_ids, self.device), positions=_on(layout.positions, self.device),
+                           slot_mapping=_on(layout.slot_mapping, self.device),
+                           sample_index=_on(layout.sample_rows, self.device), sample_positions=layout.sample_positions,
+                           paged=eager_attention(layout, self.tables))
+        return self.model.logits(self.model.forward(batch, self.kv_cache)[batch.sample_index])
 
     def _forward_eager(self, scheduled: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[int], list[int]]:
+        """Attention over blocks gathered from the cache (CPU, or CUDA without Triton)."""
         chunks = [SequenceChunk(c.token_ids, c.num_computed_tokens, self.slots[c.slot_id].block_table, c.sample)
                   for c in scheduled]
         batch = build_batch(chunks, self.config.block_size, self.device, self.dtype)

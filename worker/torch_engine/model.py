@@ -19,7 +19,8 @@ from worker.parallel import Collectives, ShardPlan
 from worker.torch_engine import fused_moe
 from worker.torch_engine.batch import AttentionGroup, BatchInput
 from worker.torch_engine.mlp import GatedMlp, GeluMlp, MixtureOfExperts
-from worker.torch_engine.paged_attention import paged_decode_attention
+from worker.torch_engine.paged_attention import paged_decode_attention, paged_prefill_attention
+from worker.torch_engine.paged_step import PagedAttention
 from worker.torch_engine.projection import Projection
 from worker.torch_engine.rope import RotaryTable
 from worker.torch_engine.weights import WeightSource
@@ -176,9 +177,8 @@ class LlamaModel:
         q, k = qk[:, : self.num_q_heads], qk[:, self.num_q_heads :]
         cache[0][batch.slot_mapping] = k
         cache[1][batch.slot_mapping] = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, d)
-        if batch.block_tables is not None:
-            out = paged_decode_attention(q.contiguous(), cache[0], cache[1], batch.block_tables, batch.context_lens,
-                                         self.block_size, self.alibi_slopes, self.softmax_scale)
+        if batch.paged is not None:
+            out = self._paged_attention(q, cache, batch.paged)
             return self.collectives.all_reduce(layer.o(out.view(num_tokens, q_size)))
         if len(batch.groups) == 1:
             out = self._gathered_attention(q, cache, batch.groups[0], masks[0])
@@ -187,6 +187,21 @@ class LlamaModel:
             for group, mask in zip(batch.groups, masks):
                 out[group.token_index] = self._gathered_attention(q, cache, group, mask)
         return self.collectives.all_reduce(layer.o(out))
+
+    def _paged_attention(self, q: torch.Tensor, cache: torch.Tensor, paged: PagedAttention) -> torch.Tensor:
+        """Prompt chunks' rows through the prefill kernel, single-token rows through the decode kernel."""
+        num_tokens = q.shape[0]
+        out = q.new_empty(num_tokens + 1, *q.shape[1:])  # the spare last row takes padded decodes' outputs
+        if paged.has_prefill:
+            paged_prefill_attention(q, cache[0], cache[1], paged.prefill_tables, paged.prefill_query_start,
+                                    paged.prefill_lens, self.block_size, paged.max_query_len, self.alibi_slopes,
+                                    self.softmax_scale, out=out)
+        if paged.has_decodes:
+            decoded = paged_decode_attention(q.index_select(0, paged.decode_gather), cache[0], cache[1],
+                                             paged.decode_tables, paged.decode_lens, self.block_size,
+                                             self.alibi_slopes, self.softmax_scale)
+            out.index_copy_(0, paged.decode_scatter, decoded)
+        return out[:num_tokens]
 
     def _gathered_attention(self, q: torch.Tensor, cache: torch.Tensor, group: AttentionGroup,
                             mask: torch.Tensor) -> torch.Tensor:

@@ -95,13 +95,15 @@ if triton is not None:
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                             query_start: torch.Tensor, context_lens: torch.Tensor, block_size: int, max_query_len: int,
-                            alibi_slopes: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+                            alibi_slopes: torch.Tensor | None = None, scale: float | None = None,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of packed queries q [T, Hq, D] over the paged caches [slots, Hkv, D]; returns [T, Hq, D].
 
     block_tables [B, max_blocks] int32; query_start [B + 1] int32, cumulative query counts (T last);
     context_lens [B] int32: cached tokens including this step's (already written). max_query_len: a
     host-side bound on any sequence's query count; it only narrows the query tile when every sequence
     has few queries (decode-heavy steps). alibi_slopes: [Hq] or None; scale: None for 1/sqrt(D).
+    out: where to write (at least T rows, rows laid out as q's); rows no sequence covers are left as they were.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     assert q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1, "head_dim must be contiguous"
@@ -115,7 +117,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_q = max(min(block_q, triton.next_power_of_2(max(1, max_query_len))), triton.cdiv(16, group_pad))
     num_seqs = block_tables.shape[0]
     precision, widen = dot_settings(q.dtype)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     _prefill_kernel[(triton.cdiv(num_tokens, block_q) + num_seqs, num_kv_heads)](
         q, k_cache, v_cache, out, block_tables, query_start, context_lens,
         q if alibi_slopes is None else alibi_slopes, head_dim**-0.5 if scale is None else scale, num_seqs,

@@ -1,0 +1,104 @@
+"""One forward per step over the paged cache gives the gathered path's tokens (float32).
+
+The same steps (prompts joining while others decode, a prompt split into chunks, a prefix-cache hit
+that leaves one token to compute) run through three engines: attention over gathered blocks (the
+CPU path), the paged kernels eagerly, and the paged kernels through StepGraphs' padded buckets
+(captured graphs on CUDA; the same padded inputs without capture elsewhere). Runs on CUDA, or on
+CPU under Triton's interpreter (TRITON_INTERPRET=1); skipped where neither is available.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from worker.config import WorkerConfig
+from worker.parallel import Collectives, ShardPlan
+from worker.step import Admission, ScheduledChunk, Step
+from worker.torch_engine import paged_attention
+from worker.torch_engine.cuda_graphs import StepGraphs
+from worker.torch_engine.engine import TorchEngine
+from worker.torch_engine.paged_step import DeviceBlockTables
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = paged_attention.triton is not None and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+pytestmark = pytest.mark.skipif(not (CUDA and paged_attention.triton is not None) and not INTERPRETED,
+                                reason="needs CUDA with Triton, or TRITON_INTERPRET=1 with Triton installed")
+BLOCK = 16
+NEW_TOKENS = 6
+
+
+def make_engine(model: str, path: str) -> TorchEngine:
+    config = WorkerConfig(model=f"random:{model}", listen="", device="cuda" if CUDA else "cpu", dtype="float32",
+                          block_size=BLOCK, num_kv_blocks=96, kv_cache_gb=0, max_num_batched_tokens=128,
+                          max_num_seqs=8, max_model_len=0, seed=3, log_level="warning", cuda_graphs=path == "graphs")
+    engine = TorchEngine(config, ShardPlan(0, 1), Collectives(1))
+    if path == "gathered":
+        engine.tables, engine.graphs = None, None
+    elif engine.tables is None:  # CPU under the interpreter: the paged path by hand
+        width = -(-engine.max_model_len // BLOCK)
+        engine.tables = DeviceBlockTables(config.max_num_seqs, width, engine.device)
+    engine.warmup()
+    if path == "graphs" and engine.graphs is None:  # uncaptured: the padded buckets' inputs, run eagerly
+        engine.graphs = StepGraphs(engine.model, engine.kv_cache, engine.tables, config.max_num_seqs, 64)
+    assert (engine.graphs is not None) == (path == "graphs")
+    return engine
+
+
+def run_scenario(engine: TorchEngine) -> tuple[dict[int, list[int]], dict[int, list[torch.Tensor]]]:
+    """Greedy tokens per slot, and the logits each was chosen from."""
+    gen = torch.Generator().manual_seed(0)
+    prompt = {s: torch.randint(3, 500, (n,), generator=gen).tolist() for s, n in ((0, 23), (1, 40), (2, 5), (3, 70))}
+    prompt[4] = prompt[0][:16] + [7]  # shares slot 0's first block: a prefix hit with one token left to compute
+    tables = {0: [1, 2], 1: [3, 4, 5], 2: [6], 3: [7, 8, 9, 10, 11], 4: [1, 12]}
+    scripted = [  # (admitted slots, prompt chunks as (slot, tokens, computed, sample)); running slots decode beside
+        ([0, 1], [(0, prompt[0], 0, True), (1, prompt[1][:24], 0, False)]),
+        ([2], [(1, prompt[1][24:], 24, True), (2, prompt[2], 0, True)]),
+        ([3, 4], [(3, prompt[3][:50], 0, False), (4, prompt[4][16:], 16, True)]),
+        ([], [(3, prompt[3][50:], 50, True)]),
+    ]
+    tokens: dict[int, list[int]] = {}
+    logits: dict[int, list[torch.Tensor]] = {}
+    recorded: list[torch.Tensor] = []
+    compute = engine.model.logits
+    engine.model.logits = lambda hidden: recorded.append(compute(hidden)) or recorded[-1]  # type: ignore[method-assign]
+    given = dict.fromkeys(tables, 0)  # blocks already handed to the engine, per slot
+
+    def run(step_id: int, admissions: list[int], chunks: list[tuple[int, list[int], int, bool]]) -> None:
+        scheduled = []
+        for slot, chunk_tokens, computed, sample in chunks:
+            need = -(-(computed + len(chunk_tokens)) // BLOCK)
+            scheduled.append(ScheduledChunk(slot, chunk_tokens, computed, tables[slot][given[slot] : need], sample))
+            given[slot] = need
+        admitted = [Admission(f"r{s}", s, 0.0, 1.0, 0, 0) for s in admissions]
+        output = engine.step(Step(step_id, [], admitted, scheduled))
+        for row, sampled in enumerate(output.sampled):  # rows of the step's logits, in the sampled order
+            tokens.setdefault(sampled.slot_id, []).append(sampled.token_id)
+            logits.setdefault(sampled.slot_id, []).append(recorded[-1][row].cpu())
+
+    def decodes(busy: set[int]) -> list[tuple[int, list[int], int, bool]]:
+        return [(s, [t[-1]], len(prompt[s]) + len(t) - 1, True) for s, t in tokens.items()
+                if s not in busy and len(t) < NEW_TOKENS]
+
+    step_id = 0
+    for admissions, chunks in scripted:
+        step_id += 1
+        run(step_id, admissions, chunks + decodes({c[0] for c in chunks}))
+    while any(len(t) < NEW_TOKENS for t in tokens.values()):
+        step_id += 1
+        run(step_id, [], decodes(set()))
+    return tokens, logits
+
+
+@pytest.mark.parametrize("model", ["tiny-gqa", "tiny-mpt"])
+def test_paged_paths_give_the_gathered_tokens(model: str) -> None:
+    results = {path: run_scenario(make_engine(model, path)) for path in ("gathered", "eager", "graphs")}
+    want_tokens, want_logits = results["gathered"]
+    assert sorted(want_tokens) == [0, 1, 2, 3, 4] and all(len(t) == NEW_TOKENS for t in want_tokens.values())
+    for path in ("eager", "graphs"):
+        got_tokens, got_logits = results[path]
+        assert got_tokens == want_tokens, path
+        worst = max(float((g - w).abs().max()) for s in want_logits for g, w in zip(got_logits[s], want_logits[s]))
+        assert worst < 1e-4, (path, worst)
