@@ -17,6 +17,7 @@ MODEL=${MODEL:-random:llama-3-8b}
 PARTS=${PARTS:-kernels tokens steps mix alone reference}
 BATCHES=${BATCHES:-1,8,32,64,256}
 CONTEXTS=${CONTEXTS:-128,512,4096}
+TREES=${TREES:-". $BASE"}  # the trees that the timing parts run in
 cp "$ROOT"/inflight/v1/*_pb2*.py "$BASE"/inflight/v1/ 2>/dev/null
 # The same drivers for both trees.
 cp benchmarks/tp_decode.py "$BASE"/benchmarks/tp_decode_new.py
@@ -26,7 +27,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if has kernels; then
   echo "## kernels"
-  $PY -m pytest -q tests/test_attention_kernels.py 2>&1 | tail -3
+  $PY -m pytest -q tests/test_attention_kernels.py tests/test_fused_kernels.py tests/test_paged_engine.py 2>&1 | tail -3
   $PY benchmarks/check_paged_attention.py 2>&1 | tail -30
 fi
 if has tokens; then
@@ -44,7 +45,7 @@ PYEOF
 fi
 if has steps; then
   echo "## decode steps (bf16), this tree then the base tree"
-  for tree in . "$BASE"; do
+  for tree in $TREES; do
     (cd "$tree" && mpiexec -n 1 $PY benchmarks/tp_decode_new.py --model "$MODEL" --dtype bfloat16 --batches "$BATCHES" \
        --contexts "$CONTEXTS" --num-kv-blocks 12000 --steps 20 --new-tokens 4 --out "$OUT/steps_$(basename "$tree").json" 2>&1 \
        | grep '^{' | $PY -c "
@@ -56,13 +57,13 @@ for t in r['decode']: print(f\"  batch {t['batch']:4d} context {t['context']:5d}
 fi
 if has mix; then
   echo "## mixed steps (bf16, 64 decodes at context 128), this tree then the base tree"
-  for tree in . "$BASE"; do
+  for tree in $TREES; do
     (cd "$tree" && $PY benchmarks/step_mix.py --model "$MODEL" --chunks 16,64,512,2048 2>&1 | grep '^{' | sed "s|^|$tree: |")
   done
 fi
 if has alone; then
   echo "## engine alone (bf16, concurrency 64), this tree then the base tree"
-  for tree in . "$BASE"; do
+  for tree in $TREES; do
     (cd "$tree" && $PY benchmarks/engine_alone.py --model "$MODEL" --tokenizer "$ROOT/.carry/tokenizer" 2>&1 \
        | grep '^{' | sed "s|^|$tree: |")
   done

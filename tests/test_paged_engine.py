@@ -17,10 +17,12 @@ import torch
 from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
 from worker.step import Admission, ScheduledChunk, Step
+from worker.torch_engine import engine as engine_module
 from worker.torch_engine import paged_attention
 from worker.torch_engine.cuda_graphs import StepGraphs
 from worker.torch_engine.engine import TorchEngine
 from worker.torch_engine.paged_step import DeviceBlockTables
+from worker.torch_engine.sampler import sample
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = paged_attention.triton is not None and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -47,7 +49,8 @@ def make_engine(model: str, path: str) -> TorchEngine:
     return engine
 
 
-def run_scenario(engine: TorchEngine) -> tuple[dict[int, list[int]], dict[int, list[torch.Tensor]]]:
+def run_scenario(engine: TorchEngine, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[int, list[int]],
+                                                                              dict[int, list[torch.Tensor]]]:
     """Greedy tokens per slot, and the logits each was chosen from."""
     gen = torch.Generator().manual_seed(0)
     prompt = {s: torch.randint(3, 500, (n,), generator=gen).tolist() for s, n in ((0, 23), (1, 40), (2, 5), (3, 70))}
@@ -61,9 +64,13 @@ def run_scenario(engine: TorchEngine) -> tuple[dict[int, list[int]], dict[int, l
     ]
     tokens: dict[int, list[int]] = {}
     logits: dict[int, list[torch.Tensor]] = {}
-    recorded: list[torch.Tensor] = []
-    compute = engine.model.logits
-    engine.model.logits = lambda hidden: recorded.append(compute(hidden)) or recorded[-1]  # type: ignore[method-assign]
+    recorded: list[torch.Tensor] = []  # what the sampler was given, whichever path (a graph replays its own logits)
+
+    def recording_sample(step_logits: torch.Tensor, *args: object) -> object:
+        recorded.append(step_logits.clone())
+        return sample(step_logits, *args)
+
+    monkeypatch.setattr(engine_module, "sample", recording_sample)
     given = dict.fromkeys(tables, 0)  # blocks already handed to the engine, per slot
 
     def run(step_id: int, admissions: list[int], chunks: list[tuple[int, list[int], int, bool]]) -> None:
@@ -93,8 +100,8 @@ def run_scenario(engine: TorchEngine) -> tuple[dict[int, list[int]], dict[int, l
 
 
 @pytest.mark.parametrize("model", ["tiny-gqa", "tiny-mpt"])
-def test_paged_paths_give_the_gathered_tokens(model: str) -> None:
-    results = {path: run_scenario(make_engine(model, path)) for path in ("gathered", "eager", "graphs")}
+def test_paged_paths_give_the_gathered_tokens(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    results = {path: run_scenario(make_engine(model, path), monkeypatch) for path in ("gathered", "eager", "graphs")}
     want_tokens, want_logits = results["gathered"]
     assert sorted(want_tokens) == [0, 1, 2, 3, 4] and all(len(t) == NEW_TOKENS for t in want_tokens.values())
     for path in ("eager", "graphs"):

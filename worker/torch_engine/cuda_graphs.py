@@ -40,7 +40,7 @@ class StepGraphs:
         for name, size in self._fields.items():
             self._views[name] = self.inputs[offset : offset + size]
             offset += size
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (tokens, decode-only)
 
     @property
     def max_tokens(self) -> int:
@@ -49,43 +49,46 @@ class StepGraphs:
     def _seqs(self, tokens: int) -> int:
         return min(tokens, self.max_num_seqs)
 
-    def _batch(self, tokens: int) -> BatchInput:
+    def _batch(self, tokens: int, decode_only: bool) -> BatchInput:
         v, seqs = self._views, self._seqs(tokens)
         prefill_slots, decode_slots = v["prefill_slots"][:seqs], v["decode_slots"][:seqs]
         paged = PagedAttention(
             prefill_query_start=v["prefill_query_start"][: seqs + 1].int(),
-            prefill_tables=self.tables.tables.index_select(0, prefill_slots),
+            prefill_tables=self.tables.tables[:0] if decode_only else self.tables.tables.index_select(0, prefill_slots),
             prefill_lens=v["prefill_lens"][:seqs].int(),
             max_query_len=tokens,
-            decode_gather=v["decode_gather"][:seqs],
+            decode_gather=None if decode_only else v["decode_gather"][:seqs],  # decode-only: row i is decode i
             decode_scatter=v["decode_scatter"][:seqs],
             decode_tables=self.tables.tables.index_select(0, decode_slots),
             decode_lens=v["decode_lens"][:seqs].int(),
+            has_prefill=not decode_only,
         )
         return BatchInput(token_ids=v["token_ids"][:tokens], positions=v["positions"][:tokens],
                           slot_mapping=v["slot_mapping"][:tokens], sample_index=v["sample_rows"][:seqs],
                           sample_positions=[], paged=paged)
 
-    def _forward(self, tokens: int) -> torch.Tensor:
-        batch = self._batch(tokens)
+    def _forward(self, tokens: int, decode_only: bool) -> torch.Tensor:
+        batch = self._batch(tokens, decode_only)
         return self.model.logits(self.model.forward(batch, self.kv_cache)[batch.sample_index])
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, largest first so that the smaller ones reuse its memory pool."""
+        """Capture every bucket, largest first so that the smaller ones reuse its memory pool: a graph for
+        steps with prompt chunks, and one for decode-only steps (no prefill kernel, no row gathers)."""
         pool = torch.cuda.graph_pool_handle()
-        for tokens in reversed(self.buckets):
+        shapes = [(t, False) for t in self.buckets] + [(t, True) for t in self.buckets if t <= self.max_num_seqs]
+        for tokens, decode_only in sorted(shapes, reverse=True):
             self._fill(_EMPTY, tokens)  # all padding: touches nothing but the null block
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm up kernels and autotuning outside the capture
-                    self._forward(tokens)
+                    self._forward(tokens, decode_only)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(tokens)
-            self.graphs[tokens] = (graph, logits)
+                logits = self._forward(tokens, decode_only)
+            self.graphs[tokens, decode_only] = (graph, logits)
         torch.cuda.synchronize()
 
     def _fill(self, layout: StepLayout, tokens: int) -> None:
@@ -115,10 +118,11 @@ class StepGraphs:
         """Logits [S, vocab] of the layout's sampled rows, in its order (uncaptured: run the same padded
         forward without a graph, as tests on CPU do)."""
         tokens = next(b for b in self.buckets if b >= layout.num_tokens)
+        decode_only = len(layout.prefill_slots) == 0 and tokens <= self.max_num_seqs
         self._fill(layout, tokens)
-        if tokens not in self.graphs:
-            return self._forward(tokens)[: len(layout.sample_rows)]
-        graph, logits = self.graphs[tokens]
+        if (tokens, decode_only) not in self.graphs:
+            return self._forward(tokens, decode_only)[: len(layout.sample_rows)]
+        graph, logits = self.graphs[tokens, decode_only]
         graph.replay()
         return logits[: len(layout.sample_rows)]
 

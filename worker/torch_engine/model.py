@@ -18,6 +18,7 @@ from inflight.model_config import ModelConfig
 from worker.parallel import Collectives, ShardPlan
 from worker.torch_engine import fused_moe
 from worker.torch_engine.batch import AttentionGroup, BatchInput
+from worker.torch_engine.fused import add_rms_norm, rope_and_cache
 from worker.torch_engine.mlp import GatedMlp, GeluMlp, MixtureOfExperts
 from worker.torch_engine.paged_attention import paged_decode_attention, paged_prefill_attention
 from worker.torch_engine.paged_step import PagedAttention
@@ -134,6 +135,8 @@ class LlamaModel:
 
     def forward(self, batch: BatchInput, kv_cache: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] for the batch's tokens; writes their K/V into kv_cache."""
+        if batch.paged is not None:
+            return self._forward_paged(batch, kv_cache)
         hidden = F.embedding(batch.token_ids, self.embed_tokens)
         angles = self.rope.at(batch.positions) if self.rope is not None else None
         masks = self._attention_masks(batch)
@@ -142,6 +145,38 @@ class LlamaModel:
             hidden = hidden + attn
             hidden = hidden + self.collectives.all_reduce(layer.mlp(self._norm(hidden, layer.post_attention_norm)))
         return self._norm(hidden, self.norm)
+
+    def _forward_paged(self, batch: BatchInput, kv_cache: torch.Tensor) -> torch.Tensor:
+        """forward() over the paged cache, with fused kernels (worker/torch_engine/fused.py): each residual
+        add is fused with the norm that follows it, as is the rotary embedding with the cache write."""
+        hidden = F.embedding(batch.token_ids, self.embed_tokens)
+        if type(self)._norm is not LlamaModel._norm:  # a family with its own norm (MPT's LayerNorm)
+            for layer, layer_cache in zip(self.layers, kv_cache):
+                hidden = hidden + self._paged_layer_attention(self._norm(hidden, layer.input_norm), layer,
+                                                              layer_cache, batch)
+                hidden = hidden + self.collectives.all_reduce(layer.mlp(self._norm(hidden, layer.post_attention_norm)))
+            return self._norm(hidden, self.norm)
+        eps = self.config.rms_norm_eps
+        normed = add_rms_norm(None, hidden, self.layers[0].input_norm, eps)  # hidden: the residual, updated in place
+        for index, (layer, layer_cache) in enumerate(zip(self.layers, kv_cache)):
+            attention = self._paged_layer_attention(normed, layer, layer_cache, batch)
+            normed = add_rms_norm(attention, hidden, layer.post_attention_norm, eps)
+            mlp = self.collectives.all_reduce(layer.mlp(normed))
+            following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.norm
+            normed = add_rms_norm(mlp, hidden, following, eps)
+        return normed
+
+    def _paged_layer_attention(self, x: torch.Tensor, layer: LayerWeights, cache: torch.Tensor,
+                               batch: BatchInput) -> torch.Tensor:
+        assert batch.paged is not None
+        qkv = layer.qkv(x)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp_(-self.clip_qkv, self.clip_qkv)
+        rope = self.rope
+        q = rope_and_cache(qkv, rope.cos if rope else None, rope.signed_sin if rope else None, batch.positions,
+                           batch.slot_mapping, cache, self.num_q_heads, self.num_kv_heads)
+        out = self._paged_attention(q, cache, batch.paged)
+        return self.collectives.all_reduce(layer.o(out.view(x.shape[0], -1)))
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, weight, self.config.rms_norm_eps)
@@ -177,9 +212,6 @@ class LlamaModel:
         q, k = qk[:, : self.num_q_heads], qk[:, self.num_q_heads :]
         cache[0][batch.slot_mapping] = k
         cache[1][batch.slot_mapping] = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, d)
-        if batch.paged is not None:
-            out = self._paged_attention(q, cache, batch.paged)
-            return self.collectives.all_reduce(layer.o(out.view(num_tokens, q_size)))
         if len(batch.groups) == 1:
             out = self._gathered_attention(q, cache, batch.groups[0], masks[0])
         else:
@@ -190,6 +222,9 @@ class LlamaModel:
 
     def _paged_attention(self, q: torch.Tensor, cache: torch.Tensor, paged: PagedAttention) -> torch.Tensor:
         """Prompt chunks' rows through the prefill kernel, single-token rows through the decode kernel."""
+        if paged.decode_gather is None:  # a decode-only step: row i is decode i
+            return paged_decode_attention(q, cache[0], cache[1], paged.decode_tables, paged.decode_lens,
+                                          self.block_size, self.alibi_slopes, self.softmax_scale)
         num_tokens = q.shape[0]
         out = q.new_empty(num_tokens + 1, *q.shape[1:])  # the spare last row takes padded decodes' outputs
         if paged.has_prefill:

@@ -28,7 +28,7 @@ class PagedAttention:
     prefill_tables: torch.Tensor       # [Bp, max_blocks] int32
     prefill_lens: torch.Tensor         # [Bp] int32, tokens in the cache after this step (padding: 0)
     max_query_len: int                 # an upper bound on the chunks' query lengths
-    decode_gather: torch.Tensor        # [Bd] int64, row of each single-token query (padding: 0)
+    decode_gather: torch.Tensor | None  # [Bd] int64, row of each single-token query (padding: 0); None: row i
     decode_scatter: torch.Tensor       # [Bd] int64, row its output goes to (padding: the spare row T)
     decode_tables: torch.Tensor        # [Bd, max_blocks] int32
     decode_lens: torch.Tensor          # [Bd] int32 (padding: 1)
