@@ -43,7 +43,7 @@ from worker.torch_engine import paged_attention, paged_prefill
 LLAMA_8B = Heads(32, 8, 128)  # the timed shape: Llama-3-8B's attention on one GPU
 DECODE_CASES = [(1, 128), (1, 1024), (1, 4096), (64, 512), (256, 512)]  # (batch, context)
 PROMPT = 2048
-DECODE_SWEEP = [(tile, sub, warps) for tile in (128, 256, 512) for sub in (32, 64) for warps in (4, 8)]
+DECODE_SWEEP = [(tile, sub, warps) for tile in (128, 256, 512) for sub in (32, 64, 128) for warps in (2, 4, 8) if sub <= tile]
 PREFILL_SWEEP = [(64, 32, 4), (64, 64, 4), (64, 64, 8), (128, 32, 4), (128, 64, 8), (128, 128, 8), (32, 32, 4)]
 
 

@@ -158,6 +158,8 @@ class TorchEngine:
             if self.tables is not None:
                 self.tables.append(scheduled.slot_id, len(table), scheduled.new_block_ids)
             table.extend(scheduled.new_block_ids)
+        if self.tables is not None:
+            self.tables.flush()
         logits, positions, sampled_slots = self._forward(step.chunks)
         if logits is None:
             return StepOutput(step.step_id, [], time.perf_counter() - start)

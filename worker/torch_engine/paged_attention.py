@@ -29,10 +29,12 @@ __all__ = ["DECODE_TILE", "available", "paged_decode_attention", "paged_prefill_
 # shorter ones more programs for a small batch with long contexts. Changing it changes the numbers.
 DECODE_TILE = 256
 # Tokens gathered from the block table per inner iteration of a split (divides DECODE_TILE), and warps per
-# program by head size: ptxas (sm_90, bf16) needs no register spills with these; not yet timed on a GPU.
-DECODE_SUB_TILE = 64
+# program by head size. Chosen by `benchmarks/check_paged_attention.py --sweep` on an H200 (Llama-3-8B heads,
+# bf16): (256, 128, 4) was the fastest or within 2% of it at batch 1 (context 128 to 4096) and batch 64, and
+# 10% faster than (256, 64, 8) at batch 256.
+DECODE_SUB_TILE = 128
 DECODE_WARPS_SMALL_HEAD = 4  # head_dim <= 64
-DECODE_WARPS_LARGE_HEAD = 8
+DECODE_WARPS_LARGE_HEAD = 4
 
 
 if triton is not None:

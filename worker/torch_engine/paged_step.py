@@ -93,14 +93,31 @@ def lay_out(chunks: list[ScheduledChunk], tables: dict[int, list[int]], block_si
 
 
 class DeviceBlockTables:
-    """Every slot's block table on the device, one row per slot, grown as blocks are appended."""
+    """Every slot's block table on the device, one row per slot, grown as blocks are appended.
+
+    A step's appends are written together by flush(): one host-to-device copy, not one per sequence.
+    """
 
     def __init__(self, num_slots: int, max_blocks: int, device: torch.device) -> None:
         self.tables = torch.zeros(num_slots, max_blocks, dtype=torch.int32, device=device)
+        self._pending: list[tuple[int, int, list[int]]] = []
 
     def append(self, slot: int, start: int, block_ids: list[int]) -> None:
         if block_ids:
-            self.tables[slot, start : start + len(block_ids)] = torch.tensor(block_ids, dtype=torch.int32)
+            self._pending.append((slot, start, block_ids))
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        rows = [slot for slot, _, ids in self._pending for _ in ids]
+        columns = [start + i for _, start, ids in self._pending for i in range(len(ids))]
+        values = [block for _, _, ids in self._pending for block in ids]
+        self._pending = []
+        staged = torch.tensor([rows, columns, values], dtype=torch.int64)
+        if self.tables.is_cuda:
+            staged = staged.pin_memory()
+        staged = staged.to(self.tables.device, non_blocking=True)
+        self.tables.index_put_((staged[0], staged[1]), staged[2].to(torch.int32))
 
 
 def _device(array: np.ndarray, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:

@@ -85,7 +85,9 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
         for row, sequence in enumerate(sequences):
             k = sequence.params.top_logprobs
             top_ids[row], top_values[row] = ids[row, :k].tolist(), values[row, :k].tolist()
-    token_ids, logprobs = tokens.tolist(), chosen.tolist()
+    # One copy to the host for both (one wait on the device): ids are exact in float64.
+    on_host = torch.stack((tokens.to(torch.float64), chosen.to(torch.float64))).tolist()
+    token_ids, logprobs = [int(t) for t in on_host[0]], on_host[1]
     if usable is not None:  # read once the tokens are on the host: no extra wait on the device
         for row, ok in zip(random_rows, usable.tolist()):
             if not ok:
