@@ -347,7 +347,7 @@ def engine_load(planner: BatchPlanner) -> scheduler_pb2.EngineLoad:
     allocator, block_size = planner.allocator, planner.limits.block_size
     held = allocator.num_usable - allocator.num_free
     return scheduler_pb2.EngineLoad(
-        running_requests=len(planner.running), waiting_requests=len(waiting), waiting_uncached_tokens=uncached,
+        running_requests=len(planner.running), waiting_requests=len(waiting),
         prefill_pending_tokens=uncached + prefilling, kv_usage=held / allocator.num_usable,
         max_running_requests=planner.limits.max_num_seqs, used_tokens=held * block_size,
         total_tokens=allocator.num_usable * block_size)

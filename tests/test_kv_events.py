@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inflight.v1 import scheduler_pb2
+from scheduler.engine_loop import engine_load
 from scheduler.kv_events import CursorExpired, KvEventLog
 from scheduler.planner import BatchPlanner, PlannerLimits
 from scheduler.policy import FcfsPolicy
@@ -250,3 +251,24 @@ def test_load_records_come_between_batches_when_the_load_changes_and_as_a_heartb
         return seen
 
     assert asyncio.run(follow()) == [(1, False, 0), (1, True, 0), (1, True, 3), (2, False, 3), (2, True, 3)]
+
+
+def test_the_load_counts_a_prefill_under_way_until_its_first_token() -> None:
+    """A router reading prefill_pending_tokens sees a replica busy with a long prompt, not only its queue."""
+    planner = BatchPlanner(PlannerLimits(max_num_batched_tokens=32, max_num_seqs=4, max_model_len=256, block_size=4,
+                                         num_kv_blocks=64), FcfsPolicy())
+    planner.add(make_request(0, 80, 2))
+    planner.add(make_request(1, 20, 2))
+    assert engine_load(planner).prefill_pending_tokens == 100  # both waiting
+    step = planner.schedule()  # the budget takes 32 of the first prompt's 80 tokens
+    planner.update(step, {c.request.slot_id: 7 for c in step.chunks if c.sample})
+    load = engine_load(planner)
+    assert load.running_requests == 1 and load.waiting_requests == 1
+    assert load.prefill_pending_tokens == 48 + 20  # the prompt under way still counts what is left of it
+    first = planner.running[0]
+    while not first.output_token_ids:
+        step = planner.schedule()
+        planner.update(step, {c.request.slot_id: 7 for c in step.chunks if c.sample})
+    second = next(r for r in list(planner.running) + list(planner.waiting) if r is not first)
+    pending = 0 if second.output_token_ids else len(second.prompt_token_ids) - second.num_computed_tokens
+    assert engine_load(planner).prefill_pending_tokens == pending  # the first prompt no longer counts

@@ -86,9 +86,11 @@ def _logprobs(response: generation_pb2.GenerateResponse) -> list[trtllm.TokenLog
 
 
 def to_engine_load(load: scheduler_pb2.EngineLoad, sample: int, load_only: bool) -> smg_common.EngineLoad:
+    # waiting_uncached_tokens, as SGLang defines it ("uncached input tokens waiting for prefill compute"),
+    # counts a prefill under way too: it is what SMG's cache_aware balances on when no replica holds a prompt.
     return smg_common.EngineLoad(
         running_requests=load.running_requests, waiting_requests=load.waiting_requests,
-        waiting_uncached_tokens=load.waiting_uncached_tokens, token_usage=load.kv_usage,
+        waiting_uncached_tokens=load.prefill_pending_tokens, token_usage=load.kv_usage,
         active_token_usage=load.kv_usage, max_running_requests=load.max_running_requests, sample=sample,
         load_only=load_only, prefill_pending_tokens=load.prefill_pending_tokens, num_used_tokens=load.used_tokens,
         max_total_num_tokens=load.total_tokens)
