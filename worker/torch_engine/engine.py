@@ -77,7 +77,7 @@ class TorchEngine:
         # On CUDA, attention reads the paged cache (one forward per step); on CPU it gathers the blocks.
         self.tables: DeviceBlockTables | None = None
         self.graphs: StepGraphs | None = None
-        if paged_attention.available(self.device):
+        if paged_attention.available(self.device) and self.model.uniform_gqa:
             self.tables = DeviceBlockTables(config.max_num_seqs, -(-self.max_model_len // config.block_size),
                                             self.device)
             if config.cuda_graphs and self.model.graph_safe:

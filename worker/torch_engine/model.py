@@ -112,6 +112,11 @@ class LlamaModel:
             ))
 
     @property
+    def uniform_gqa(self) -> bool:
+        """Whether local query head h reads local KV head h // group, as the paged kernels assume."""
+        return self._kv_of_q is None
+
+    @property
     def graph_safe(self) -> bool:
         """Whether a decode step may be captured in a CUDA graph with the paged decode kernel."""
         # Experts run graph-safe only as fused_moe's kernels; the loop reads its token counts on the host.
