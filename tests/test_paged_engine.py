@@ -49,9 +49,10 @@ def make_engine(model: str, path: str) -> TorchEngine:
     return engine
 
 
-def run_scenario(engine: TorchEngine, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[int, list[int]],
-                                                                              dict[int, list[torch.Tensor]]]:
-    """Greedy tokens per slot, and the logits each was chosen from."""
+def run_scenario(engine: TorchEngine, monkeypatch: pytest.MonkeyPatch, separately: bool = False
+                 ) -> tuple[dict[int, list[int]], dict[int, list[torch.Tensor]]]:
+    """Greedy tokens per slot, and the logits each was chosen from. separately: each chunk of a step
+    runs as a step of its own (the same inputs, one row group at a time)."""
     gen = torch.Generator().manual_seed(0)
     prompt = {s: torch.randint(3, 500, (n,), generator=gen).tolist() for s, n in ((0, 23), (1, 40), (2, 5), (3, 70))}
     prompt[4] = prompt[0][:16] + [7]  # shares slot 0's first block: a prefix hit with one token left to compute
@@ -73,7 +74,17 @@ def run_scenario(engine: TorchEngine, monkeypatch: pytest.MonkeyPatch) -> tuple[
     monkeypatch.setattr(engine_module, "sample", recording_sample)
     given = dict.fromkeys(tables, 0)  # blocks already handed to the engine, per slot
 
-    def run(step_id: int, admissions: list[int], chunks: list[tuple[int, list[int], int, bool]]) -> None:
+    steps = iter(range(1, 10_000))
+
+    def run(admissions: list[int], chunks: list[tuple[int, list[int], int, bool]]) -> None:
+        if separately:
+            for chunk in chunks:
+                run_step([s for s in admissions if s == chunk[0]], [chunk])
+        else:
+            run_step(admissions, chunks)
+
+    def run_step(admissions: list[int], chunks: list[tuple[int, list[int], int, bool]]) -> None:
+        step_id = next(steps)
         scheduled = []
         for slot, chunk_tokens, computed, sample in chunks:
             need = -(-(computed + len(chunk_tokens)) // BLOCK)
@@ -89,13 +100,10 @@ def run_scenario(engine: TorchEngine, monkeypatch: pytest.MonkeyPatch) -> tuple[
         return [(s, [t[-1]], len(prompt[s]) + len(t) - 1, True) for s, t in tokens.items()
                 if s not in busy and len(t) < NEW_TOKENS]
 
-    step_id = 0
     for admissions, chunks in scripted:
-        step_id += 1
-        run(step_id, admissions, chunks + decodes({c[0] for c in chunks}))
+        run(admissions, chunks + decodes({c[0] for c in chunks}))
     while any(len(t) < NEW_TOKENS for t in tokens.values()):
-        step_id += 1
-        run(step_id, [], decodes(set()))
+        run([], decodes(set()))
     return tokens, logits
 
 
@@ -109,3 +117,12 @@ def test_paged_paths_give_the_gathered_tokens(model: str, monkeypatch: pytest.Mo
         assert got_tokens == want_tokens, path
         worst = max(float((g - w).abs().max()) for s in want_logits for g, w in zip(got_logits[s], want_logits[s]))
         assert worst < 1e-4, (path, worst)
+
+
+def test_a_mixed_steps_rows_get_what_they_get_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The paged path, the same chunks in mixed steps and one chunk per step: the same tokens and logits."""
+    mixed_tokens, mixed_logits = run_scenario(make_engine("tiny-gqa", "eager"), monkeypatch)
+    alone_tokens, alone_logits = run_scenario(make_engine("tiny-gqa", "eager"), monkeypatch, separately=True)
+    assert alone_tokens == mixed_tokens
+    worst = max(float((a - m).abs().max()) for s in mixed_logits for a, m in zip(alone_logits[s], mixed_logits[s]))
+    assert worst < 1e-4, worst
