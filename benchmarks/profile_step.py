@@ -18,14 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from benchmarks.tp_decode import Driver  # noqa: E402
+from benchmarks.step_mix import MixedSteps  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
 from worker.parallel import Collectives, ShardPlan  # noqa: E402
-from worker.step import Admission  # noqa: E402
 from worker.torch_engine.engine import TorchEngine  # noqa: E402
 
 KINDS = {  # kind: substrings of kernel names, tried in this order
@@ -55,22 +53,10 @@ def main() -> None:
                           cuda_graphs=False)
     engine = TorchEngine(config, ShardPlan(0, 1), Collectives(1))
     engine.warmup()
-    driver = Driver(engine)
-    rng = np.random.default_rng(0)
-    vocab = engine.model_config.vocab_size
-    decodes = list(range(args.decodes))
-    last = driver.run([Admission(f"d{i}", i, 0.0, 1.0, 0, 0) for i in decodes],
-                      {i: rng.integers(3, vocab, args.context).tolist() for i in decodes})
-    chunk_slot = args.decodes
+    mix = MixedSteps(engine, args.decodes, args.context)
 
     def mixed_step() -> None:
-        nonlocal last
-        driver.tables[chunk_slot], driver.lengths[chunk_slot] = [], 0
-        inputs = {s: [last[s]] for s in decodes} | {chunk_slot: rng.integers(3, vocab, args.chunk).tolist()}
-        out = driver.run([Admission("c", chunk_slot, 0.0, 1.0, 0, 0)], inputs)
-        driver.next_block -= len(driver.tables[chunk_slot])
-        last = {s: out[s] for s in decodes}
-        engine.release([chunk_slot])
+        mix.chunk_step(args.chunk, with_decodes=True)
 
     mixed_step()  # compile and warm up every kernel of this shape
     torch.cuda.synchronize()

@@ -40,6 +40,34 @@ def timed(sync, function, repeats: int) -> float:  # type: ignore[no-untyped-def
     return statistics.median(times)
 
 
+class MixedSteps:
+    """Decodes running at a fixed context, and a prompt chunk that joins them for one step at a time."""
+
+    def __init__(self, engine: TorchEngine, decodes: int, context: int) -> None:
+        self.engine, self.driver = engine, Driver(engine)
+        self.rng = np.random.default_rng(0)
+        self.vocab = engine.model_config.vocab_size
+        self.decodes = list(range(decodes))
+        self.last = self.driver.run([Admission(f"d{i}", i, 0.0, 1.0, 0, 0) for i in self.decodes],
+                                    {i: self.rng.integers(3, self.vocab, context).tolist() for i in self.decodes})
+        self.chunk_slot = decodes
+
+    def decode_step(self) -> None:
+        self.last = self.driver.run([], {s: [self.last[s]] for s in self.decodes})
+
+    def chunk_step(self, size: int, with_decodes: bool) -> None:
+        """A fresh size-token prompt in one step, beside every decode or alone; its blocks are reused after."""
+        driver, slot = self.driver, self.chunk_slot
+        driver.tables[slot], driver.lengths[slot] = [], 0
+        inputs = {s: [self.last[s]] for s in self.decodes} if with_decodes else {}
+        inputs[slot] = self.rng.integers(3, self.vocab, size).tolist()  # last: its blocks are the newest
+        out = driver.run([Admission("c", slot, 0.0, 1.0, 0, 0)], inputs)
+        driver.next_block -= len(driver.tables[slot])  # the next chunk reuses them
+        if with_decodes:
+            self.last = {s: out[s] for s in self.decodes}
+        self.engine.release([slot])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -59,28 +87,8 @@ def main() -> None:
     engine = TorchEngine(config, ShardPlan(0, 1), Collectives(1))
     engine.warmup()
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    rng = np.random.default_rng(0)
-    vocab = engine.model_config.vocab_size
-    driver = Driver(engine)
-    decodes = list(range(args.decodes))
-    last = driver.run([Admission(f"d{i}", i, 0.0, 1.0, 0, 0) for i in decodes],
-                      {i: rng.integers(3, vocab, args.context).tolist() for i in decodes})
-    chunk_slot = args.decodes
-
-    def decode_step() -> None:
-        nonlocal last
-        last = driver.run([], {s: [last[s]] for s in decodes})
-
-    def chunk_step(size: int, with_decodes: bool) -> None:
-        nonlocal last
-        driver.tables[chunk_slot], driver.lengths[chunk_slot] = [], 0
-        inputs = {s: [last[s]] for s in decodes} if with_decodes else {}
-        inputs[chunk_slot] = rng.integers(3, vocab, size).tolist()  # last: its blocks are the newest
-        out = driver.run([Admission("c", chunk_slot, 0.0, 1.0, 0, 0)], inputs)
-        driver.next_block -= len(driver.tables[chunk_slot])  # the next chunk reuses them
-        if with_decodes:
-            last = {s: out[s] for s in decodes}
-        engine.release([chunk_slot])
+    mix = MixedSteps(engine, args.decodes, args.context)
+    decode_step, chunk_step = mix.decode_step, mix.chunk_step
 
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "dtype": args.dtype,
               "decodes": args.decodes, "context": args.context,

@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from inflight.model_config import ModelConfig
@@ -18,7 +17,7 @@ from worker.torch_engine.batch import BatchInput, SequenceChunk, build_batch
 from worker.torch_engine.cuda_graphs import StepGraphs
 from worker.torch_engine.model import LlamaModel
 from worker.torch_engine.mpt import MptModel
-from worker.torch_engine.paged_step import DeviceBlockTables, StepLayout, eager_attention, lay_out
+from worker.torch_engine.paged_step import DeviceBlockTables, StepLayout, eager_attention, lay_out, to_device
 from worker.torch_engine.random_models import random_model
 from worker.torch_engine.sampler import SequenceSampling, sample
 from worker.torch_engine.weights import SafetensorsWeights, WeightSource
@@ -38,10 +37,6 @@ def _resolve_dtype(config: WorkerConfig) -> torch.dtype:
     if config.dtype == "auto":
         return torch.float32 if config.device == "cpu" else torch.bfloat16
     return _DTYPES[config.dtype]
-
-
-def _on(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(array).to(device, non_blocking=True)
 
 
 def load_weights(model: str, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[ModelConfig, WeightSource]:
@@ -192,9 +187,10 @@ class TorchEngine:
 
     def _forward_paged(self, layout: StepLayout) -> torch.Tensor:
         assert self.tables is not None
-        batch = BatchInput(token_ids=_on(layout.token_ids, self.device), positions=_on(layout.positions, self.device),
-                           slot_mapping=_on(layout.slot_mapping, self.device),
-                           sample_index=_on(layout.sample_rows, self.device), sample_positions=layout.sample_positions,
+        device = self.device
+        batch = BatchInput(token_ids=to_device(layout.token_ids, device), positions=to_device(layout.positions, device),
+                           slot_mapping=to_device(layout.slot_mapping, device),
+                           sample_index=to_device(layout.sample_rows, device), sample_positions=layout.sample_positions,
                            paged=eager_attention(layout, self.tables))
         return self.model.logits(self.model.forward(batch, self.kv_cache)[batch.sample_index])
 

@@ -120,25 +120,26 @@ class DeviceBlockTables:
         self.tables.index_put_((staged[0], staged[1]), staged[2].to(torch.int32))
 
 
-def _device(array: np.ndarray, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A host array as a device tensor (int64 unless told), copied without waiting."""
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype, non_blocking=True)
 
 
 def eager_attention(layout: StepLayout, tables: DeviceBlockTables) -> PagedAttention:
     """The attention inputs of one step run eagerly: exactly its rows, no padding."""
     device = tables.tables.device
-    prefill_slots = _device(layout.prefill_slots, device)
-    decode_slots = _device(layout.decode_slots, device)
-    decode_rows = _device(layout.decode_rows, device)
+    prefill_slots = to_device(layout.prefill_slots, device)
+    decode_slots = to_device(layout.decode_slots, device)
+    decode_rows = to_device(layout.decode_rows, device)
     return PagedAttention(
-        prefill_query_start=_device(layout.prefill_query_start, device, torch.int32),
+        prefill_query_start=to_device(layout.prefill_query_start, device, torch.int32),
         prefill_tables=tables.tables.index_select(0, prefill_slots),
-        prefill_lens=_device(layout.prefill_lens, device, torch.int32),
+        prefill_lens=to_device(layout.prefill_lens, device, torch.int32),
         max_query_len=layout.max_query_len,
         decode_gather=decode_rows,
         decode_scatter=decode_rows,
         decode_tables=tables.tables.index_select(0, decode_slots),
-        decode_lens=_device(layout.decode_lens, device, torch.int32),
+        decode_lens=to_device(layout.decode_lens, device, torch.int32),
         has_prefill=len(layout.prefill_slots) > 0,
         has_decodes=len(layout.decode_slots) > 0,
     )
