@@ -1,8 +1,13 @@
 """The scheduler's one owner of state: plans a step, sends it, applies the result, repeats.
 
-Every mutation of the planner happens in this module's synchronous code; the only await
-in a step is the worker round trip. Aborts that land during that await free their blocks
-at once and their results are dropped when the step returns.
+Every mutation of the planner happens in this module's synchronous code; the only awaits
+are the worker stream's writes and reads. Aborts that land during them free their blocks at
+once and their results are dropped when the step returns.
+
+Overlap scheduling (on unless --no-overlap): two steps are in flight on the worker stream. The
+loop plans and sends step N+1, then waits for step N's result, so the worker starts N+1 the
+moment N ends while the loop reads N's tokens and plans N+2 (scheduler/planner.py says how
+a token not sampled yet is planned).
 
 Failures are contained at the smallest scope that holds them: a sequence's own error fails
 that request; a failed step fails the step's requests; a lost or hung worker group fails the
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,6 +38,8 @@ from scheduler.request import Request, RequestKey
 from scheduler.worker_link import StepTimedOut, WorkerLink, WorkerUnavailable, plan_to_proto
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from scheduler.tracing import SchedulerTracing
 
 log = structlog.get_logger()
@@ -60,6 +68,16 @@ class FailureCounters:
 
 
 StreamItem = scheduler_pb2.TokenEvent | Failure
+
+
+@dataclass
+class SentStep:
+    """A step on the worker stream whose result has not come back."""
+
+    step: PlannedStep
+    plan: worker_pb2.StepPlan
+    by_slot: dict[int | None, Request]  # slots change once the step is back
+    span: Span | None = None
 
 
 class EngineLoop:
@@ -231,42 +249,63 @@ class EngineLoop:
     async def _serve_steps(self) -> None:
         planner = self.planner
         assert planner is not None
-        while True:
-            if not planner.has_work():
-                planner.check_invariants()
-                self._report_load(planner)
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            step = planner.schedule()
-            if not step.chunks:
-                raise AssertionError("work is waiting but nothing could be scheduled")
-            by_slot = {c.request.slot_id: c.request for c in step.chunks}  # slots change once the step is back
-            result = await self._round_trip(step)
-            if result.error:
-                self._fail_step(step, result.error)
-                continue
-            self._fail_sequences(result.sequence_errors, by_slot)
-            sampled = {s.slot_id: s for s in result.sampled}
-            outputs = planner.update(step, {slot: s.token_id for slot, s in sampled.items()})
-            self._deliver(outputs, sampled)
-            self._report_load(planner)
-            self.kv_events.publish()
-            await asyncio.sleep(0)  # let handlers read their tokens and aborts arrive
+        depth = 2 if self.config.overlap else 1
+        in_flight: deque[SentStep] = deque()
+        try:
+            while True:
+                sent = False
+                # A pass short of blocks needs a preemption: the next one waits until nothing is in flight.
+                if (planner.has_work() and len(in_flight) < depth
+                        and not (in_flight and in_flight[-1].step.short_of_blocks)):
+                    step = planner.schedule(in_flight=bool(in_flight))
+                    if step.chunks:
+                        in_flight.append(await self._send(step))
+                        sent = True
+                if in_flight and (len(in_flight) == depth or not sent):
+                    oldest = in_flight[0]
+                    result = await self.link.receive(oldest.plan)
+                    in_flight.popleft()
+                    self._apply(oldest, result)
+                    await asyncio.sleep(0)  # let handlers read their tokens and aborts arrive
+                elif not in_flight and not sent:
+                    if planner.has_work():
+                        raise AssertionError("work is waiting but nothing could be scheduled")
+                    planner.check_invariants()
+                    self._report_load(planner)
+                    self._wake.clear()
+                    await self._wake.wait()
+        finally:
+            if self.tracing is not None:
+                for lost in in_flight:
+                    self.tracing.step_done(lost.span, None, "the worker stream was lost")  # type: ignore[arg-type]
 
     def _report_load(self, planner: BatchPlanner) -> None:
         if self.kv_events.subscribers:  # computed only while a router listens
             self.kv_events.set_load(engine_load(planner))
 
-    async def _round_trip(self, step: PlannedStep) -> worker_pb2.StepResult:
-        plan = plan_to_proto(step, self.config.step_bound(step.num_tokens))
-        if self.tracing is None:
-            return await self.link.step(plan)
-        self.tracing.scheduled(step)
-        with self.tracing.step(step) as span:
-            result = await self.link.step(plan)
-            self.tracing.step_done(span, result)
-            return result
+    async def _send(self, step: PlannedStep) -> SentStep:
+        sent = SentStep(step, plan_to_proto(step, self.config.step_bound(step.num_tokens)),
+                        {c.request.slot_id: c.request for c in step.chunks})
+        if self.tracing is not None:
+            self.tracing.scheduled(step)
+            sent.span = self.tracing.step(step)
+        await self.link.send(sent.plan)
+        return sent
+
+    def _apply(self, sent: SentStep, result: worker_pb2.StepResult) -> None:
+        planner = self.planner
+        assert planner is not None
+        if sent.span is not None and self.tracing is not None:
+            self.tracing.step_done(sent.span, result)
+        if result.error:
+            self._fail_step(sent.step, result.error)
+            return
+        self._fail_sequences(result.sequence_errors, sent.by_slot)
+        sampled = {s.slot_id: s for s in result.sampled}
+        outputs = planner.update(sent.step, {slot: s.token_id for slot, s in sampled.items()})
+        self._deliver(outputs, sampled)
+        self._report_load(planner)
+        self.kv_events.publish()
 
     def _deliver(self, outputs: list[RequestOutput], sampled: dict[int, worker_pb2.SampledToken]) -> None:
         for output in outputs:
@@ -279,7 +318,7 @@ class EngineLoop:
                 s = sampled[output.slot_id]
                 event.logprobs.add(token_id=s.token_id, logprob=s.logprob, top_token_ids=s.top_token_ids,
                                    top_logprobs=s.top_logprobs)
-            if len(request.output_token_ids) == len(output.new_token_ids):
+            if output.first:
                 event.num_cached_prompt_tokens = request.num_cached_prompt_tokens
                 event.queue_seconds = max(0.0, request.first_scheduled_at - request.arrived_at)
                 if self.tracing is not None:

@@ -59,13 +59,13 @@ class KvManager:
     def admit(self, request: Request, hits: list[int]) -> None:
         self.allocator.touch(hits)
         request.block_ids = list(hits)
-        request.num_computed_tokens = len(hits) * self.block_size
+        request.num_computed_tokens = request.num_confirmed_tokens = len(hits) * self.block_size
 
     def cache_full_blocks(self, request: Request) -> None:
-        """Index the blocks the request has completely computed, for later requests to reuse."""
+        """Index the blocks that returned steps have completely written, for later requests to reuse."""
         if not self.enable_prefix_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        num_full = request.num_confirmed_tokens // self.block_size
         self._extend_hashes(request, num_full)
         stored: list[int] = []  # indexes of newly cached blocks, published in runs of consecutive ones
         for index in range(request.num_indexed_blocks, num_full):

@@ -32,9 +32,10 @@ class Request:
     priority: int = 0
     tenant: str = ""
     cache_salt: str = ""               # with the tenant, the prefix-cache namespace
-    output_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)  # PREVIOUS_TOKEN at the end: planned, in flight
     status: RequestStatus = RequestStatus.WAITING
-    num_computed_tokens: int = 0       # tokens whose K/V are in the cache
+    num_computed_tokens: int = 0       # tokens whose K/V are in the cache, or written by a step in flight
+    num_confirmed_tokens: int = 0      # tokens whose K/V a returned step wrote (what the prefix cache may index)
     block_ids: list[int] = field(default_factory=list)
     num_blocks_on_worker: int = 0      # prefix of block_ids the worker's block table already holds
     block_hashes: list[int] = field(default_factory=list)  # chained prefix-cache keys of full blocks

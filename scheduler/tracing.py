@@ -12,8 +12,6 @@ Imported only when tracing is on (it needs opentelemetry); the loop holds None o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import grpc
 from opentelemetry import trace
@@ -84,25 +82,27 @@ class SchedulerTracing:
 
     # --- steps, as root spans linked to their requests -----------------------------------------
 
-    @contextmanager
-    def step(self, step: PlannedStep) -> Iterator[Span]:
-        """A span around one worker round trip; ends with the error if the round trip raises."""
+    def step(self, step: PlannedStep) -> Span:
+        """A span from sending a step to its result (steps overlap, so it is never the current span);
+        step_done ends it."""
         decodes = sum(1 for chunk in step.chunks if _is_decode(chunk))
         attributes = {"inflight.step_id": step.step_id, "inflight.sequences": len(step.chunks),
                       "inflight.tokens": step.num_tokens, "inflight.decode_sequences": decodes,
                       "inflight.prefill_sequences": len(step.chunks) - decodes}
-        with self.tracer.start_as_current_span(STEP_SPAN, context=Context(), links=_links(step),
-                                               attributes=attributes) as span:
-            yield span
+        return self.tracer.start_span(STEP_SPAN, context=Context(), links=_links(step), attributes=attributes)
 
     @staticmethod
-    def step_done(span: Span, result: worker_pb2.StepResult) -> None:
-        span.set_attribute("inflight.sampled_tokens", len(result.sampled))
-        span.set_attribute("inflight.forward_seconds", result.forward_seconds)
-        if result.sequence_errors:
-            span.set_attribute("inflight.sequence_errors", len(result.sequence_errors))
-        if result.error:
-            span.set_status(Status(StatusCode.ERROR, result.error))
+    def step_done(span: Span, result: worker_pb2.StepResult | None, error: str = "") -> None:
+        """End a step's span with its result, or with the error that lost it (result None)."""
+        if result is not None:
+            span.set_attribute("inflight.sampled_tokens", len(result.sampled))
+            span.set_attribute("inflight.forward_seconds", result.forward_seconds)
+            if result.sequence_errors:
+                span.set_attribute("inflight.sequence_errors", len(result.sequence_errors))
+            error = result.error
+        if error:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
 
 
 def _is_decode(chunk: Chunk) -> bool:

@@ -34,7 +34,8 @@ def new_sequence(request: Request) -> worker_pb2.NewSequence:
     return worker_pb2.NewSequence(
         request_id=request.request_id, slot_id=request.slot_id, sampling=request.sampling,
         num_prompt_tokens=len(request.prompt_token_ids), stop_token_ids=sorted(request.stop_token_ids),
-        context_token_ids=request.token_ids(0, request.num_tokens) if needs_history(request.sampling) else [],
+        # Up to the end of its first chunk (planned just now): never the token that chunk is to sample.
+        context_token_ids=request.token_ids(0, request.num_computed_tokens) if needs_history(request.sampling) else [],
     )
 
 
@@ -74,17 +75,25 @@ class WorkerLink:
         self._call = stub.Run()
         return description, warmup
 
-    async def step(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
-        """Send one plan and wait for its result, at most plan.timeout_seconds (when set)."""
+    async def send(self, plan: worker_pb2.StepPlan) -> None:
+        """Send one plan; its result comes back, in order, from receive()."""
         if self._call is None:
             raise WorkerUnavailable("not connected")
         try:
             await self._call.write(plan)
+        # InvalidStateError: the call had already ended (e.g. the server sent GOAWAY) before this write.
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as error:
+            raise WorkerUnavailable(f"worker stream broke: {error!r}") from error
+
+    async def receive(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
+        """The result of the oldest plan sent, waiting at most plan.timeout_seconds (when set)."""
+        if self._call is None:
+            raise WorkerUnavailable("not connected")
+        try:
             read = self._call.read()
             result = await (asyncio.wait_for(read, plan.timeout_seconds) if plan.timeout_seconds else read)
         except asyncio.TimeoutError as error:
             raise StepTimedOut(f"step {plan.step_id} did not finish within {plan.timeout_seconds:.1f} s") from error
-        # InvalidStateError: the call had already ended (e.g. the server sent GOAWAY) before this write.
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as error:
             raise WorkerUnavailable(f"worker stream broke: {error!r}") from error
         if result is grpc.aio.EOF:

@@ -23,7 +23,8 @@ from tests.tiny_models import load_reference, reference_greedy, save_tiny
 from worker.config import WorkerConfig
 from worker.engine import ENGINES, create_engine
 from worker.group import WorkerGroup
-from worker.step import Admission, EngineDescription, ScheduledChunk, Step, StepRejected
+from inflight.step_contract import PREVIOUS_TOKEN
+from worker.step import Admission, EngineDescription, PendingStep, ScheduledChunk, Step, StepRejected
 from worker.validation import check_step
 
 BLOCK_SIZE = 16
@@ -49,10 +50,11 @@ class Driver:
         self.tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}
 
-    def plan(self, released: list[int] | None = None, admitted: list[int] | None = None,
+    def plan(self, released: list[int] | None = None, admitted: list[int] | list[Admission] | None = None,
              inputs: dict[int, list[int]] | None = None, shared: dict[int, list[int]] | None = None,
              sample: bool = True) -> Step:
-        """A step; shared[slot]: blocks another slot computed, put first in this slot's table (cache hits)."""
+        """A step; admitted: slots (greedy) or admissions; shared[slot]: blocks another slot computed, put first
+        in this slot's table (cache hits)."""
         self.step_id += 1
         chunks = []
         for slot, tokens in (inputs or {}).items():
@@ -62,11 +64,21 @@ class Driver:
             need = -(-(start + len(tokens)) // BLOCK_SIZE) - have
             new += [self.free_blocks.pop(0) for _ in range(max(0, need))]
             chunks.append(ScheduledChunk(slot, tokens, start, new, sample))
-        admissions = [Admission(f"r{self.step_id}-{slot}", slot, 0.0, 1.0, 0, 0) for slot in admitted or []]
+        admissions = [a if isinstance(a, Admission) else Admission(f"r{self.step_id}-{a}", a, 0.0, 1.0, 0, 0)
+                      for a in admitted or []]
         return Step(self.step_id, list(released or []), admissions, chunks)
 
     def run(self, step: Step) -> dict[int, int]:
-        check_step(step, self.description, self.group.block_tables())
+        return self.tokens(self.launch(step))
+
+    @staticmethod
+    def tokens(pending: PendingStep) -> dict[int, int]:
+        output = pending.result()
+        assert not output.failures, output.failures
+        return {token.slot_id: token.token_id for token in output.sampled}
+
+    def launch(self, step: Step) -> PendingStep:
+        check_step(step, self.description, self.group.slot_tables)
         for slot in step.released_slot_ids:
             self.tables.pop(slot, None)
             self.lengths.pop(slot, None)
@@ -75,9 +87,7 @@ class Driver:
         for chunk in step.chunks:
             self.tables[chunk.slot_id] += chunk.new_block_ids
             self.lengths[chunk.slot_id] = chunk.num_computed_tokens + len(chunk.token_ids)
-        output = self.group.step(step)
-        assert not output.failures, output.failures
-        return {token.slot_id: token.token_id for token in output.sampled}
+        return self.group.launch(step)
 
     def generate(self, slot: int, prompt: list[int], new_tokens: int, chunk: int = 0) -> list[int]:
         """Greedy tokens of one sequence in `slot`; its prompt in chunks of `chunk` tokens (0: one piece)."""
@@ -212,6 +222,38 @@ def test_prefix_cache_hits_give_the_tokens_of_misses(driver: Driver, group: Work
     assert hit == miss
 
 
+def test_steps_launched_before_the_previous_result_is_read_give_the_same_tokens(driver: Driver, tokenize) -> None:
+    """Overlap scheduling: each decode step is launched with PREVIOUS_TOKEN before the step before it is read.
+    Greedy, seeded sampling, and penalties (whose history then lacks the token in flight) alike."""
+    prompts = [tokenize(text) for text in PROMPTS]
+
+    def admissions(first_slot: int) -> list[Admission]:
+        return [Admission("greedy", first_slot, 0.0, 1.0, 0, 0),
+                Admission("seeded", first_slot + 1, 0.9, 0.95, 40, 1234),
+                Admission("penalised", first_slot + 2, 0.7, 1.0, 0, 77, repetition_penalty=1.5, presence_penalty=0.5,
+                          frequency_penalty=0.3, num_prompt_tokens=len(prompts[2]), context_token_ids=prompts[2])]
+
+    def prefill(first_slot: int) -> Step:
+        return driver.plan(admitted=admissions(first_slot),
+                           inputs={first_slot + i: prompt for i, prompt in enumerate(prompts)})
+
+    one_at_a_time = driver.run(prefill(0))
+    expected = {slot: [token] for slot, token in one_at_a_time.items()}
+    for _ in range(11):
+        for slot, token in driver.run(driver.plan(inputs={s: [t[-1]] for s, t in expected.items()})).items():
+            expected[slot].append(token)
+    overlapped: dict[int, list[int]] = {3: [], 4: [], 5: []}
+    pending = driver.launch(prefill(3))
+    for _ in range(11):
+        following = driver.launch(driver.plan(inputs={slot: [PREVIOUS_TOKEN] for slot in overlapped}))
+        for slot, token in driver.tokens(pending).items():
+            overlapped[slot].append(token)
+        pending = following
+    for slot, token in driver.tokens(pending).items():
+        overlapped[slot].append(token)
+    assert [overlapped[3 + i] for i in range(3)] == [expected[i] for i in range(3)]
+
+
 MALFORMED = {
     "a slot never admitted": lambda d: d.plan(inputs={3: [5]}),
     "a slot outside the slot range": lambda d: d.plan(admitted=[MAX_NUM_SEQS], inputs={MAX_NUM_SEQS: [5]}),
@@ -224,6 +266,7 @@ MALFORMED = {
     "past max_model_len": lambda d: Step(99, [], [Admission("x", 3, 0.0, 1.0, 0, 0)],
                                          [ScheduledChunk(3, [5], MAX_MODEL_LEN, [9], True)]),
     "an admitted slot admitted again": lambda d: d.plan(admitted=[0], inputs={0: [5]}),
+    "a previous token the step before did not sample": lambda d: d.plan(admitted=[3], inputs={3: [PREVIOUS_TOKEN]}),
 }
 
 
@@ -236,7 +279,7 @@ def test_a_malformed_plan_is_rejected_and_nothing_of_it_is_applied(driver: Drive
     tables = {slot: list(table) for slot, table in driver.group.block_tables().items()}
     free = list(driver.free_blocks)
     with pytest.raises(StepRejected):
-        check_step(MALFORMED[name](driver), driver.description, driver.group.block_tables())
+        check_step(MALFORMED[name](driver), driver.description, driver.group.slot_tables)
     driver.free_blocks = free  # the scheduler takes back what it planned for the rejected step
     assert driver.group.block_tables() == tables
     rest = [first[-1]]

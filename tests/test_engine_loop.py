@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
+from inflight.step_contract import PREVIOUS_TOKEN
 from inflight.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.config import SchedulerConfig
 from scheduler.engine_loop import EngineLoop, Failure, RequestRejected
@@ -98,7 +99,7 @@ EXPECTED = [token_at(p) for p in range(5, 11)]  # six tokens after a five-token 
 
 
 def run_with(answer: Answer, body: Callable[[Harness], Awaitable[None]], tmp_path: Path, step_timeout: float = 30.0,
-             tracing: SchedulerTracing | None = None) -> None:
+             tracing: SchedulerTracing | None = None, overlap: bool = True) -> None:
     async def main() -> None:
         socket = f"unix://{tmp_path}/worker.sock"
         server = grpc.aio.server()
@@ -109,7 +110,7 @@ def run_with(answer: Answer, body: Callable[[Harness], Awaitable[None]], tmp_pat
         config = SchedulerConfig(worker=socket, listen="", max_num_batched_tokens=0, max_num_seqs=0, policy="fcfs",
                                  tenant_weights="", no_prefix_caching=False, connect_timeout=10.0,
                                  max_waiting_requests=64, step_timeout=step_timeout, step_timeout_per_token=0.0,
-                                 keepalive_seconds=20.0, exit_with_parent=False, log_level="info")
+                                 keepalive_seconds=20.0, exit_with_parent=False, log_level="info", overlap=overlap)
         loop = EngineLoop(config, on_ready_change=lambda ready: None, tracing=tracing)
         runner = asyncio.create_task(loop.run())
         harness = Harness(loop, worker)
@@ -229,6 +230,28 @@ def test_an_abort_during_a_step_frees_the_blocks_and_drops_the_result(tmp_path):
         assert queue.empty() and h.all_blocks_free()
 
     run_with(answer, body, tmp_path)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_with_overlap_the_next_plan_is_sent_before_the_result_and_feeds_the_token_in_flight(tmp_path, overlap):
+    """Plan N+1 is made before step N's result: it asks for step N's token by PREVIOUS_TOKEN. A request that
+    ends at max_tokens gets no token past its end, and its blocks come back."""
+
+    async def body(h: Harness) -> None:
+        queues = [h.submit(f"r{i}", max_new_tokens=6) for i in range(3)]
+        for queue in queues:
+            assert await outcome(queue) == (EXPECTED, common_pb2.FINISH_REASON_LENGTH)
+        for _ in range(50):
+            if h.all_blocks_free():
+                break
+            await asyncio.sleep(0.02)
+        assert h.all_blocks_free()
+        fed = [s for plan in h.worker.plans for s in plan.sequences if list(s.token_ids) == [PREVIOUS_TOKEN]]
+        assert bool(fed) == overlap
+        # Every request's sampled tokens: prompt then six outputs, never a seventh.
+        assert max(s.num_computed_tokens for plan in h.worker.plans for s in plan.sequences) <= 5 + 6 - 1
+
+    run_with(honest, body, tmp_path, overlap=overlap)
 
 
 def test_request_ids_are_scoped_by_tenant(tmp_path):

@@ -19,7 +19,7 @@ from scheduler.engine_loop import engine_load
 from scheduler.kv_events import CursorExpired, KvEventLog
 from scheduler.planner import BatchPlanner, PlannerLimits
 from scheduler.policy import FcfsPolicy
-from tests.test_planner import SimulatedKv, limits_strategy, make_request, run_step
+from tests.test_planner import Driver, SimulatedKv, limits_strategy, make_request
 
 
 class RouterView:
@@ -80,13 +80,15 @@ def assert_view_matches_cache(view: RouterView, planner: BatchPlanner, kv: Simul
 @given(limits=limits_strategy, arrivals=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 30), st.integers(0, 6),
                                                          st.sampled_from(["", "a"]), st.sampled_from(["", "s"])),
                                                max_size=25),
-       seed=st.integers(0, 2**16))
-def test_a_subscriber_rebuilds_the_prefix_index_exactly_after_every_step(limits, arrivals, seed) -> None:
+       seed=st.integers(0, 2**16), overlap=st.booleans())
+def test_a_subscriber_rebuilds_the_prefix_index_exactly_after_every_step(limits, arrivals, seed, overlap) -> None:
     log = KvEventLog(max_batches=100_000)
     planner = BatchPlanner(limits, FcfsPolicy(), events=log)
     log.cleared()
     log.publish()
-    kv, rng, view = SimulatedKv(limits.block_size), random.Random(seed), RouterView()
+    rng, view = random.Random(seed), RouterView()
+    kv = SimulatedKv(limits.block_size, random.Random(seed))
+    driver = Driver(planner, kv, overlap)
     for index, (prompt_len, max_new, shared, tenant, salt) in enumerate(arrivals):
         if planner.blocks_needed_alone(prompt_len, max_new) > planner.allocator.num_usable:
             continue
@@ -94,14 +96,14 @@ def test_a_subscriber_rebuilds_the_prefix_index_exactly_after_every_step(limits,
         request.cache_salt = salt
         planner.add(request)
         for _ in range(rng.randint(0, 3)):
-            if planner.has_work():
-                run_step(planner, rng, kv=kv)
+            if not driver.idle():
+                driver.advance()
                 log.publish()
                 for batch in drain(log, view.cursor):
                     view.apply(batch)
                 assert_view_matches_cache(view, planner, kv)
-    while planner.has_work():
-        run_step(planner, rng, kv=kv)
+    while not driver.idle():
+        driver.advance()
         log.publish()
     for batch in drain(log, view.cursor):
         view.apply(batch)
@@ -110,16 +112,16 @@ def test_a_subscriber_rebuilds_the_prefix_index_exactly_after_every_step(limits,
 
 def serve_one(planner: BatchPlanner, request, kv: SimulatedKv, log: KvEventLog) -> None:  # noqa: ANN001
     planner.add(request)
-    rng = random.Random(0)
-    while planner.has_work():
-        run_step(planner, rng, eos_rate=0, kv=kv)
+    driver = Driver(planner, kv, overlap=False)
+    while not driver.idle():
+        driver.advance()
         log.publish()
 
 
 def test_stored_blocks_carry_their_tokens_a_hit_stores_nothing_new_and_eviction_removes_them() -> None:
     limits = PlannerLimits(max_num_batched_tokens=256, max_num_seqs=4, max_model_len=512, block_size=4, num_kv_blocks=13)
     log = KvEventLog()
-    planner, kv = BatchPlanner(limits, FcfsPolicy(), events=log), SimulatedKv(4)
+    planner, kv = BatchPlanner(limits, FcfsPolicy(), events=log), SimulatedKv(4, random.Random(0), eos_rate=0)
     first = make_request(0, 22, 2)
     serve_one(planner, first, kv, log)
     (stored,) = [e.stored for b in drain(log, 0) for e in b.events]
@@ -146,7 +148,7 @@ def test_stored_blocks_carry_their_tokens_a_hit_stores_nothing_new_and_eviction_
 def test_a_cache_salt_keys_blocks_apart_and_is_published() -> None:
     limits = PlannerLimits(max_num_batched_tokens=256, max_num_seqs=4, max_model_len=512, block_size=4, num_kv_blocks=64)
     log = KvEventLog()
-    planner, kv = BatchPlanner(limits, FcfsPolicy(), events=log), SimulatedKv(4)
+    planner, kv = BatchPlanner(limits, FcfsPolicy(), events=log), SimulatedKv(4, random.Random(0), eos_rate=0)
     salted = make_request(0, 22, 1, tenant="t")
     salted.cache_salt = "s1"
     serve_one(planner, salted, kv, log)

@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 
+from inflight.step_contract import PREVIOUS_TOKEN
 from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
 from worker.step import Admission, ScheduledChunk, Step
@@ -44,7 +45,7 @@ def make_engine(model: str, path: str) -> TorchEngine:
         engine.tables = DeviceBlockTables(config.max_num_seqs, width, engine.device)
     engine.warmup()
     if path == "graphs" and engine.graphs is None:  # uncaptured: the padded buckets' inputs, run eagerly
-        engine.graphs = StepGraphs(engine.model, engine.kv_cache, engine.tables, config.max_num_seqs, 64)
+        engine.graphs = StepGraphs(engine.model, engine.kv_cache, engine.tables, engine.last_tokens, 64)
     assert (engine.graphs is not None) == (path == "graphs")
     return engine
 
@@ -126,3 +127,45 @@ def test_a_mixed_steps_rows_get_what_they_get_alone(monkeypatch: pytest.MonkeyPa
     assert alone_tokens == mixed_tokens
     worst = max(float((a - m).abs().max()) for s in mixed_logits for a, m in zip(alone_logits[s], mixed_logits[s]))
     assert worst < 1e-4, worst
+
+
+@pytest.mark.parametrize("path", ["eager", "graphs"])
+def test_decodes_fed_from_the_device_give_the_tokens_of_decodes_fed_from_the_host(path: str) -> None:
+    """Overlap scheduling on the paged paths: each decode step is launched with PREVIOUS_TOKEN before the
+    step before it is read, and the engine feeds the token from the device (inside the graph, on that path)."""
+    engine = make_engine("tiny-gqa", path)
+    prompts = {slot: [(7 * slot + 3 * i) % 200 + 1 for i in range(9 + 5 * slot)] for slot in range(3)}
+
+    def blocks(slot: int, start: int, end: int) -> list[int]:
+        have, need = -(-start // BLOCK), -(-end // BLOCK)
+        return [1 + slot * 8 + b for b in range(have, need)]
+
+    def prefill(step_id: int) -> Step:
+        admitted = [Admission(f"r{s}", s, 0.0, 1.0, 0, 0) for s in prompts]
+        return Step(step_id, list(prompts), admitted,
+                    [ScheduledChunk(s, p, 0, blocks(s, 0, len(p)), True) for s, p in prompts.items()])
+
+    def decode(step_id: int, tokens: dict[int, list[int]], fed: bool) -> Step:
+        chunks = []
+        for s, p in prompts.items():
+            position = len(p) + step_id - 2  # the token sampled by step step_id - 1
+            token = PREVIOUS_TOKEN if fed else tokens[s][-1]
+            chunks.append(ScheduledChunk(s, [token], position, blocks(s, position, position + 1), True))
+        return Step(step_id, [], [], chunks)
+
+    def collect(output_tokens: dict[int, list[int]], output) -> None:  # type: ignore[no-untyped-def]
+        for sampled in output.sampled:
+            output_tokens[sampled.slot_id].append(sampled.token_id)
+
+    host_fed: dict[int, list[int]] = {s: [] for s in prompts}
+    collect(host_fed, engine.step(prefill(1)))
+    for step_id in range(2, 2 + NEW_TOKENS):
+        collect(host_fed, engine.step(decode(step_id, host_fed, fed=False)))
+    device_fed: dict[int, list[int]] = {s: [] for s in prompts}
+    pending = engine.launch(prefill(1))
+    for step_id in range(2, 2 + NEW_TOKENS):
+        following = engine.launch(decode(step_id, device_fed, fed=True))
+        collect(device_fed, pending.result())
+        pending = following
+    collect(device_fed, pending.result())
+    assert device_fed == host_fed and all(len(t) == NEW_TOKENS + 1 for t in host_fed.values())

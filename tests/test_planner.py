@@ -7,12 +7,14 @@ planner's own bookkeeping is what is tested: invariants after every event, no le
 from __future__ import annotations
 
 import random
+from collections import deque
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from inflight.step_contract import PREVIOUS_TOKEN
 from inflight.v1 import common_pb2
-from scheduler.planner import BatchPlanner, PlannerLimits
+from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits
 from scheduler.policy import FairSharePolicy, FcfsPolicy, PriorityPolicy
 from scheduler.request import Request, RequestStatus
 
@@ -35,13 +37,16 @@ def make_request(index: int, prompt_len: int, max_new: int, priority: int = 0, s
 
 
 class SimulatedKv:
-    """What the worker's cache holds: checks that every block table reads back the request's tokens."""
+    """The worker as the planner sees it: it samples each step it runs, feeds PREVIOUS_TOKEN from the
+    step before, and checks that every block table reads back the request's tokens."""
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, rng: random.Random, eos_rate: float = 0.02) -> None:
         self.block_size = block_size
+        self.rng, self.eos_rate = rng, eos_rate
         self.slots: dict[tuple[int, int], int] = {}
+        self.previous: dict[int, int] = {}  # slot -> the token it sampled in the step run last
 
-    def run(self, step) -> None:
+    def run(self, step) -> dict[int, int]:
         bs = self.block_size
         for chunk in step.chunks:
             request, table = chunk.request, chunk.request.block_ids
@@ -49,21 +54,55 @@ class SimulatedKv:
             cached = [self.slots.get((table[p // bs], p % bs)) for p in range(chunk.num_computed_tokens)]
             assert cached == expected, f"{request.request_id}: the cache does not hold its prefix"
             for offset, token in enumerate(chunk.token_ids):
+                if token == PREVIOUS_TOKEN:
+                    assert len(chunk.token_ids) == 1, "a planned token outside a decode"
+                    token = self.previous[request.slot_id]
                 position = chunk.num_computed_tokens + offset
                 self.slots[(table[position // bs], position % bs)] = token
+        self.previous = {c.request.slot_id: (EOS if self.rng.random() < self.eos_rate else 7)
+                         for c in step.chunks if c.sample}
+        return self.previous
 
 
-def run_step(planner: BatchPlanner, rng: random.Random, eos_rate: float = 0.02, kv: SimulatedKv | None = None):
+class Driver:
+    """The engine loop's order of calls: with overlap, step N+1 is planned before step N's result is applied."""
+
+    def __init__(self, planner: BatchPlanner, kv: SimulatedKv, overlap: bool) -> None:
+        self.planner, self.kv = planner, kv
+        self.depth = 2 if overlap else 1
+        self.in_flight: deque[tuple[PlannedStep, dict[int, int]]] = deque()
+        self.delivered: dict[str, list[int]] = {}
+
+    def advance(self) -> None:
+        planner = self.planner
+        sent = False
+        # After a pass that was short of blocks, plan again only with nothing in flight (it may preempt).
+        if planner.has_work() and not (self.in_flight and self.in_flight[-1][0].short_of_blocks):
+            step = planner.schedule(in_flight=bool(self.in_flight))
+            if step.chunks:
+                self._check(step)
+                self.in_flight.append((step, self.kv.run(step)))
+                sent = True
+        if self.in_flight and (len(self.in_flight) > self.depth - 1 or not sent):
+            step, sampled = self.in_flight.popleft()
+            for output in planner.update(step, sampled):
+                self.delivered.setdefault(output.request.request_id, []).extend(output.new_token_ids)
+
+    def idle(self) -> bool:
+        return not self.in_flight and not self.planner.has_work()
+
+    def _check(self, step: PlannedStep) -> None:
+        limits = self.planner.limits
+        assert step.num_tokens <= limits.max_num_batched_tokens
+        slots = [c.request.slot_id for c in step.chunks]
+        assert len(set(slots)) == len(slots)
+        for chunk in step.chunks:
+            assert len(chunk.request.block_ids) * limits.block_size >= chunk.num_computed_tokens + len(chunk.token_ids)
+
+
+def run_step(planner: BatchPlanner, rng: random.Random, eos_rate: float = 0.02):
+    """One step planned and applied at once (no overlap)."""
     step = planner.schedule()
-    if kv is not None:
-        kv.run(step)
-    total = step.num_tokens
-    assert total <= planner.limits.max_num_batched_tokens
-    slots = [c.request.slot_id for c in step.chunks]
-    assert len(set(slots)) == len(slots)
-    for chunk in step.chunks:
-        request = chunk.request
-        assert (len(request.block_ids)) * planner.limits.block_size >= chunk.num_computed_tokens + len(chunk.token_ids)
     sampled = {c.request.slot_id: (EOS if rng.random() < eos_rate else 7) for c in step.chunks if c.sample}
     return step, planner.update(step, sampled)
 
@@ -87,14 +126,14 @@ events_strategy = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(limits=limits_strategy, events=events_strategy, policy=st.sampled_from(["fcfs", "priority", "fair"]),
-       prefix_caching=st.booleans(), seed=st.integers(0, 2**16))
-def test_invariants_hold_after_every_event_and_nothing_leaks(limits, events, policy, prefix_caching, seed):
+       prefix_caching=st.booleans(), overlap=st.booleans(), seed=st.integers(0, 2**16))
+def test_invariants_hold_after_every_event_and_nothing_leaks(limits, events, policy, prefix_caching, overlap, seed):
+    """With overlap, aborts land while two steps are in flight and results arrive one step late."""
     policies = {"fcfs": FcfsPolicy, "priority": PriorityPolicy, "fair": lambda: FairSharePolicy({"a": 3.0})}
     planner = BatchPlanner(limits, policies[policy](), enable_prefix_caching=prefix_caching)
-    kv = SimulatedKv(limits.block_size)
-    rng = random.Random(seed)
+    driver = Driver(planner, SimulatedKv(limits.block_size, random.Random(seed)), overlap)
     arrived: list[Request] = []
     for event in events:
         if event[0] == "arrive":
@@ -106,23 +145,27 @@ def test_invariants_hold_after_every_event_and_nothing_leaks(limits, events, pol
             planner.add(request)
         elif event[0] == "step":
             for _ in range(event[1]):
-                if planner.has_work():
-                    run_step(planner, rng, kv=kv)
+                driver.advance()
         elif arrived:
             planner.abort(arrived[event[1] % len(arrived)].key)
         planner.check_invariants()
     # Everything that arrived finishes: no livelock, whatever the cache size.
     for _ in range(10_000):
-        if not planner.has_work():
+        if driver.idle():
             break
-        run_step(planner, rng, kv=kv)
+        driver.advance()
         planner.check_invariants()
-    assert not planner.has_work()
+    assert driver.idle()
     assert all(r.status is RequestStatus.FINISHED for r in arrived)
     assert planner.allocator.num_free == planner.allocator.num_usable
     for request in arrived:
+        # Clients got exactly the request's tokens: none planned past its end, none twice.
+        assert driver.delivered.get(request.request_id, []) == request.output_token_ids
+        assert PREVIOUS_TOKEN not in request.output_token_ids
         if request.finish_reason == common_pb2.FINISH_REASON_LENGTH:
             assert len(request.output_token_ids) == request.max_new_tokens
+        if request.finish_reason == common_pb2.FINISH_REASON_STOP:
+            assert request.output_token_ids[-1] == EOS and EOS not in request.output_token_ids[:-1]
 
 
 def test_running_decodes_go_first_and_a_long_prompt_is_chunked_to_the_budget():
@@ -173,19 +216,22 @@ def test_abort_while_step_in_flight_frees_blocks_and_drops_the_result():
     outputs = planner.update(step, {0: 7})
     assert outputs == [] and request.output_token_ids == []
     assert request.finish_reason == common_pb2.FINISH_REASON_ABORT
+    assert planner.schedule().chunks == []  # nothing to send: the release waits for the next step sent
+    planner.add(make_request(1, 20, 10))
     next_step = planner.schedule()
-    assert next_step.released_slot_ids == [0] and next_step.chunks == []
+    assert next_step.released_slot_ids == [0] and len(next_step.chunks) == 1
     planner.check_invariants()
 
 
 def test_a_shared_prefix_is_served_from_the_cache_but_never_the_last_token():
     limits = PlannerLimits(max_num_batched_tokens=256, max_num_seqs=4, max_model_len=512, block_size=4, num_kv_blocks=64)
     planner = BatchPlanner(limits, FcfsPolicy())
-    kv, rng = SimulatedKv(4), random.Random(0)
+    kv = SimulatedKv(4, random.Random(0), eos_rate=0)
+    driver = Driver(planner, kv, overlap=False)
     first = make_request(0, 40, 3, shared=5)  # 40-token prompt: 39 shared tokens, then one of its own
     planner.add(first)
-    while planner.has_work():
-        run_step(planner, rng, eos_rate=0, kv=kv)
+    while not driver.idle():
+        driver.advance()
     assert planner.allocator.num_cached == 10  # 42 computed tokens: 10 full blocks indexed
     second = make_request(1, 40, 3, shared=5)
     planner.add(second)

@@ -240,8 +240,7 @@ def test_a_step_links_at_most_64_of_its_requests(tmp_path: Path) -> None:
                           sampling=common_pb2.SamplingParams(), stop_token_ids=frozenset(), arrival_order=number,
                           span=tracer.start_span(f"Submit {number}"))
         chunks.append(Chunk(request, token_ids=[1, 2], num_computed_tokens=0, new_block_ids=[], sample=True))
-    with tracing.step(PlannedStep(step_id=7, released_slot_ids=[], admitted=[], chunks=chunks)):
-        pass
+    tracing.step_done(tracing.step(PlannedStep(step_id=7, released_slot_ids=[], admitted=[], chunks=chunks)), None)
     step = exporter.get_finished_spans()[-1]
     assert len(step.links) == MAX_LINKS_PER_STEP == 64
     assert step.attributes["inflight.sequences"] == 100 and step.attributes["inflight.prefill_sequences"] == 100

@@ -9,7 +9,7 @@ from mpi4py import MPI
 from worker.engine import Engine
 from worker.fanout import HEADER_WORDS, Command, decode_step, encode_step
 from worker.slot_tables import SlotTables
-from worker.step import EngineDescription, Step, StepOutput
+from worker.step import EngineDescription, PendingStep, Step
 
 log = structlog.get_logger()
 
@@ -45,12 +45,12 @@ class WorkerGroup:
         self._broadcast(Command.WARMUP)
         return self.engine.warmup()
 
-    def step(self, step: Step) -> StepOutput:
-        """Run a step that passed validation against block_tables()."""
+    def launch(self, step: Step) -> PendingStep:
+        """Launch a step that passed validation against slot_tables, on every rank."""
         self.slot_tables.apply(step)
         if self.tp_size > 1:  # a single rank has no one to tell
             self._broadcast(Command.STEP, encode_step(step))
-        return self.engine.step(step)
+        return self.engine.launch(step)
 
     def release_all(self) -> None:
         self._broadcast(Command.RELEASE_ALL)
@@ -63,23 +63,29 @@ class WorkerGroup:
 
 
 def follow(comm: MPI.Comm, engine: Engine) -> None:
-    """Ranks 1..N-1: run whatever rank 0 broadcasts until it says shut down."""
+    """Ranks 1..N-1: run whatever rank 0 broadcasts until it says shut down.
+
+    Like rank 0, a rank launches the next step before it reads the previous one's result, so that
+    overlapped steps reach its device back to back.
+    """
     header = np.empty(HEADER_WORDS, dtype=np.int64)
     slot_tables = SlotTables()
+    pending: PendingStep | None = None
     while True:
         comm.Bcast(header, root=0)
         command, size = Command(int(header[0])), int(header[1])
         payload = np.empty(size, dtype=np.int64)
         if size:
             comm.Bcast(payload, root=0)
+        launched = None
         if command is Command.STEP:
             step = decode_step(payload)
             slot_tables.apply(step)
-            try:
-                engine.step(step)
-            except Exception:  # rank 0 fails the same step the same way and reports it; stay in lock-step
-                log.exception("step_failed")
-        elif command is Command.WARMUP:
+            launched = _guarded(lambda: engine.launch(step))
+        if pending is not None:
+            _guarded(pending.result)
+        pending = launched
+        if command is Command.WARMUP:
             engine.warmup()
         elif command is Command.RELEASE_ALL:
             engine.release(slot_tables.slots())
@@ -87,3 +93,12 @@ def follow(comm: MPI.Comm, engine: Engine) -> None:
         elif command is Command.SHUTDOWN:
             engine.shutdown()
             return
+
+
+def _guarded(call):  # type: ignore[no-untyped-def]
+    """A step's failure on a follower: rank 0 fails the same step the same way and reports it; stay in lock-step."""
+    try:
+        return call()
+    except Exception:
+        log.exception("step_failed")
+        return None

@@ -12,6 +12,7 @@ from worker.step import Step
 class SlotTables:
     def __init__(self) -> None:
         self.tables: dict[int, list[int]] = {}
+        self.sampled: set[int] = set()  # slots the last step sampled: a next step may feed their tokens
 
     def apply(self, step: Step) -> None:
         """Record a step that passed validation: releases, then admissions, then each chunk's new blocks."""
@@ -21,9 +22,11 @@ class SlotTables:
             self.tables[admission.slot_id] = []
         for chunk in step.chunks:
             self.tables[chunk.slot_id].extend(chunk.new_block_ids)
+        self.sampled = {chunk.slot_id for chunk in step.chunks if chunk.sample}
 
     def slots(self) -> list[int]:
         return list(self.tables)
 
     def clear(self) -> None:
         self.tables.clear()
+        self.sampled = set()

@@ -6,6 +6,7 @@ rank's engine; the engine answers with a StepOutput.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -80,6 +81,27 @@ class StepOutput:
     sampled: list[SampledToken]
     forward_seconds: float
     failures: list[SequenceFailure] = field(default_factory=list)
+
+
+class PendingStep:
+    """A step an engine has launched. wait() blocks until its outputs can be read without waiting on the
+    device (any thread; it may return at once); result() reads them (the engine's thread, once, in
+    launch order). Between the two, the engine may launch the next step."""
+
+    def __init__(self, result: Callable[[], StepOutput], wait: Callable[[], None] | None = None) -> None:
+        self._result = result
+        self._wait = wait
+
+    @staticmethod
+    def done(output: StepOutput) -> PendingStep:
+        return PendingStep(lambda: output)
+
+    def wait(self) -> None:
+        if self._wait is not None:
+            self._wait()
+
+    def result(self) -> StepOutput:
+        return self._result()
 
 
 @dataclass(frozen=True)

@@ -16,20 +16,21 @@ import torch
 
 from worker.torch_engine.batch import BatchInput
 from worker.torch_engine.model import LlamaModel
-from worker.torch_engine.paged_step import DeviceBlockTables, PagedAttention, StepLayout
+from worker.torch_engine.paged_step import DeviceBlockTables, PagedAttention, StepLayout, resolve_previous
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024,
            1280, 1536, 1792, 2048)
 
 
 class StepGraphs:
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, tables: DeviceBlockTables, max_num_seqs: int,
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, tables: DeviceBlockTables, last_tokens: torch.Tensor,
                  max_tokens: int) -> None:
-        self.model, self.kv_cache, self.tables = model, kv_cache, tables
-        self.max_num_seqs = max_num_seqs
+        """last_tokens: the token each slot sampled last (one per slot), where PREVIOUS_TOKEN is read from."""
+        self.model, self.kv_cache, self.tables, self.last_tokens = model, kv_cache, tables, last_tokens
+        self.max_num_seqs = len(last_tokens)
         self.buckets = sorted({b for b in BUCKETS if b < max_tokens} | {max_tokens})
         device = kv_cache.device
-        tokens, seqs = self.buckets[-1], min(self.buckets[-1], max_num_seqs)
+        tokens, seqs = self.buckets[-1], min(self.buckets[-1], self.max_num_seqs)
         # Every per-step input in one int64 buffer, filled by one host-to-device copy.
         self._fields = {"token_ids": tokens, "positions": tokens, "slot_mapping": tokens,
                         "prefill_query_start": seqs + 1, "prefill_slots": seqs, "prefill_lens": seqs,
@@ -63,7 +64,8 @@ class StepGraphs:
             decode_lens=v["decode_lens"][:seqs].int(),
             has_prefill=not decode_only,
         )
-        return BatchInput(token_ids=v["token_ids"][:tokens], positions=v["positions"][:tokens],
+        return BatchInput(token_ids=resolve_previous(v["token_ids"][:tokens], self.last_tokens),
+                          positions=v["positions"][:tokens],
                           slot_mapping=v["slot_mapping"][:tokens], sample_index=v["sample_rows"][:seqs],
                           sample_positions=[], paged=paged)
 

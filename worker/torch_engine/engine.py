@@ -6,20 +6,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from inflight.model_config import ModelConfig
+from inflight.step_contract import PREVIOUS_TOKEN
 from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
-from worker.step import EngineDescription, SampledToken, ScheduledChunk, SequenceFailure, Step, StepOutput
+from worker.step import (EngineDescription, PendingStep, SampledToken, ScheduledChunk, SequenceFailure, Step,
+                         StepOutput)
 from worker.torch_engine import paged_attention
 from worker.torch_engine.batch import BatchInput, SequenceChunk, build_batch
 from worker.torch_engine.cuda_graphs import StepGraphs
 from worker.torch_engine.model import LlamaModel
 from worker.torch_engine.mpt import MptModel
-from worker.torch_engine.paged_step import DeviceBlockTables, StepLayout, eager_attention, lay_out, to_device
+from worker.torch_engine.paged_step import (DeviceBlockTables, StepLayout, eager_attention, lay_out, resolve_previous,
+                                            to_device)
 from worker.torch_engine.random_models import random_model
-from worker.torch_engine.sampler import SequenceSampling, sample
+from worker.torch_engine.sampler import PendingSample, SequenceSampling, sample
 from worker.torch_engine.weights import SafetensorsWeights, WeightSource
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,6 +73,8 @@ class TorchEngine:
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_that_fit()
         self.kv_cache = self._allocate_cache(self.num_kv_blocks)
         self.slots: dict[int, SlotState] = {}
+        # The token each slot sampled last, on the device: a step's PREVIOUS_TOKEN is read from here.
+        self.last_tokens = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
         # On CUDA, attention reads the paged cache (one forward per step); on CPU it gathers the blocks.
         self.tables: DeviceBlockTables | None = None
         self.graphs: StepGraphs | None = None
@@ -77,7 +83,7 @@ class TorchEngine:
                                             self.device)
             if config.cuda_graphs and self.model.graph_safe:
                 max_tokens = min(config.max_num_batched_tokens, max(GRAPH_TOKENS, config.max_num_seqs))
-                self.graphs = StepGraphs(self.model, self.kv_cache, self.tables, config.max_num_seqs, max_tokens)
+                self.graphs = StepGraphs(self.model, self.kv_cache, self.tables, self.last_tokens, max_tokens)
 
     def _block_bytes(self) -> int:
         c = self.model_config
@@ -139,37 +145,53 @@ class TorchEngine:
         for slot in slot_ids:
             self.slots.pop(slot, None)
 
-    @torch.inference_mode()
     def step(self, step: Step) -> StepOutput:
+        """Launch a step and wait for its output (for callers that run one step at a time)."""
+        return self.launch(step).result()
+
+    @torch.inference_mode()
+    def launch(self, step: Step) -> PendingStep:
         start = time.perf_counter()
         self.release(step.released_slot_ids)
         for admission in step.admissions:
             history = list(admission.context_token_ids) if admission.needs_history else []
             self.slots[admission.slot_id] = SlotState(SequenceSampling(admission, history), [])
         if not step.chunks:
-            return StepOutput(step.step_id, [], 0.0)
+            return PendingStep.done(StepOutput(step.step_id, [], 0.0))
         for scheduled in step.chunks:
-            table = self.slots[scheduled.slot_id].block_table
+            state = self.slots[scheduled.slot_id]
             if self.tables is not None:
-                self.tables.append(scheduled.slot_id, len(table), scheduled.new_block_ids)
-            table.extend(scheduled.new_block_ids)
+                self.tables.append(scheduled.slot_id, len(state.block_table), scheduled.new_block_ids)
+            state.block_table.extend(scheduled.new_block_ids)
+            _extend_history(state.sampling, scheduled)
         if self.tables is not None:
             self.tables.flush()
         logits, positions, sampled_slots = self._forward(step.chunks)
         if logits is None:
-            return StepOutput(step.step_id, [], time.perf_counter() - start)
+            return PendingStep.done(StepOutput(step.step_id, [], time.perf_counter() - start))
         sequences = [self.slots[slot].sampling for slot in sampled_slots]
-        result = sample(logits, sequences, positions)
+        slots = to_device(np.array(sampled_slots), self.device)
+        previous = self.last_tokens.index_select(0, slots) if any(s.params.needs_history for s in sequences) else None
+        pending = sample(logits, sequences, positions, previous)
+        self.last_tokens.index_copy_(0, slots, pending.tokens)
+        return PendingStep(lambda: self._output(step.step_id, start, pending, sequences, sampled_slots, positions),
+                           pending.wait)
+
+    @staticmethod
+    def _output(step_id: int, start: float, pending: PendingSample, sequences: list[SequenceSampling],
+                sampled_slots: list[int], positions: list[int]) -> StepOutput:
+        result = pending.result()
         sampled = []
         for row, fields in enumerate(zip(sampled_slots, result.token_ids, result.logprobs, result.top_token_ids,
                                          result.top_logprobs)):
             if row in result.failures:
                 continue
-            if sequences[row].params.needs_history:
-                sequences[row].history.append(fields[1])
+            history = sequences[row].history
+            if sequences[row].params.needs_history and len(history) == positions[row]:
+                history.append(fields[1])
             sampled.append(SampledToken(*fields))
         failures = [SequenceFailure(sampled_slots[row], f.invalid_argument, f.message) for row, f in result.failures.items()]
-        return StepOutput(step.step_id, sampled, time.perf_counter() - start, failures)
+        return StepOutput(step_id, sampled, time.perf_counter() - start, failures)
 
     def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[int], list[int]]:
         """Logits, sample positions and slots of the sampled chunks (rows matched by slot, not step order)."""
@@ -188,7 +210,8 @@ class TorchEngine:
     def _forward_paged(self, layout: StepLayout) -> torch.Tensor:
         assert self.tables is not None
         device = self.device
-        batch = BatchInput(token_ids=to_device(layout.token_ids, device), positions=to_device(layout.positions, device),
+        batch = BatchInput(token_ids=resolve_previous(to_device(layout.token_ids, device), self.last_tokens),
+                           positions=to_device(layout.positions, device),
                            slot_mapping=to_device(layout.slot_mapping, device),
                            sample_index=to_device(layout.sample_rows, device), sample_positions=layout.sample_positions,
                            paged=eager_attention(layout, self.tables))
@@ -196,9 +219,11 @@ class TorchEngine:
 
     def _forward_eager(self, scheduled: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[int], list[int]]:
         """Attention over blocks gathered from the cache (CPU, or CUDA without Triton)."""
-        chunks = [SequenceChunk(c.token_ids, c.num_computed_tokens, self.slots[c.slot_id].block_table, c.sample)
+        chunks = [SequenceChunk([-1 - c.slot_id] if c.token_ids == [PREVIOUS_TOKEN] else c.token_ids,
+                                c.num_computed_tokens, self.slots[c.slot_id].block_table, c.sample)
                   for c in scheduled]
         batch = build_batch(chunks, self.config.block_size, self.device, self.dtype)
+        batch.token_ids = resolve_previous(batch.token_ids, self.last_tokens)
         hidden = self.model.forward(batch, self.kv_cache)
         if not batch.sample_positions:
             return None, [], []
@@ -207,3 +232,13 @@ class TorchEngine:
 
     def shutdown(self) -> None:
         self.slots.clear()
+
+
+def _extend_history(sampling: SequenceSampling, chunk: ScheduledChunk) -> None:
+    """A penalty sequence's history grows by the chunk's known tokens it does not hold yet."""
+    if not sampling.params.needs_history or chunk.token_ids == [PREVIOUS_TOKEN]:
+        return
+    history = sampling.history
+    end = chunk.num_computed_tokens + len(chunk.token_ids)
+    if len(history) >= chunk.num_computed_tokens and end > len(history):
+        history.extend(chunk.token_ids[len(history) - chunk.num_computed_tokens :])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from inflight.step_contract import PREVIOUS_TOKEN
 from worker.step import ScheduledChunk
 
 
@@ -40,7 +41,7 @@ class PagedAttention:
 class StepLayout:
     """The step on the host, as arrays: what the device buffers are filled from."""
 
-    token_ids: np.ndarray            # [T]
+    token_ids: np.ndarray            # [T] (-1 - slot: the token that slot sampled last, see resolve_previous)
     positions: np.ndarray            # [T]
     slot_mapping: np.ndarray         # [T] cache slot each token's K/V goes to
     prefill_query_start: np.ndarray  # [Bp + 1]
@@ -76,8 +77,12 @@ def lay_out(chunks: list[ScheduledChunk], tables: dict[int, list[int]], block_si
     ends = computed + lengths
     num_prefill = int(np.count_nonzero(lengths > 1))
     sampled = [i for i, c in enumerate(ordered) if c.sample]
+    token_ids = np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in ordered])
+    previous = token_ids == PREVIOUS_TOKEN
+    if previous.any():
+        token_ids[previous] = -1 - np.repeat(slots, lengths)[previous]
     return StepLayout(
-        token_ids=np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in ordered]),
+        token_ids=token_ids,
         positions=positions,
         slot_mapping=slot_mapping,
         prefill_query_start=starts[: num_prefill + 1],
@@ -118,6 +123,13 @@ class DeviceBlockTables:
             staged = staged.pin_memory()
         staged = staged.to(self.tables.device, non_blocking=True)
         self.tables.index_put_((staged[0], staged[1]), staged[2].to(torch.int32))
+
+
+def resolve_previous(token_ids: torch.Tensor, last_tokens: torch.Tensor) -> torch.Tensor:
+    """token_ids with each -1 - slot replaced by the token that slot sampled last (read on the device, so the
+    step can be launched before the previous step's tokens reach the host)."""
+    fed = last_tokens.index_select(0, (-1 - token_ids).clamp_(min=0))
+    return torch.where(token_ids < 0, fed, token_ids)
 
 
 def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:

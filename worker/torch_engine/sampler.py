@@ -8,6 +8,9 @@ are those of the model itself (log-softmax of the raw logits), as clients compar
 
 A row that cannot be sampled (non-finite logits, or parameters that leave no distribution) fails
 that sequence alone: it is reported in SampleResult.failures and every other row is sampled as usual.
+
+sample() only queues the work: the tokens stay on the device for the next step to read, and
+reach the host in one copy that PendingSample.result() waits for.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ class SequenceSampling:
     """What sampling needs to know about one sequence: its parameters and, for penalties, its tokens."""
 
     params: Admission
-    history: list[int] = field(default_factory=list)  # prompt then output, when a penalty needs them
+    # Prompt then output, when a penalty needs them: the tokens before position len(history). The
+    # token sampled by a step still in flight is not in it yet (sample() reads it from the device).
+    history: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -51,8 +56,47 @@ def draw_seed(seed: int, position: int) -> int:
     return (seed * _MIX + position * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
 
 
-def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: list[int]) -> SampleResult:
+@dataclass
+class PendingSample:
+    """Tokens sampled on the device, on their way to the host."""
+
+    tokens: torch.Tensor            # [S] int64, on the logits' device
+    _host: torch.Tensor             # [S, columns] float64: token, log-probability, usable, top values, top ids
+    _ready: torch.cuda.Event | None  # None: _host is complete (CPU)
+    _failures: dict[int, RowFailure]
+    _random_rows: list[int]
+    _top_logprobs: list[int]        # per row
+
+    def wait(self) -> None:
+        """Block until the copy to the host is done (any thread)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+
+    def result(self) -> SampleResult:
+        self.wait()
+        rows = self._host.tolist()  # ids are exact in float64
+        failures = self._failures
+        token_ids, logprobs = [int(r[0]) for r in rows], [r[1] for r in rows]
+        column = 2
+        if self._random_rows:
+            for row in self._random_rows:
+                if not rows[row][2]:
+                    failures[row] = RowFailure(True, "its sampling parameters leave nothing to sample")
+            column = 3
+        max_top = max(self._top_logprobs, default=0)
+        top_ids = [[int(i) for i in r[column + max_top : column + max_top + k]] for r, k in zip(rows, self._top_logprobs)]
+        top_values = [r[column : column + k] for r, k in zip(rows, self._top_logprobs)]
+        for row, logprob in enumerate(logprobs):
+            if not math.isfinite(logprob) and row not in failures:
+                failures[row] = RowFailure(False, "the model produced non-finite logits")
+        return SampleResult(token_ids, logprobs, top_ids, top_values, failures)
+
+
+def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: list[int],
+           previous_tokens: torch.Tensor | None = None) -> PendingSample:
     """One token per row of logits [S, V] (float32). positions[i]: tokens before the one sampled.
+    previous_tokens[i]: the token at positions[i] - 1 where the row's history stops short of it
+    (penalty rows whose last token was fed from the device); needed only then.
 
     Rows listed in the result's failures carry no usable token.
     """
@@ -65,37 +109,35 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
     adjusted = logits.clone() if any(_adjusts(s.params) for s in sequences) else logits
     for row, (sequence, position) in enumerate(zip(sequences, positions)):
         if row not in failures:
-            _apply_penalties(adjusted[row], sequence, position)
+            previous = previous_tokens[row : row + 1] if previous_tokens is not None else None
+            _apply_penalties(adjusted[row], sequence, position, previous)
     tokens = torch.argmax(adjusted, dim=-1)
     random_rows = [row for row, sequence in enumerate(sequences)
                    if row not in failures and sequence.params.temperature >= GREEDY_TEMPERATURE
                    and sequence.params.top_k != 1]
-    usable = None
+    chosen_columns = []
     if random_rows:
         drawn, usable = _sample_rows(adjusted, random_rows, [sequences[r].params for r in random_rows],
                                      [positions[r] for r in random_rows])
         tokens[random_rows] = drawn
+        all_usable = torch.ones(len(sequences), dtype=torch.float64, device=logits.device)
+        all_usable[random_rows] = usable.to(torch.float64)
+        chosen_columns.append(all_usable[:, None])
     chosen = (logits.gather(1, tokens[:, None]) - normaliser).squeeze(1)
-    top_ids: list[list[int]] = [[] for _ in sequences]
-    top_values: list[list[float]] = [[] for _ in sequences]
-    max_top = max((s.params.top_logprobs for s in sequences), default=0)
-    if max_top:
-        values, ids = logits.topk(max_top, dim=-1)
-        values = values - normaliser
-        for row, sequence in enumerate(sequences):
-            k = sequence.params.top_logprobs
-            top_ids[row], top_values[row] = ids[row, :k].tolist(), values[row, :k].tolist()
-    # One copy to the host for both (one wait on the device): ids are exact in float64.
-    on_host = torch.stack((tokens.to(torch.float64), chosen.to(torch.float64))).tolist()
-    token_ids, logprobs = [int(t) for t in on_host[0]], on_host[1]
-    if usable is not None:  # read once the tokens are on the host: no extra wait on the device
-        for row, ok in zip(random_rows, usable.tolist()):
-            if not ok:
-                failures[row] = RowFailure(True, "its sampling parameters leave nothing to sample")
-    for row, logprob in enumerate(logprobs):
-        if not math.isfinite(logprob) and row not in failures:
-            failures[row] = RowFailure(False, "the model produced non-finite logits")
-    return SampleResult(token_ids, logprobs, top_ids, top_values, failures)
+    columns = [tokens.to(torch.float64)[:, None], chosen.to(torch.float64)[:, None], *chosen_columns]
+    top_logprobs = [s.params.top_logprobs for s in sequences]
+    if max(top_logprobs, default=0):
+        values, ids = logits.topk(max(top_logprobs), dim=-1)
+        columns += [(values - normaliser).to(torch.float64), ids.to(torch.float64)]
+    packed = torch.cat(columns, dim=1)
+    ready = None
+    if packed.is_cuda:  # one copy to the host, waited for only when the result is read
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        packed = host
+    return PendingSample(tokens, packed, ready, failures, random_rows, top_logprobs)
 
 
 def _parameter_problem(params: Admission) -> str | None:
@@ -110,13 +152,17 @@ def _adjusts(params: Admission) -> bool:
     return params.needs_history or params.min_tokens > 0
 
 
-def _apply_penalties(row: torch.Tensor, sequence: SequenceSampling, position: int) -> None:
+def _apply_penalties(row: torch.Tensor, sequence: SequenceSampling, position: int,
+                     previous: torch.Tensor | None) -> None:
     params = sequence.params
     if params.min_tokens and position - params.num_prompt_tokens < params.min_tokens and params.stop_token_ids:
         row[torch.tensor(params.stop_token_ids, device=row.device)] = float("-inf")
     if not params.needs_history or not sequence.history:
         return
-    history = torch.tensor(sequence.history, device=row.device)
+    history = torch.tensor(sequence.history[:position], device=row.device)
+    if len(sequence.history) < position:  # its last token was sampled by a step whose result is not read yet
+        assert previous is not None and len(sequence.history) == position - 1, "a penalty row lost its history"
+        history = torch.cat((history, previous))
     if params.repetition_penalty != 1.0:
         seen = history.unique()
         values = row[seen]

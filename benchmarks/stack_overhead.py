@@ -1,0 +1,104 @@
+"""Serving overhead on a GPU: the stack against the engine alone, overlap scheduling on and off, in one run.
+
+    python benchmarks/stack_overhead.py --model random:llama-3-8b --tokenizer .carry/tokenizer --out OUT
+
+Workloads (closed loop, no prefix caching): fixed 128/128 at concurrency 64 (192 requests) and 256 (512
+requests), and the chat-like set at concurrency 64 (128 requests). The engine alone is the scheduler's
+planner and the worker's engine in this process, stepped one after another (benchmarks/baselines.py);
+the stack is `inflight serve` (gateway, scheduler, MPI worker) driven over gRPC by benchmarks/loadgen.py.
+Each stack also profiles rank 0's steps 250..350 (inside the fixed workload at concurrency 64) with the
+torch profiler and reports how much of that time the GPU ran nothing (worker/step_profiler.py).
+Writes OUT/report.json and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+from benchmarks.baselines import InProcessEngine, TokenizedRequest  # noqa: E402
+from benchmarks.loadgen import run_workload  # noqa: E402
+from benchmarks.workload import PromptMaker, Workload, chat_like, fixed_lengths  # noqa: E402
+from inflight.model_shapes import SHAPES  # noqa: E402
+from tests.stack import ServedStack  # noqa: E402
+
+KV_BLOCKS, BUDGET, MAX_SEQS = 8192, 4096, 256
+PROFILED_STEPS = (250, 350)
+
+
+def workloads(tokenizer: Tokenizer, model: str) -> list[Workload]:
+    below = int(SHAPES[model.removeprefix("random:")]["vocab_size"])  # type: ignore[call-overload]
+    maker = PromptMaker(tokenizer, seed=0, below=below)
+    return [Workload("fixed 128/128", fixed_lengths(maker, 192, 128, 128), concurrency=64),
+            Workload("fixed 128/128", fixed_lengths(maker, 512, 128, 128), concurrency=256),
+            Workload("chat-like", chat_like(maker, 128, 1.0, 1024, 512), concurrency=64)]
+
+
+def engine_alone(model: str, tokenizer: Tokenizer, runs: list[Workload]) -> list[float]:
+    engine = InProcessEngine(model, "cuda", "auto", KV_BLOCKS, BUDGET, MAX_SEQS)
+    results = []
+    for workload in runs:
+        requests = [TokenizedRequest(tokenizer.encode(s.prompt, add_special_tokens=False).ids, s.output_tokens)
+                    for s in workload.requests]
+        engine.continuous(requests[:8], 8)  # warm up
+        results.append(engine.continuous(requests, workload.concurrency).output_throughput_tps)
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return results
+
+
+def stack(model: str, tokenizer_dir: str, runs: list[Workload], overlap: bool, profile: Path) -> tuple[list[float], dict]:
+    flags = ["--model", model, "--device", "cuda", "--tokenizer", tokenizer_dir, "--num-kv-blocks", str(KV_BLOCKS),
+             "--max-num-batched-tokens", str(BUDGET), "--max-num-seqs", str(MAX_SEQS), "--no-prefix-caching",
+             "--log-level", "warning", *([] if overlap else ["--no-overlap"])]
+    first, last = PROFILED_STEPS
+    served = ServedStack(*flags, env={"INFLIGHT_PROFILE_STEPS": f"{first}:{last}:{profile}"}).wait_ready(timeout=900)
+    results = []
+    try:
+        warmup = Workload("warmup", runs[0].requests[:2], concurrency=2)
+        asyncio.run(run_workload(served.address, warmup, False))
+        for workload in runs:
+            records, duration = asyncio.run(run_workload(served.address, workload, False))
+            assert all(r.ok for r in records), [r.error for r in records if not r.ok][:3]
+            results.append(sum(r.output_tokens for r in records) / duration)
+    finally:
+        served.stop()
+    return results, json.loads(profile.read_text()) if profile.exists() else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="random:llama-3-8b")
+    parser.add_argument("--tokenizer", required=True, help="folder with tokenizer.json")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
+    runs = workloads(tokenizer, args.model)
+    alone = engine_alone(args.model, tokenizer, runs)
+    with_overlap, profile_on = stack(args.model, args.tokenizer, runs, True, out / "profile_overlap.json")
+    without, profile_off = stack(args.model, args.tokenizer, runs, False, out / "profile_no_overlap.json")
+    rows = [{"workload": f"{w.name} @ concurrency {w.concurrency}", "engine_alone_tok_s": round(a, 1),
+             "stack_overlap_tok_s": round(on, 1), "stack_no_overlap_tok_s": round(off, 1),
+             "overlap_ratio": round(on / a, 3), "no_overlap_ratio": round(off / a, 3)}
+            for w, a, on, off in zip(runs, alone, with_overlap, without)]
+    report = {"gpu": torch.cuda.get_device_name(), "model": args.model, "rows": rows,
+              "gpu_timeline_steps": list(PROFILED_STEPS), "gpu_timeline_overlap": profile_on,
+              "gpu_timeline_no_overlap": profile_off}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
