@@ -65,9 +65,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--top", type=int, default=18)
     parser.add_argument("--idle", action="store_true", help="sample idle threads too (time waiting shows)")
+    parser.add_argument("--prompt-tokenizer", default="", help="folder with tokenizer.json for the prompts "
+                        f"(default: {DEFAULT_MODEL}'s); the stack's own flags follow the known ones")
     args, stack_args = parser.parse_known_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    codec = TextCodec(resolve_model(DEFAULT_MODEL))
+    codec = TextCodec(Path(args.prompt_tokenizer) if args.prompt_tokenizer else resolve_model(DEFAULT_MODEL))
     maker = PromptMaker(codec.tokenizer, seed=0)
     stack = ServedStack("--log-level", "warning", "--no-prefix-caching", "--dtype", args.dtype,
                         *stack_args).wait_ready(timeout=600)

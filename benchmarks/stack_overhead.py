@@ -6,9 +6,12 @@ Workloads (closed loop, no prefix caching): fixed 128/128 at concurrency 64 (192
 requests), and the chat-like set at concurrency 64 (128 requests). The engine alone is the scheduler's
 planner and the worker's engine in this process, stepped one after another (benchmarks/baselines.py);
 the stack is `inflight serve` (gateway, scheduler, MPI worker) driven over gRPC by benchmarks/loadgen.py.
-Each stack also profiles rank 0's steps 250..350 (inside the fixed workload at concurrency 64) with the
-torch profiler and reports how much of that time the GPU ran nothing (worker/step_profiler.py).
-Writes OUT/report.json and prints it.
+Before it is measured, each stack serves 384 fixed 128/128 requests at concurrency 64, with rank 0's
+steps 250..350 under the torch profiler and steps 360..460 timed by CUDA events, and reports how much of
+that time the GPU ran nothing (worker/step_profiler.py); their cost stays out of the measured runs.
+The stacks: overlap scheduling with two steps in flight (the default), with three, and off. Each part
+(--parts alone,overlap,overlap-3,no-overlap) is saved as it finishes (OUT/<part>.json), so a long run
+may be split across calls on the same machine; OUT/report.json has those present beside the engine alone.
 """
 
 from __future__ import annotations
@@ -57,16 +60,21 @@ def engine_alone(model: str, tokenizer: Tokenizer, runs: list[Workload]) -> list
     return results
 
 
-def stack(model: str, tokenizer_dir: str, runs: list[Workload], overlap: bool, profile: Path) -> tuple[list[float], dict]:
+STACKS = {"overlap": [], "overlap-3": ["--steps-in-flight", "3"], "no-overlap": ["--no-overlap"]}
+
+
+def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profile: Path) -> tuple[list[float], dict]:
     flags = ["--model", model, "--device", "cuda", "--tokenizer", tokenizer_dir, "--num-kv-blocks", str(KV_BLOCKS),
              "--max-num-batched-tokens", str(BUDGET), "--max-num-seqs", str(MAX_SEQS), "--no-prefix-caching",
-             "--log-level", "warning", *([] if overlap else ["--no-overlap"])]
+             "--max-inflight-per-client", "1024", "--log-level", "warning", *STACKS[part]]
     first, last = PROFILED_STEPS
     served = ServedStack(*flags, env={"INFLIGHT_PROFILE_STEPS": f"{first}:{last}:{profile}"}).wait_ready(timeout=900)
     results = []
     try:
-        warmup = Workload("warmup", runs[0].requests[:2], concurrency=2)
+        warmup = Workload("warmup", runs[0].requests[:2], concurrency=2)  # about 130 steps
         asyncio.run(run_workload(served.address, warmup, False))
+        profiled = Workload("profiled", runs[0].requests * 2, concurrency=64)  # about 780 steps: 250..460 lie inside
+        asyncio.run(run_workload(served.address, profiled, False))
         for workload in runs:
             records, duration = asyncio.run(run_workload(served.address, workload, False))
             assert all(r.ok for r in records), [r.error for r in records if not r.ok][:3]
@@ -81,21 +89,31 @@ def main() -> None:
     parser.add_argument("--model", default="random:llama-3-8b")
     parser.add_argument("--tokenizer", required=True, help="folder with tokenizer.json")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--parts", default="alone,overlap,overlap-3,no-overlap")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
     runs = workloads(tokenizer, args.model)
-    alone = engine_alone(args.model, tokenizer, runs)
-    with_overlap, profile_on = stack(args.model, args.tokenizer, runs, True, out / "profile_overlap.json")
-    without, profile_off = stack(args.model, args.tokenizer, runs, False, out / "profile_no_overlap.json")
+    for part in args.parts.split(","):
+        if part == "alone":
+            result: dict = {"tok_s": engine_alone(args.model, tokenizer, runs)}
+        else:
+            tok_s, timeline = stack(args.model, args.tokenizer, runs, part, out / f"profile_{part}.json")
+            result = {"tok_s": tok_s, "gpu_timeline": timeline}
+        (out / f"{part}.json").write_text(json.dumps(result))
+        print(part, json.dumps(result), flush=True)
+    parts = {part: json.loads((out / f"{part}.json").read_text()) for part in ("alone", *STACKS)
+             if (out / f"{part}.json").exists()}
+    if "alone" not in parts:
+        return
+    alone = parts.pop("alone")["tok_s"]
     rows = [{"workload": f"{w.name} @ concurrency {w.concurrency}", "engine_alone_tok_s": round(a, 1),
-             "stack_overlap_tok_s": round(on, 1), "stack_no_overlap_tok_s": round(off, 1),
-             "overlap_ratio": round(on / a, 3), "no_overlap_ratio": round(off / a, 3)}
-            for w, a, on, off in zip(runs, alone, with_overlap, without)]
+             **{f"stack_{part}_tok_s": round(p["tok_s"][i], 1) for part, p in parts.items()},
+             **{f"{part}_ratio": round(p["tok_s"][i] / a, 3) for part, p in parts.items()}}
+            for i, (w, a) in enumerate(zip(runs, alone))]
     report = {"gpu": torch.cuda.get_device_name(), "model": args.model, "rows": rows,
-              "gpu_timeline_steps": list(PROFILED_STEPS), "gpu_timeline_overlap": profile_on,
-              "gpu_timeline_no_overlap": profile_off}
+              "gpu_timeline": {part: p["gpu_timeline"] for part, p in parts.items()}}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 

@@ -25,7 +25,8 @@ class SchedulerConfig:
     keepalive_seconds: float     # ping interval on the worker link; the scheduler's server accepts half of it
     exit_with_parent: bool       # started by a launcher: die with it
     log_level: str
-    overlap: bool = True         # plan step N+1 while step N runs (two steps in flight on the worker stream)
+    overlap: bool = True         # plan step N+1 while step N runs (several steps in flight on the worker stream)
+    steps_in_flight: int = 2     # with overlap: how many (2: one runs while the next waits behind it)
     kv_event_history: int = 4096  # KV event batches kept for subscribers that resume
     otlp_traces_endpoint: str = ""  # OTLP/gRPC collector for traces (http://host:4317); empty: not traced
 
@@ -40,6 +41,10 @@ class SchedulerConfig:
         parser.add_argument("--no-prefix-caching", action="store_true")
         parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                             help="plan each step only after the previous one's result (overlap scheduling off)")
+        parser.add_argument("--steps-in-flight", type=int, default=2,
+                            help="with overlap, steps sent ahead of their results (2 or more; each one more lets "
+                                 "the scheduler and worker take a step longer to turn a result into the next plan, "
+                                 "and computes one more token past a stop that is then dropped)")
         parser.add_argument("--connect-timeout", type=float, default=600.0)
         parser.add_argument("--max-waiting-requests", type=int, default=1024)
         parser.add_argument("--step-timeout", type=float, default=30.0,

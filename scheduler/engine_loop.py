@@ -4,9 +4,9 @@ Every mutation of the planner happens in this module's synchronous code; the onl
 are the worker stream's writes and reads. Aborts that land during them free their blocks at
 once and their results are dropped when the step returns.
 
-Overlap scheduling (on unless --no-overlap): two steps are in flight on the worker stream. The
-loop plans and sends step N+1, then waits for step N's result, so the worker starts N+1 the
-moment N ends while the loop reads N's tokens and plans N+2 (scheduler/planner.py says how
+Overlap scheduling (on unless --no-overlap): two steps (--steps-in-flight) are in flight on the
+worker stream. The loop plans and sends step N+1, then waits for step N's result, so the worker
+starts N+1 the moment N ends while the loop reads N's tokens and plans N+2 (scheduler/planner.py says how
 a token not sampled yet is planned).
 
 Failures are contained at the smallest scope that holds them: a sequence's own error fails
@@ -249,7 +249,7 @@ class EngineLoop:
     async def _serve_steps(self) -> None:
         planner = self.planner
         assert planner is not None
-        depth = 2 if self.config.overlap else 1
+        depth = max(2, self.config.steps_in_flight) if self.config.overlap else 1
         in_flight: deque[SentStep] = deque()
         try:
             while True:
@@ -261,12 +261,13 @@ class EngineLoop:
                     if step.chunks:
                         in_flight.append(await self._send(step))
                         sent = True
+                        # Now that the worker has its next step, let handlers stream tokens and aborts arrive.
+                        await asyncio.sleep(0)
                 if in_flight and (len(in_flight) == depth or not sent):
                     oldest = in_flight[0]
                     result = await self.link.receive(oldest.plan)
                     in_flight.popleft()
                     self._apply(oldest, result)
-                    await asyncio.sleep(0)  # let handlers read their tokens and aborts arrive
                 elif not in_flight and not sent:
                     if planner.has_work():
                         raise AssertionError("work is waiting but nothing could be scheduled")

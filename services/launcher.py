@@ -49,6 +49,7 @@ class ServeConfig:
     tenant_weights: str
     no_prefix_caching: bool
     overlap: bool  # overlap scheduling: the scheduler plans step N+1 while step N runs
+    steps_in_flight: int
     kv_event_history: int
     max_waiting_requests: int
     step_timeout: float
@@ -84,6 +85,8 @@ class ServeConfig:
         parser.add_argument("--no-prefix-caching", action="store_true")
         parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                             help="turn overlap scheduling off: each step is planned after the previous one's result")
+        parser.add_argument("--steps-in-flight", type=int, default=2,
+                            help="with overlap, steps the scheduler sends ahead of their results (2 or more)")
         parser.add_argument("--kv-event-history", type=int, default=4096,
                             help="prefix-cache event batches kept for SubscribeKvEvents subscribers that resume")
         parser.add_argument("--cache-dir", default="", help="where converted models are kept")
@@ -175,7 +178,7 @@ class Stack:
             "--step-timeout-per-token", str(c.step_timeout_per_token), "--keepalive-seconds", str(c.keepalive_seconds),
             "--kv-event-history", str(c.kv_event_history),
             "--exit-with-parent", *(["--no-prefix-caching"] if c.no_prefix_caching else []),
-            *([] if c.overlap else ["--no-overlap"]),
+            *([] if c.overlap else ["--no-overlap"]), "--steps-in-flight", str(c.steps_in_flight),
             *(["--otlp-traces-endpoint", c.otlp_traces_endpoint] if c.otlp_traces_endpoint else []),
         ])
 

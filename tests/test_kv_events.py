@@ -80,15 +80,15 @@ def assert_view_matches_cache(view: RouterView, planner: BatchPlanner, kv: Simul
 @given(limits=limits_strategy, arrivals=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 30), st.integers(0, 6),
                                                          st.sampled_from(["", "a"]), st.sampled_from(["", "s"])),
                                                max_size=25),
-       seed=st.integers(0, 2**16), overlap=st.booleans())
-def test_a_subscriber_rebuilds_the_prefix_index_exactly_after_every_step(limits, arrivals, seed, overlap) -> None:
+       seed=st.integers(0, 2**16), depth=st.sampled_from([1, 2, 3]))
+def test_a_subscriber_rebuilds_the_prefix_index_exactly_after_every_step(limits, arrivals, seed, depth) -> None:
     log = KvEventLog(max_batches=100_000)
     planner = BatchPlanner(limits, FcfsPolicy(), events=log)
     log.cleared()
     log.publish()
     rng, view = random.Random(seed), RouterView()
     kv = SimulatedKv(limits.block_size, random.Random(seed))
-    driver = Driver(planner, kv, overlap)
+    driver = Driver(planner, kv, depth)
     for index, (prompt_len, max_new, shared, tenant, salt) in enumerate(arrivals):
         if planner.blocks_needed_alone(prompt_len, max_new) > planner.allocator.num_usable:
             continue
@@ -112,7 +112,7 @@ def test_a_subscriber_rebuilds_the_prefix_index_exactly_after_every_step(limits,
 
 def serve_one(planner: BatchPlanner, request, kv: SimulatedKv, log: KvEventLog) -> None:  # noqa: ANN001
     planner.add(request)
-    driver = Driver(planner, kv, overlap=False)
+    driver = Driver(planner, kv, depth=1)
     while not driver.idle():
         driver.advance()
         log.publish()

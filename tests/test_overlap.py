@@ -1,7 +1,8 @@
 """Overlap scheduling on the real model: the same tokens with it on and off, whatever ends a request.
 
-Two stacks with a cache too small for the load (so requests are preempted and resumed), one with
-overlap scheduling (the default) and one with --no-overlap, serve the same concurrent mix: greedy
+Stacks with a cache too small for the load (so requests are preempted and resumed), with overlap
+scheduling (the default: two steps in flight), with three steps in flight, and with --no-overlap,
+serve the same concurrent mix: greedy
 and seeded sampling, stop strings, stop token ids with min_tokens, penalties, log-probabilities, and
 max_tokens ends, while other requests of the same kind are cancelled mid-stream.
 """
@@ -83,7 +84,8 @@ def serve_mix(stack: ServedStack) -> tuple[list[tuple], dict[int, list[int]]]:
 def stacks(model_dir):
     """The same small cache (31 usable blocks of 16 tokens) and step budget; overlap on and off."""
     flags = ("--num-kv-blocks", "32", "--max-num-batched-tokens", "128")
-    served = {"overlap": ServedStack(*flags), "no-overlap": ServedStack(*flags, "--no-overlap")}
+    served = {"overlap": ServedStack(*flags), "three in flight": ServedStack(*flags, "--steps-in-flight", "3"),
+              "no-overlap": ServedStack(*flags, "--no-overlap")}
     for stack in served.values():
         stack.wait_ready()
     yield served
@@ -96,8 +98,8 @@ def test_overlap_on_and_off_give_identical_tokens_and_free_every_block(stacks):
     results = {name: serve_mix(stack) for name, stack in stacks.items()}
     overlapped, overlapped_prefixes = results["overlap"]
     plain, _ = results["no-overlap"]
-    for index, (a, b) in enumerate(zip(overlapped, plain)):
-        assert same(a, b), (index, a, b)
+    for index, (a, b, c) in enumerate(zip(overlapped, results["three in flight"][0], plain)):
+        assert same(a, c) and same(b, c), (index, a, b, c)
     for (tokens, text, finish, logprobs), r in zip(plain, (request(i) for i in range(14))):
         # No token past a request's end: max_tokens is a ceiling, a stop string ends the text.
         assert len(tokens) <= r.max_tokens and finish in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH")

@@ -137,9 +137,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
 
     def _launch_on_engine_thread(self, step: Step) -> PendingStep:
-        if self.profiler is not None:
-            self.profiler.launching()
-        return self.group.launch(step)
+        if self.profiler is None:
+            return self.group.launch(step)
+        self.profiler.launching(all(len(chunk.token_ids) == 1 for chunk in step.chunks))
+        pending = self.group.launch(step)
+        self.profiler.launched_step()
+        return pending
 
     def _result_on_engine_thread(self, pending: PendingStep) -> StepOutput:
         try:

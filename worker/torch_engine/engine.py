@@ -20,10 +20,10 @@ from worker.torch_engine.batch import BatchInput, SequenceChunk, build_batch
 from worker.torch_engine.cuda_graphs import StepGraphs
 from worker.torch_engine.model import LlamaModel
 from worker.torch_engine.mpt import MptModel
-from worker.torch_engine.paged_step import (DeviceBlockTables, StepLayout, eager_attention, lay_out, resolve_previous,
-                                            to_device)
+from worker.torch_engine.paged_step import DeviceBlockTables, StepLayout, eager_attention, lay_out, resolve_previous
 from worker.torch_engine.random_models import random_model
 from worker.torch_engine.sampler import PendingSample, SequenceSampling, sample
+from worker.torch_engine.transfer import to_device
 from worker.torch_engine.weights import SafetensorsWeights, WeightSource
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -170,10 +170,8 @@ class TorchEngine:
         if logits is None:
             return PendingStep.done(StepOutput(step.step_id, [], time.perf_counter() - start))
         sequences = [self.slots[slot].sampling for slot in sampled_slots]
-        slots = to_device(np.array(sampled_slots), self.device)
-        previous = self.last_tokens.index_select(0, slots) if any(s.params.needs_history for s in sequences) else None
-        pending = sample(logits, sequences, positions, previous)
-        self.last_tokens.index_copy_(0, slots, pending.tokens)
+        pending = sample(logits, sequences, positions)
+        self.last_tokens.index_copy_(0, to_device(sampled_slots, self.device), pending.tokens)
         return PendingStep(lambda: self._output(step.step_id, start, pending, sequences, sampled_slots, positions),
                            pending.wait)
 
@@ -184,12 +182,13 @@ class TorchEngine:
         sampled = []
         for row, fields in enumerate(zip(sampled_slots, result.token_ids, result.logprobs, result.top_token_ids,
                                          result.top_logprobs)):
-            if row in result.failures:
-                continue
-            history = sequences[row].history
-            if sequences[row].params.needs_history and len(history) == positions[row]:
-                history.append(fields[1])
-            sampled.append(SampledToken(*fields))
+            sequence = sequences[row]
+            if sequence.params.needs_history:  # the token leaves in_flight for the history, now that it is known
+                sequence.in_flight.pop(0)
+                if row not in result.failures and len(sequence.history) == positions[row]:
+                    sequence.history.append(fields[1])
+            if row not in result.failures:
+                sampled.append(SampledToken(*fields))
         failures = [SequenceFailure(sampled_slots[row], f.invalid_argument, f.message) for row, f in result.failures.items()]
         return StepOutput(step_id, sampled, time.perf_counter() - start, failures)
 

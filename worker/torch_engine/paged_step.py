@@ -19,6 +19,7 @@ import torch
 
 from inflight.step_contract import PREVIOUS_TOKEN
 from worker.step import ScheduledChunk
+from worker.torch_engine.transfer import to_device
 
 
 @dataclass
@@ -130,11 +131,6 @@ def resolve_previous(token_ids: torch.Tensor, last_tokens: torch.Tensor) -> torc
     step can be launched before the previous step's tokens reach the host)."""
     fed = last_tokens.index_select(0, (-1 - token_ids).clamp_(min=0))
     return torch.where(token_ids < 0, fed, token_ids)
-
-
-def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """A host array as a device tensor (int64 unless told), copied without waiting."""
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype, non_blocking=True)
 
 
 def eager_attention(layout: StepLayout, tables: DeviceBlockTables) -> PagedAttention:

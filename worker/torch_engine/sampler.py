@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from worker.step import Admission
+from worker.torch_engine.transfer import to_device
 
 _MIX = 0x9E3779B97F4A7C15
 # Below this temperature sampling is greedy: dividing logits by it would overflow float32.
@@ -32,9 +33,11 @@ class SequenceSampling:
     """What sampling needs to know about one sequence: its parameters and, for penalties, its tokens."""
 
     params: Admission
-    # Prompt then output, when a penalty needs them: the tokens before position len(history). The
-    # token sampled by a step still in flight is not in it yet (sample() reads it from the device).
+    # Prompt then output, when a penalty needs them: the tokens before position len(history). Tokens
+    # sampled by steps whose results are not read yet follow on the device, in order, in in_flight:
+    # sample() appends each penalty row's token there, and the engine moves it to history when read.
     history: list[int] = field(default_factory=list)
+    in_flight: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -92,11 +95,8 @@ class PendingSample:
         return SampleResult(token_ids, logprobs, top_ids, top_values, failures)
 
 
-def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: list[int],
-           previous_tokens: torch.Tensor | None = None) -> PendingSample:
+def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: list[int]) -> PendingSample:
     """One token per row of logits [S, V] (float32). positions[i]: tokens before the one sampled.
-    previous_tokens[i]: the token at positions[i] - 1 where the row's history stops short of it
-    (penalty rows whose last token was fed from the device); needed only then.
 
     Rows listed in the result's failures carry no usable token.
     """
@@ -109,8 +109,7 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
     adjusted = logits.clone() if any(_adjusts(s.params) for s in sequences) else logits
     for row, (sequence, position) in enumerate(zip(sequences, positions)):
         if row not in failures:
-            previous = previous_tokens[row : row + 1] if previous_tokens is not None else None
-            _apply_penalties(adjusted[row], sequence, position, previous)
+            _apply_penalties(adjusted[row], sequence, position)
     tokens = torch.argmax(adjusted, dim=-1)
     random_rows = [row for row, sequence in enumerate(sequences)
                    if row not in failures and sequence.params.temperature >= GREEDY_TEMPERATURE
@@ -119,9 +118,10 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
     if random_rows:
         drawn, usable = _sample_rows(adjusted, random_rows, [sequences[r].params for r in random_rows],
                                      [positions[r] for r in random_rows])
-        tokens[random_rows] = drawn
+        rows = to_device(random_rows, logits.device)
+        tokens.index_copy_(0, rows, drawn)
         all_usable = torch.ones(len(sequences), dtype=torch.float64, device=logits.device)
-        all_usable[random_rows] = usable.to(torch.float64)
+        all_usable.index_copy_(0, rows, usable.to(torch.float64))
         chosen_columns.append(all_usable[:, None])
     chosen = (logits.gather(1, tokens[:, None]) - normaliser).squeeze(1)
     columns = [tokens.to(torch.float64)[:, None], chosen.to(torch.float64)[:, None], *chosen_columns]
@@ -129,6 +129,9 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
     if max(top_logprobs, default=0):
         values, ids = logits.topk(max(top_logprobs), dim=-1)
         columns += [(values - normaliser).to(torch.float64), ids.to(torch.float64)]
+    for row, sequence in enumerate(sequences):
+        if sequence.params.needs_history:
+            sequence.in_flight.append(tokens[row : row + 1])
     packed = torch.cat(columns, dim=1)
     ready = None
     if packed.is_cuda:  # one copy to the host, waited for only when the result is read
@@ -152,25 +155,32 @@ def _adjusts(params: Admission) -> bool:
     return params.needs_history or params.min_tokens > 0
 
 
-def _apply_penalties(row: torch.Tensor, sequence: SequenceSampling, position: int,
-                     previous: torch.Tensor | None) -> None:
+def _apply_penalties(row: torch.Tensor, sequence: SequenceSampling, position: int) -> None:
     params = sequence.params
     if params.min_tokens and position - params.num_prompt_tokens < params.min_tokens and params.stop_token_ids:
-        row[torch.tensor(params.stop_token_ids, device=row.device)] = float("-inf")
+        row.index_fill_(0, to_device(params.stop_token_ids, row.device), float("-inf"))
     if not params.needs_history or not sequence.history:
         return
-    history = torch.tensor(sequence.history[:position], device=row.device)
-    if len(sequence.history) < position:  # its last token was sampled by a step whose result is not read yet
-        assert previous is not None and len(sequence.history) == position - 1, "a penalty row lost its history"
-        history = torch.cat((history, previous))
+    history = to_device(sequence.history[:position], row.device)
+    missing = position - len(sequence.history)  # sampled by steps whose results are not read yet
+    if missing > 0:
+        assert missing <= len(sequence.in_flight), "a penalty row lost its history"
+        history = torch.cat((history, *sequence.in_flight[:missing]))
+    # Token counts over the vocabulary rather than unique(): no wait on the device for the result's size.
     if params.repetition_penalty != 1.0:
-        seen = history.unique()
-        values = row[seen]
-        row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+        seen = _counts(history, row) > 0
+        penalised = torch.where(row > 0, row / params.repetition_penalty, row * params.repetition_penalty)
+        row.copy_(torch.where(seen, penalised, row))
     output = history[params.num_prompt_tokens :]
     if output.numel() and (params.presence_penalty or params.frequency_penalty):
-        ids, counts = output.unique(return_counts=True)
-        row[ids] -= params.frequency_penalty * counts.to(row.dtype) + params.presence_penalty
+        counts = _counts(output, row)
+        row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _counts(token_ids: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """How often each vocabulary id occurs in token_ids, in row's dtype."""
+    ones = torch.ones(token_ids.shape, dtype=row.dtype, device=row.device)
+    return torch.zeros_like(row).index_add_(0, token_ids, ones)
 
 
 def uniform_draw(seed: int, position: int) -> float:
@@ -187,14 +197,14 @@ def _sample_rows(logits: torch.Tensor, rows: list[int], params: list[Admission],
     device, vocab = logits.device, logits.shape[-1]
 
     def column(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+        return to_device(values, device, torch.float32)[:, None]
 
     # Non-finite logits must not reach the draw; such a row is failed by sample() anyway.
-    scaled = logits[rows].nan_to_num(nan=-1e30, posinf=1e30, neginf=-1e30) / column([p.temperature for p in params])
+    scaled = logits.index_select(0, to_device(rows, device)).nan_to_num(nan=-1e30, posinf=1e30, neginf=-1e30) / column([p.temperature for p in params])
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     if min(top_k) < vocab:
         kth = torch.topk(scaled, max(top_k), dim=-1).values
-        kth = kth.gather(1, torch.tensor(top_k, device=device)[:, None] - 1)
+        kth = kth.gather(1, to_device(top_k, device)[:, None] - 1)
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     top_p = [p.top_p if 0 < p.top_p < 1 else 2.0 for p in params]  # 2: the mass before a token never reaches it
