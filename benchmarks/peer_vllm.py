@@ -184,11 +184,11 @@ def _probe_inflight(stack: ServedStack, prompt: str) -> Probe:
 
 @contextmanager
 def inflight_server(model_dir: Path, dtype: str, kv_cache_gib: int, max_model_len: int, logs: Path,
-                    settle_s: float) -> Iterator[Side]:
+                    settle_s: float, flags: list[str]) -> Iterator[Side]:
     started = time.perf_counter()
     stack = ServedStack("--model", str(model_dir), "--dtype", dtype, "--log-level", "warning",
                         "--kv-cache-gb", str(kv_cache_gib), "--max-model-len", str(max_model_len),
-                        "--no-prefix-caching", log_path=logs / f"inflight-{dtype}.log")
+                        "--no-prefix-caching", *flags, log_path=logs / f"inflight-{dtype}.log")
     try:
         stack.wait_ready(timeout=900)
         startup = time.perf_counter() - started
@@ -400,7 +400,8 @@ def run_dtype(args: argparse.Namespace, dtype: str, model_dir: Path, workloads: 
     sides: dict[str, dict] = {}
     if not args.skip_inflight:
         print(f"inflight, {dtype}", flush=True)
-        with inflight_server(model_dir, dtype, args.kv_cache_gib, args.max_model_len, logs, args.settle) as side:
+        with inflight_server(model_dir, dtype, args.kv_cache_gib, args.max_model_len, logs, args.settle,
+                             args.inflight_flag) as side:
             print(f"  ready in {side.startup_s:.1f} s, idle RSS {side.idle_memory['rss_mib']:.0f} MiB", flush=True)
             sides["inflight"] = measure(side, warmup, workloads, probes, args.repeats)
     if not args.skip_vllm:
@@ -449,6 +450,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--skip-inflight", action="store_true")
+    parser.add_argument("--inflight-flag", action="append", default=[],
+                        help="one more `inflight serve` flag (repeat it), e.g. --inflight-flag=--no-overlap")
     parser.add_argument("--vllm-version", default="0.32.0")
     parser.add_argument("--vllm-venv", type=Path, default=PEER / "vllm-venv")
     parser.add_argument("--vllm-threads-bind", default=",".join(map(str, cores)),

@@ -60,7 +60,7 @@ def engine_alone(model: str, tokenizer: Tokenizer, runs: list[Workload]) -> list
     return results
 
 
-STACKS = {"overlap": [], "overlap-3": ["--steps-in-flight", "3"], "no-overlap": ["--no-overlap"]}
+STACKS = {"overlap": [], "overlap-3": ["--steps-in-flight", "3"], "no-overlap": ["--overlap", "off"]}
 
 
 def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profile: Path) -> tuple[list[float], dict]:

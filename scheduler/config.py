@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from inflight.tracing import add_otlp_traces_endpoint
 from scheduler.policy import POLICIES
 
+OVERLAP_MODES = ("auto", "on", "off")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -25,7 +27,7 @@ class SchedulerConfig:
     keepalive_seconds: float     # ping interval on the worker link; the scheduler's server accepts half of it
     exit_with_parent: bool       # started by a launcher: die with it
     log_level: str
-    overlap: bool = True         # plan step N+1 while step N runs (several steps in flight on the worker stream)
+    overlap: str = "auto"        # on: plan step N+1 while step N runs; off; auto: on unless the worker computes on CPU
     steps_in_flight: int = 2     # with overlap: how many (2: one runs while the next waits behind it)
     kv_event_history: int = 4096  # KV event batches kept for subscribers that resume
     otlp_traces_endpoint: str = ""  # OTLP/gRPC collector for traces (http://host:4317); empty: not traced
@@ -39,8 +41,10 @@ class SchedulerConfig:
         parser.add_argument("--policy", default="fcfs", choices=POLICIES)
         parser.add_argument("--tenant-weights", default="")
         parser.add_argument("--no-prefix-caching", action="store_true")
-        parser.add_argument("--no-overlap", dest="overlap", action="store_false",
-                            help="plan each step only after the previous one's result (overlap scheduling off)")
+        parser.add_argument("--overlap", default="auto", choices=OVERLAP_MODES,
+                            help="overlap scheduling: plan and send step N+1 while step N runs (on), or each step "
+                                 "after the previous one's result (off); auto: on unless the worker runs on CPU, "
+                                 "where the host is the device and planning ahead only takes cores from it")
         parser.add_argument("--steps-in-flight", type=int, default=2,
                             help="with overlap, steps sent ahead of their results (2 or more; each one more lets "
                                  "the scheduler and worker take a step longer to turn a result into the next plan, "
@@ -57,6 +61,10 @@ class SchedulerConfig:
         parser.add_argument("--kv-event-history", type=int, default=4096,
                             help="prefix-cache event batches kept for SubscribeKvEvents subscribers that resume")
         add_otlp_traces_endpoint(parser)
+
+    def overlaps(self, worker_device: str) -> bool:
+        """Whether steps overlap with a worker group on this device ("cpu", "cuda:0", ...)."""
+        return self.overlap == "on" or (self.overlap == "auto" and worker_device != "cpu")
 
     def step_bound(self, num_tokens: int) -> float:
         """The watchdog's bound for a step of num_tokens tokens (0: unbounded)."""

@@ -4,8 +4,8 @@ Every mutation of the planner happens in this module's synchronous code; the onl
 are the worker stream's writes and reads. Aborts that land during them free their blocks at
 once and their results are dropped when the step returns.
 
-Overlap scheduling (on unless --no-overlap): two steps (--steps-in-flight) are in flight on the
-worker stream. The loop plans and sends step N+1, then waits for step N's result, so the worker
+Overlap scheduling (--overlap; by default on unless the worker computes on CPU): two steps
+(--steps-in-flight) are in flight on the worker stream. The loop plans and sends step N+1, then waits for step N's result, so the worker
 starts N+1 the moment N ends while the loop reads N's tokens and plans N+2 (scheduler/planner.py says how
 a token not sampled yet is planned).
 
@@ -249,7 +249,8 @@ class EngineLoop:
     async def _serve_steps(self) -> None:
         planner = self.planner
         assert planner is not None
-        depth = max(2, self.config.steps_in_flight) if self.config.overlap else 1
+        assert self.description is not None
+        depth = max(2, self.config.steps_in_flight) if self.config.overlaps(self.description.device) else 1
         in_flight: deque[SentStep] = deque()
         try:
             while True:

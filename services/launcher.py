@@ -28,6 +28,7 @@ from inflight.model_config import ModelConfig, UnsupportedModel
 from inflight.model_shapes import SHAPES
 from inflight.model_store import DEFAULT_MODEL, resolve_model
 from inflight.tracing import add_otlp_traces_endpoint
+from scheduler.config import OVERLAP_MODES
 from services.gateway.config import GatewayConfig
 
 
@@ -48,7 +49,7 @@ class ServeConfig:
     policy: str
     tenant_weights: str
     no_prefix_caching: bool
-    overlap: bool  # overlap scheduling: the scheduler plans step N+1 while step N runs
+    overlap: str  # overlap scheduling: on, off, or auto (on unless --device cpu); see scheduler/config.py
     steps_in_flight: int
     kv_event_history: int
     max_waiting_requests: int
@@ -83,8 +84,9 @@ class ServeConfig:
         parser.add_argument("--policy", default="fcfs", choices=["fcfs", "priority", "fair"])
         parser.add_argument("--tenant-weights", default="", help='for --policy fair: "tenantA=2,tenantB=1"')
         parser.add_argument("--no-prefix-caching", action="store_true")
-        parser.add_argument("--no-overlap", dest="overlap", action="store_false",
-                            help="turn overlap scheduling off: each step is planned after the previous one's result")
+        parser.add_argument("--overlap", default="auto", choices=OVERLAP_MODES,
+                            help="overlap scheduling: the scheduler plans step N+1 while step N runs (on), or after "
+                                 "its result (off); auto: on unless --device cpu")
         parser.add_argument("--steps-in-flight", type=int, default=2,
                             help="with overlap, steps the scheduler sends ahead of their results (2 or more)")
         parser.add_argument("--kv-event-history", type=int, default=4096,
@@ -178,7 +180,7 @@ class Stack:
             "--step-timeout-per-token", str(c.step_timeout_per_token), "--keepalive-seconds", str(c.keepalive_seconds),
             "--kv-event-history", str(c.kv_event_history),
             "--exit-with-parent", *(["--no-prefix-caching"] if c.no_prefix_caching else []),
-            *([] if c.overlap else ["--no-overlap"]), "--steps-in-flight", str(c.steps_in_flight),
+            "--overlap", c.overlap, "--steps-in-flight", str(c.steps_in_flight),
             *(["--otlp-traces-endpoint", c.otlp_traces_endpoint] if c.otlp_traces_endpoint else []),
         ])
 

@@ -110,7 +110,8 @@ def run_with(answer: Answer, body: Callable[[Harness], Awaitable[None]], tmp_pat
         config = SchedulerConfig(worker=socket, listen="", max_num_batched_tokens=0, max_num_seqs=0, policy="fcfs",
                                  tenant_weights="", no_prefix_caching=False, connect_timeout=10.0,
                                  max_waiting_requests=64, step_timeout=step_timeout, step_timeout_per_token=0.0,
-                                 keepalive_seconds=20.0, exit_with_parent=False, log_level="info", overlap=overlap)
+                                 keepalive_seconds=20.0, exit_with_parent=False, log_level="info",
+                                 overlap="on" if overlap else "off")
         loop = EngineLoop(config, on_ready_change=lambda ready: None, tracing=tracing)
         runner = asyncio.create_task(loop.run())
         harness = Harness(loop, worker)

@@ -1,7 +1,8 @@
 """Overlap scheduling on the real model: the same tokens with it on and off, whatever ends a request.
 
 Stacks with a cache too small for the load (so requests are preempted and resumed), with overlap
-scheduling (the default: two steps in flight), with three steps in flight, and with --no-overlap,
+scheduling on (two steps in flight; on CPU it is off unless asked for), with three steps in flight,
+and with it off,
 serve the same concurrent mix: greedy
 and seeded sampling, stop strings, stop token ids with min_tokens, penalties, log-probabilities, and
 max_tokens ends, while other requests of the same kind are cancelled mid-stream.
@@ -84,8 +85,9 @@ def serve_mix(stack: ServedStack) -> tuple[list[tuple], dict[int, list[int]]]:
 def stacks(model_dir):
     """The same small cache (31 usable blocks of 16 tokens) and step budget; overlap on and off."""
     flags = ("--num-kv-blocks", "32", "--max-num-batched-tokens", "128")
-    served = {"overlap": ServedStack(*flags), "three in flight": ServedStack(*flags, "--steps-in-flight", "3"),
-              "no-overlap": ServedStack(*flags, "--no-overlap")}
+    served = {"overlap": ServedStack(*flags, "--overlap", "on"),
+              "three in flight": ServedStack(*flags, "--overlap", "on", "--steps-in-flight", "3"),
+              "no-overlap": ServedStack(*flags, "--overlap", "off")}
     for stack in served.values():
         stack.wait_ready()
     yield served

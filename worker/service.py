@@ -135,7 +135,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             log.error("sequence_failed", slot_id=failure.slot_id, step_id=entry.step_id, error=failure.message)
         return output_to_proto(output)
 
-
     def _launch_on_engine_thread(self, step: Step) -> PendingStep:
         if self.profiler is None:
             return self.group.launch(step)
