@@ -23,7 +23,8 @@ class KvManager:
         return self.blocks_to_add(request, num_new_tokens) <= self.allocator.num_free
 
     def allocate(self, request: Request, num_new_tokens: int) -> None:
-        request.block_ids.extend(self.allocator.allocate(self.blocks_to_add(request, num_new_tokens)))
+        if needed := self.blocks_to_add(request, num_new_tokens):
+            request.block_ids.extend(self.allocator.allocate(needed))
 
     # --- prefix cache ---------------------------------------------------------------------
 

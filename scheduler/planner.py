@@ -61,7 +61,7 @@ class PlannedStep:
         return sum(len(c.token_ids) for c in self.chunks)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestOutput:
     request: Request
     new_token_ids: list[int]
@@ -258,12 +258,14 @@ class BatchPlanner:
         Steps are applied in the order they were planned.
         """
         outputs = []
+        block_size = self.limits.block_size
         for chunk in step.chunks:
             request = chunk.request
             if request.status is not RequestStatus.RUNNING or chunk.preemptions != request.num_preemptions:
                 continue  # finished (aborted, or ended by the step before) or preempted since it was planned
-            request.num_confirmed_tokens = chunk.num_computed_tokens + len(chunk.token_ids)
-            self.kv.cache_full_blocks(request)
+            request.num_confirmed_tokens = confirmed = chunk.num_computed_tokens + len(chunk.token_ids)
+            if confirmed // block_size > request.num_indexed_blocks:  # a block was filled: index it
+                self.kv.cache_full_blocks(request)
             if not chunk.sample:
                 continue
             slot = request.slot_id
