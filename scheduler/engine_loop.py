@@ -5,9 +5,9 @@ are the worker stream's writes and reads. Aborts that land during them free thei
 once and their results are dropped when the step returns.
 
 Overlap scheduling (--overlap; by default on unless the worker computes on CPU): two steps
-(--steps-in-flight) are in flight on the worker stream. The loop plans and sends step N+1, then waits for step N's result, so the worker
-starts N+1 the moment N ends while the loop reads N's tokens and plans N+2 (scheduler/planner.py says how
-a token not sampled yet is planned).
+(--steps-in-flight) are in flight on the worker stream. The loop plans and sends step N+1, then
+waits for step N's result, so the worker starts N+1 the moment N ends while the loop reads N's
+tokens and plans N+2 (scheduler/planner.py says how a token not sampled yet is planned).
 
 Failures are contained at the smallest scope that holds them: a sequence's own error fails
 that request; a failed step fails the step's requests; a lost or hung worker group fails the
@@ -277,9 +277,9 @@ class EngineLoop:
                     self._wake.clear()
                     await self._wake.wait()
         finally:
-            if self.tracing is not None:
-                for lost in in_flight:
-                    self.tracing.step_done(lost.span, None, "the worker stream was lost")  # type: ignore[arg-type]
+            for lost in in_flight:
+                if lost.span is not None and self.tracing is not None:
+                    self.tracing.step_done(lost.span, None, "the worker stream was lost")
 
     def _report_load(self, planner: BatchPlanner) -> None:
         if self.kv_events.subscribers:  # computed only while a router listens
