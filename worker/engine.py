@@ -15,7 +15,7 @@ from typing import Protocol
 from mpi4py import MPI
 
 from worker.config import WorkerConfig
-from worker.step import EngineDescription, Step, StepOutput
+from worker.step import EngineDescription, PendingStep, Step
 
 
 class Engine(Protocol):
@@ -27,8 +27,13 @@ class Engine(Protocol):
         """Run the largest step once so later steps cannot run out of memory; the usable KV block count."""
         ...
 
-    def step(self, step: Step) -> StepOutput:
-        """Apply the step's releases and admissions, run its chunks, sample; a checked step only."""
+    def launch(self, step: Step) -> PendingStep:
+        """Apply the step's releases and admissions, queue its chunks' forward and sampling; a checked step only.
+
+        It may return before the device is done: the group launches the next step (whose PREVIOUS_TOKEN
+        inputs are this step's samples, read on the device) before it reads this one's result, and reads
+        results in launch order.
+        """
         ...
 
     def release(self, slot_ids: list[int]) -> None:
