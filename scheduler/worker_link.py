@@ -17,6 +17,10 @@ MESSAGE_LIMITS = [
 ]
 
 
+# The stream is gone. InvalidStateError: the call had already ended (e.g. the server sent GOAWAY).
+_STREAM_BROKEN = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
+
+
 class WorkerUnavailable(RuntimeError):
     """The step stream is gone: the worker group must be connected to again."""
 
@@ -81,8 +85,7 @@ class WorkerLink:
             raise WorkerUnavailable("not connected")
         try:
             await self._call.write(plan)
-        # InvalidStateError: the call had already ended (e.g. the server sent GOAWAY) before this write.
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as error:
+        except _STREAM_BROKEN as error:
             raise WorkerUnavailable(f"worker stream broke: {error!r}") from error
 
     async def receive(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
@@ -94,7 +97,7 @@ class WorkerLink:
             result = await (asyncio.wait_for(read, plan.timeout_seconds) if plan.timeout_seconds else read)
         except asyncio.TimeoutError as error:
             raise StepTimedOut(f"step {plan.step_id} did not finish within {plan.timeout_seconds:.1f} s") from error
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as error:
+        except _STREAM_BROKEN as error:
             raise WorkerUnavailable(f"worker stream broke: {error!r}") from error
         if result is grpc.aio.EOF:
             raise WorkerUnavailable("worker closed the step stream")

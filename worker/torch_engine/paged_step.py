@@ -119,10 +119,7 @@ class DeviceBlockTables:
         columns = [start + i for _, start, ids in self._pending for i in range(len(ids))]
         values = [block for _, _, ids in self._pending for block in ids]
         self._pending = []
-        staged = torch.tensor([rows, columns, values], dtype=torch.int64)
-        if self.tables.is_cuda:
-            staged = staged.pin_memory()
-        staged = staged.to(self.tables.device, non_blocking=True)
+        staged = to_device([rows, columns, values], self.tables.device)
         self.tables.index_put_((staged[0], staged[1]), staged[2].to(torch.int32))
 
 
