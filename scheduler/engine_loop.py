@@ -303,13 +303,14 @@ class EngineLoop:
             self._fail_step(sent.step, result.error)
             return
         self._fail_sequences(result.sequence_errors, sent.by_slot)
-        sampled = {s.slot_id: s for s in result.sampled}
-        outputs = planner.update(sent.step, {slot: s.token_id for slot, s in sampled.items()})
+        sampled = result.sampled
+        outputs = planner.update(sent.step, dict(zip(sampled.slot_ids, sampled.token_ids)))
         self._deliver(outputs, sampled)
         self._report_load(planner)
         self.kv_events.publish()
 
-    def _deliver(self, outputs: list[RequestOutput], sampled: dict[int, worker_pb2.SampledToken]) -> None:
+    def _deliver(self, outputs: list[RequestOutput], sampled: worker_pb2.SampledTokens) -> None:
+        logprobs: dict[int, common_pb2.TokenLogprob] | None = None  # built once, if a request asks
         for output in outputs:
             request = output.request
             queue = self.streams.get(request.key)
@@ -317,9 +318,9 @@ class EngineLoop:
                 continue
             event = scheduler_pb2.TokenEvent(token_ids=output.new_token_ids, finish_reason=output.finish_reason)
             if request.logprobs:
-                s = sampled[output.slot_id]
-                event.logprobs.add(token_id=s.token_id, logprob=s.logprob, top_token_ids=s.top_token_ids,
-                                   top_logprobs=s.top_logprobs)
+                if logprobs is None:
+                    logprobs = logprobs_by_slot(sampled)
+                event.logprobs.append(logprobs[output.slot_id])
             if output.first:
                 event.num_cached_prompt_tokens = request.num_cached_prompt_tokens
                 event.queue_seconds = max(0.0, request.first_scheduled_at - request.arrived_at)
@@ -392,6 +393,18 @@ def engine_load(planner: BatchPlanner) -> scheduler_pb2.EngineLoad:
         prefill_pending_tokens=uncached + prefilling, kv_usage=held / allocator.num_usable,
         max_running_requests=planner.limits.max_num_seqs, used_tokens=held * block_size,
         total_tokens=allocator.num_usable * block_size)
+
+
+def logprobs_by_slot(sampled: worker_pb2.SampledTokens) -> dict[int, common_pb2.TokenLogprob]:
+    """Each sampled slot's token with its log-probability and alternatives, out of the result's columns."""
+    by_slot, top_at = {}, 0
+    counts = sampled.num_top_logprobs or [0] * len(sampled.slot_ids)
+    for slot, token, logprob, count in zip(sampled.slot_ids, sampled.token_ids, sampled.logprobs, counts):
+        by_slot[slot] = common_pb2.TokenLogprob(token_id=token, logprob=logprob,
+                                                top_token_ids=sampled.top_token_ids[top_at : top_at + count],
+                                                top_logprobs=sampled.top_logprobs[top_at : top_at + count])
+        top_at += count
+    return by_slot
 
 
 def _internal_error(request_id: str) -> str:

@@ -95,7 +95,7 @@ class SchedulerTracing:
     def step_done(span: Span, result: worker_pb2.StepResult | None, error: str = "") -> None:
         """End a step's span with its result, or with the error that lost it (result None)."""
         if result is not None:
-            span.set_attribute("inflight.sampled_tokens", len(result.sampled))
+            span.set_attribute("inflight.sampled_tokens", len(result.sampled.slot_ids))
             span.set_attribute("inflight.forward_seconds", result.forward_seconds)
             if result.sequence_errors:
                 span.set_attribute("inflight.sequence_errors", len(result.sequence_errors))

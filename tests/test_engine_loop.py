@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,10 +35,31 @@ def token_at(position: int) -> int:
     return 1 + position % 97
 
 
+@dataclass
+class Row:
+    """One scheduled sequence, out of the plan's columns."""
+
+    slot_id: int
+    num_computed_tokens: int
+    token_ids: list[int]
+    sample: bool
+
+
+def rows(plan: worker_pb2.StepPlan) -> list[Row]:
+    columns, out, at = plan.sequences, [], 0
+    for slot, computed, count, sample in zip(columns.slot_ids, columns.num_computed_tokens, columns.num_tokens,
+                                             columns.sample):
+        out.append(Row(slot, computed, list(columns.token_ids[at : at + count]), sample))
+        at += count
+    return out
+
+
 async def honest(plan: worker_pb2.StepPlan, context: grpc.aio.ServicerContext) -> worker_pb2.StepResult:
-    return worker_pb2.StepResult(step_id=plan.step_id, sampled=[
-        worker_pb2.SampledToken(slot_id=s.slot_id, token_id=token_at(s.num_computed_tokens + len(s.token_ids)))
-        for s in plan.sequences if s.sample])
+    sampled = [r for r in rows(plan) if r.sample]
+    return worker_pb2.StepResult(step_id=plan.step_id, sampled=worker_pb2.SampledTokens(
+        slot_ids=[r.slot_id for r in sampled],
+        token_ids=[token_at(r.num_computed_tokens + len(r.token_ids)) for r in sampled],
+        logprobs=[0.0] * len(sampled)))
 
 
 class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
@@ -146,10 +168,12 @@ def test_a_failed_step_fails_only_its_requests_with_a_generic_message_and_the_lo
 def test_a_sequence_error_fails_that_request_alone_and_its_batch_mates_keep_their_tokens(tmp_path):
     async def answer(plan, context):  # type: ignore[no-untyped-def]
         result = await honest(plan, context)
-        poisoned = {s.slot_id for s in plan.sequences if s.num_computed_tokens == 6}  # its second decode
-        if len(plan.sequences) == 2 and poisoned:
+        poisoned = {r.slot_id for r in rows(plan) if r.num_computed_tokens == 6}  # its second decode
+        if len(plan.sequences.slot_ids) == 2 and poisoned:
             slot = min(poisoned)
-            del result.sampled[[s.slot_id for s in result.sampled].index(slot)]
+            index = list(result.sampled.slot_ids).index(slot)
+            for column in (result.sampled.slot_ids, result.sampled.token_ids, result.sampled.logprobs):
+                del column[index]
             result.sequence_errors.add(slot_id=slot, code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
                                        message="its sampling parameters leave nothing to sample")
         return result
@@ -171,7 +195,7 @@ def test_a_broken_stream_fails_requests_in_flight_unavailable_and_the_loop_recon
     broken = asyncio.Event()
 
     async def answer(plan, context):  # type: ignore[no-untyped-def]
-        if len(plan.sequences) and plan.sequences[0].num_computed_tokens == 7 and not broken.is_set():
+        if plan.sequences.slot_ids and plan.sequences.num_computed_tokens[0] == 7 and not broken.is_set():
             broken.set()
             if how == "aborted by the worker":
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
@@ -247,10 +271,10 @@ def test_with_overlap_the_next_plan_is_sent_before_the_result_and_feeds_the_toke
                 break
             await asyncio.sleep(0.02)
         assert h.all_blocks_free()
-        fed = [s for plan in h.worker.plans for s in plan.sequences if list(s.token_ids) == [PREVIOUS_TOKEN]]
+        fed = [r for plan in h.worker.plans for r in rows(plan) if r.token_ids == [PREVIOUS_TOKEN]]
         assert bool(fed) == overlap
         # Every request's sampled tokens: prompt then six outputs, never a seventh.
-        assert max(s.num_computed_tokens for plan in h.worker.plans for s in plan.sequences) <= 5 + 6 - 1
+        assert max(r.num_computed_tokens for plan in h.worker.plans for r in rows(plan)) <= 5 + 6 - 1
 
     run_with(honest, body, tmp_path, overlap=overlap)
 

@@ -65,13 +65,30 @@ class StepStream:
         self._plans.put(None)
 
 
+def add_sequence(columns: worker_pb2.ScheduledSequences, slot: int, tokens: list[int], computed: int,
+                 blocks: list[int], sample: bool) -> worker_pb2.ScheduledSequences:
+    """Append one sequence to a plan's columns."""
+    columns.slot_ids.append(slot)
+    columns.num_computed_tokens.append(computed)
+    columns.num_tokens.append(len(tokens))
+    columns.token_ids.extend(tokens)
+    columns.num_new_blocks.append(len(blocks))
+    columns.new_block_ids.extend(blocks)
+    columns.sample.append(sample)
+    return columns
+
+
+def one_sequence(slot: int, tokens: list[int], computed: int, blocks: list[int],
+                 sample: bool) -> worker_pb2.ScheduledSequences:
+    return add_sequence(worker_pb2.ScheduledSequences(), slot, tokens, computed, blocks, sample)
+
+
 def prefill(slot: int, tokens: list[int], blocks: list[int], step_id: int) -> worker_pb2.StepPlan:
     return worker_pb2.StepPlan(
         step_id=step_id,
         new_sequences=[worker_pb2.NewSequence(request_id=f"r{slot}", slot_id=slot,
                                               sampling=common_pb2.SamplingParams(seed=1))],
-        sequences=[worker_pb2.ScheduledSequence(slot_id=slot, token_ids=tokens, num_computed_tokens=0,
-                                                new_block_ids=blocks, sample=True)])
+        sequences=one_sequence(slot, tokens, 0, blocks, True))
 
 
 @pytest.mark.slow
@@ -89,8 +106,7 @@ BAD_PLANS = [
     ("slot out of range", prefill(4, [1, 2, 3], [1], 1), "slot 4"),
     ("token outside vocabulary", prefill(0, [49152], [1], 1), "vocabulary"),
     ("over the step budget", prefill(0, [1] * 65, [1, 2, 3, 4, 5], 1), "exceed"),
-    ("unknown slot", worker_pb2.StepPlan(step_id=1, sequences=[worker_pb2.ScheduledSequence(
-        slot_id=2, token_ids=[1], num_computed_tokens=0, new_block_ids=[1], sample=True)]), "not admitted"),
+    ("unknown slot", worker_pb2.StepPlan(step_id=1, sequences=one_sequence(2, [1], 0, [1], True)), "not admitted"),
 ]
 
 
@@ -101,10 +117,10 @@ def test_worker_rejects_a_plan_that_breaks_the_contract_and_applies_none_of_it(w
     stream = StepStream(stub)
     try:
         result = stream.send(plan)
-        assert message in result.error and not result.sampled
+        assert message in result.error and not result.sampled.slot_ids
         # Nothing of the rejected plan was applied: the same slot can be admitted cleanly.
         good = stream.send(prefill(0, [1, 4093, 198], [1], 2))
-        assert good.error == "" and len(good.sampled) == 1 and good.sampled[0].slot_id == 0
+        assert good.error == "" and list(good.sampled.slot_ids) == [0]
     finally:
         stream.close()
 
@@ -115,15 +131,13 @@ def test_prefill_in_chunks_gives_the_same_token_as_in_one_piece(worker):
     prompt = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198, 504, 3575, 282]
     stream = StepStream(stub)
     try:
-        whole = stream.send(prefill(0, prompt, [1, 2], 1)).sampled[0].token_id
+        whole = stream.send(prefill(0, prompt, [1, 2], 1)).sampled.token_ids[0]
         first = worker_pb2.StepPlan(step_id=2, released_slot_ids=[0], new_sequences=[worker_pb2.NewSequence(
-            request_id="c", slot_id=1, sampling=common_pb2.SamplingParams(seed=1))], sequences=[
-            worker_pb2.ScheduledSequence(slot_id=1, token_ids=prompt[:7], num_computed_tokens=0,
-                                         new_block_ids=[3], sample=False)])
-        assert stream.send(first).sampled == []
-        second = worker_pb2.StepPlan(step_id=3, sequences=[worker_pb2.ScheduledSequence(
-            slot_id=1, token_ids=prompt[7:], num_computed_tokens=7, new_block_ids=[4], sample=True)])
-        assert stream.send(second).sampled[0].token_id == whole
+            request_id="c", slot_id=1, sampling=common_pb2.SamplingParams(seed=1))],
+            sequences=one_sequence(1, prompt[:7], 0, [3], False))
+        assert not stream.send(first).sampled.slot_ids
+        second = worker_pb2.StepPlan(step_id=3, sequences=one_sequence(1, prompt[7:], 7, [4], True))
+        assert list(stream.send(second).sampled.token_ids) == [whole]
     finally:
         stream.close()
 
@@ -139,7 +153,7 @@ def test_after_a_rejected_plan_the_schedulers_release_of_its_slots_is_accepted(w
         plan = prefill(3, [1, 4093, 198], [1], 2)
         plan.released_slot_ids.append(3)
         accepted = stream.send(plan)
-        assert accepted.error == "" and accepted.sampled[0].slot_id == 3
+        assert accepted.error == "" and list(accepted.sampled.slot_ids) == [3]
     finally:
         stream.close()
 
@@ -150,17 +164,17 @@ def test_a_sequence_the_sampler_cannot_serve_fails_alone_and_the_worker_serves_o
     prompt = [1, 4093, 198, 1780, 314, 260]
     stream = StepStream(stub)
     try:
-        alone = stream.send(prefill(0, prompt, [1], 1)).sampled[0].token_id
+        alone = stream.send(prefill(0, prompt, [1], 1)).sampled.token_ids[0]
         plan = prefill(1, prompt, [2], 2)
         plan.released_slot_ids.append(0)
         plan.new_sequences.add(request_id="poison", slot_id=2, sampling=common_pb2.SamplingParams(
             temperature=float("nan"), seed=1))
-        plan.sequences.add(slot_id=2, token_ids=prompt, num_computed_tokens=0, new_block_ids=[3], sample=True)
+        add_sequence(plan.sequences, 2, prompt, 0, [3], True)
         mixed = stream.send(plan)
-        assert mixed.error == "" and [(s.slot_id, s.token_id) for s in mixed.sampled] == [(1, alone)]
+        assert mixed.error == "" and list(zip(mixed.sampled.slot_ids, mixed.sampled.token_ids)) == [(1, alone)]
         assert [(e.slot_id, e.code) for e in mixed.sequence_errors] == [(2, grpc.StatusCode.INVALID_ARGUMENT.value[0])]
-        after = stream.send(worker_pb2.StepPlan(step_id=3, released_slot_ids=[2], sequences=[
-            worker_pb2.ScheduledSequence(slot_id=1, token_ids=[alone], num_computed_tokens=len(prompt), sample=True)]))
-        assert after.error == "" and len(after.sampled) == 1
+        after = stream.send(worker_pb2.StepPlan(step_id=3, released_slot_ids=[2],
+                                                sequences=one_sequence(1, [alone], len(prompt), [], True)))
+        assert after.error == "" and len(after.sampled.slot_ids) == 1
     finally:
         stream.close()

@@ -33,25 +33,33 @@ def step_from_proto(plan: worker_pb2.StepPlan) -> Step:
             )
             for new in plan.new_sequences
         ],
-        chunks=[
-            ScheduledChunk(
-                slot_id=seq.slot_id,
-                token_ids=list(seq.token_ids),
-                num_computed_tokens=seq.num_computed_tokens,
-                new_block_ids=list(seq.new_block_ids),
-                sample=seq.sample,
-            )
-            for seq in plan.sequences
-        ],
+        chunks=_chunks(plan.sequences),
     )
 
 
+def _chunks(columns: worker_pb2.ScheduledSequences) -> list[ScheduledChunk]:
+    token_ids, block_ids = list(columns.token_ids), list(columns.new_block_ids)
+    chunks, token_at, block_at = [], 0, 0
+    for slot, computed, num_tokens, num_blocks, sample in zip(columns.slot_ids, columns.num_computed_tokens,
+                                                              columns.num_tokens, columns.num_new_blocks,
+                                                              columns.sample):
+        chunks.append(ScheduledChunk(slot, token_ids[token_at : token_at + num_tokens], computed,
+                                     block_ids[block_at : block_at + num_blocks], sample))
+        token_at += num_tokens
+        block_at += num_blocks
+    return chunks
+
+
 def output_to_proto(output: StepOutput) -> worker_pb2.StepResult:
+    any_top = any(s.top_token_ids for s in output.sampled)
     return worker_pb2.StepResult(
         step_id=output.step_id,
-        sampled=[worker_pb2.SampledToken(slot_id=s.slot_id, token_id=s.token_id, logprob=s.logprob,
-                                         top_token_ids=s.top_token_ids, top_logprobs=s.top_logprobs)
-                 for s in output.sampled],
+        sampled=worker_pb2.SampledTokens(
+            slot_ids=[s.slot_id for s in output.sampled], token_ids=[s.token_id for s in output.sampled],
+            logprobs=[s.logprob for s in output.sampled],
+            num_top_logprobs=[len(s.top_token_ids) for s in output.sampled] if any_top else [],
+            top_token_ids=[i for s in output.sampled for i in s.top_token_ids],
+            top_logprobs=[v for s in output.sampled for v in s.top_logprobs]),
         forward_seconds=output.forward_seconds,
         sequence_errors=[worker_pb2.SequenceError(slot_id=f.slot_id, message=f.message,
                                                   code=_INVALID_ARGUMENT if f.invalid_argument else _INTERNAL)
