@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inflight.v1 import common_pb2  # noqa: E402
-from scheduler.planner import BatchPlanner, PlannerLimits  # noqa: E402
+from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits  # noqa: E402
 from scheduler.policy import FairSharePolicy, FcfsPolicy, Policy  # noqa: E402
 from scheduler.request import Request  # noqa: E402
 from scheduler.worker_link import plan_to_proto  # noqa: E402
@@ -29,9 +29,15 @@ def request(index: int, prompt_len: int, max_new: int, tenant: str = "") -> Requ
                    stop_token_ids=frozenset({0}), arrival_order=index, tenant=tenant)
 
 
-def step_once(planner: BatchPlanner):  # type: ignore[no-untyped-def]
+def answer(step: PlannedStep) -> tuple[list[int], list[int]]:
+    """The stand-in engine's result columns: token 7 for every sequence the step samples."""
+    slots = step.slot_ids[step.sample].tolist()
+    return slots, [7] * len(slots)
+
+
+def step_once(planner: BatchPlanner) -> PlannedStep:
     step = planner.schedule()
-    planner.update(step, {c.request.slot_id: 7 for c in step.chunks if c.sample})
+    planner.update(step, *answer(step))
     return step
 
 
@@ -50,9 +56,9 @@ def per_step_cost(num_running: int, steps: int = 200) -> dict[str, float]:
         planned = time.perf_counter()
         plan_to_proto(step, 0.0).SerializeToString()
         encoded = time.perf_counter()
-        planner.update(step, {c.request.slot_id: 7 for c in step.chunks if c.sample})
+        planner.update(step, *answer(step))
         updated = time.perf_counter()
-        assert len(step.chunks) == num_running
+        assert len(step.requests) == num_running
         plan_times.append(planned - began)
         encode_times.append(encoded - planned)
         update_times.append(updated - encoded)

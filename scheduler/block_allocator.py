@@ -55,6 +55,16 @@ class BlockAllocator:
             blocks.append(block)
         return blocks
 
+    def allocate_one(self) -> int:
+        """One fresh block (what a decode adds), as allocate(1) gives it."""
+        if not self._free:
+            raise OutOfBlocks("1 block asked, none free")
+        block, _ = self._free.popitem(last=False)
+        if self._hash_of[block] is not None:
+            self._evict(block)
+        self._ref_counts[block] = 1
+        return block
+
     def touch(self, blocks: list[int]) -> None:
         """Take a reference on cached blocks (a prefix-cache hit)."""
         for block in blocks:

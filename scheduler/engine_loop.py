@@ -32,7 +32,7 @@ from inflight.connection import KeepalivePolicy
 from inflight.v1 import common_pb2, scheduler_pb2, worker_pb2
 from scheduler.config import SchedulerConfig
 from scheduler.kv_events import KvEventLog, restart_safe_first_sequence
-from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits, PlannerStats, RequestOutput
+from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits, PlannerStats, StepOutputs
 from scheduler.policy import make_policy
 from scheduler.request import Request, RequestKey
 from scheduler.worker_link import StepTimedOut, WorkerLink, WorkerUnavailable, plan_to_proto
@@ -76,7 +76,7 @@ class SentStep:
 
     step: PlannedStep
     plan: worker_pb2.StepPlan
-    by_slot: dict[int | None, Request]  # slots change once the step is back
+    by_slot: dict[int, Request]  # slots change once the step is back
     span: Span | None = None
 
 
@@ -259,7 +259,7 @@ class EngineLoop:
                 if (planner.has_work() and len(in_flight) < depth
                         and not (in_flight and in_flight[-1].step.short_of_blocks)):
                     step = planner.schedule(in_flight=bool(in_flight))
-                    if step.chunks:
+                    if step.requests:
                         in_flight.append(await self._send(step))
                         sent = True
                         # Now that the worker has its next step, let handlers stream tokens and aborts arrive.
@@ -286,8 +286,8 @@ class EngineLoop:
             self.kv_events.set_load(engine_load(planner))
 
     async def _send(self, step: PlannedStep) -> SentStep:
-        sent = SentStep(step, plan_to_proto(step, self.config.step_bound(step.num_tokens)),
-                        {c.request.slot_id: c.request for c in step.chunks})
+        sent = SentStep(step, plan_to_proto(step, self.config.step_bound(step.total_tokens)),
+                        dict(zip(step.slot_ids.tolist(), step.requests)))
         if self.tracing is not None:
             self.tracing.scheduled(step)
             sent.span = self.tracing.step(step)
@@ -304,35 +304,35 @@ class EngineLoop:
             return
         self._fail_sequences(result.sequence_errors, sent.by_slot)
         sampled = result.sampled
-        outputs = planner.update(sent.step, dict(zip(sampled.slot_ids, sampled.token_ids)))
+        outputs = planner.update(sent.step, sampled.slot_ids, sampled.token_ids)
         self._deliver(outputs, sampled)
         self._report_load(planner)
         self.kv_events.publish()
 
-    def _deliver(self, outputs: list[RequestOutput], sampled: worker_pb2.SampledTokens) -> None:
+    def _deliver(self, outputs: StepOutputs, sampled: worker_pb2.SampledTokens) -> None:
         logprobs: dict[int, common_pb2.TokenLogprob] | None = None  # built once, if a request asks
-        for output in outputs:
-            request = output.request
+        for request, token, slot, reason, first in zip(outputs.requests, outputs.token_ids, outputs.slot_ids,
+                                                       outputs.finish_reasons, outputs.first):
             queue = self.streams.get(request.key)
             if queue is None:
                 continue
-            event = scheduler_pb2.TokenEvent(token_ids=output.new_token_ids, finish_reason=output.finish_reason)
+            event = scheduler_pb2.TokenEvent(token_ids=(token,), finish_reason=reason)
             if request.logprobs:
                 if logprobs is None:
                     logprobs = logprobs_by_slot(sampled)
-                event.logprobs.append(logprobs[output.slot_id])
-            if output.first:
+                event.logprobs.append(logprobs[slot])
+            if first:
                 event.num_cached_prompt_tokens = request.num_cached_prompt_tokens
                 event.queue_seconds = max(0.0, request.first_scheduled_at - request.arrived_at)
                 if self.tracing is not None:
                     self.tracing.first_token(request)
             queue.put_nowait(event)
-            if output.finish_reason:
+            if reason:
                 if self.tracing is not None:
-                    self.tracing.finished(request, output.finish_reason)
+                    self.tracing.finished(request, reason)
                 del self.streams[request.key]
                 log.info("request_finished", request_id=request.request_id,
-                         reason=common_pb2.FinishReason.Name(output.finish_reason),
+                         reason=common_pb2.FinishReason.Name(reason),
                          generated=len(request.output_token_ids), preemptions=request.num_preemptions)
 
     def _fail(self, request: Request, code: grpc.StatusCode, message: str) -> None:
@@ -346,7 +346,7 @@ class EngineLoop:
         if queue is not None:
             queue.put_nowait(Failure(code, message))
 
-    def _fail_sequences(self, errors: list[worker_pb2.SequenceError], by_slot: dict[int | None, Request]) -> None:
+    def _fail_sequences(self, errors: list[worker_pb2.SequenceError], by_slot: dict[int, Request]) -> None:
         for error in errors:
             request = by_slot.get(error.slot_id)
             if request is None:
@@ -360,10 +360,9 @@ class EngineLoop:
             self._fail(request, code, message)
 
     def _fail_step(self, step: PlannedStep, error: str) -> None:
-        log.error("step_failed", step_id=step.step_id, error=error,
-                  request_ids=[c.request.request_id for c in step.chunks])
-        for chunk in step.chunks:
-            self._fail(chunk.request, grpc.StatusCode.INTERNAL, _internal_error(chunk.request.request_id))
+        log.error("step_failed", step_id=step.step_id, error=error, request_ids=[r.request_id for r in step.requests])
+        for request in step.requests:
+            self._fail(request, grpc.StatusCode.INTERNAL, _internal_error(request.request_id))
 
     def _fail_all(self) -> None:
         """The worker group is gone: every request in flight ends UNAVAILABLE (safe to retry elsewhere)."""

@@ -32,10 +32,11 @@ class KvManager:
         """Chained hashes of the request's first num_blocks full blocks (computed once each)."""
         bs = self.block_size
         hashes = request.block_hashes
+        parent = hashes[-1] if hashes else None
         for index in range(len(hashes), num_blocks):
-            parent = hashes[-1] if hashes else None
-            tokens = tuple(request.token_ids(index * bs, (index + 1) * bs))
-            hashes.append(hash((parent, tokens, request.tenant, request.cache_salt)))
+            parent = hash((parent, tuple(request.token_ids(index * bs, (index + 1) * bs)), request.tenant,
+                           request.cache_salt))
+            hashes.append(parent)
 
     def cached_prefix(self, request: Request) -> list[int]:
         """Cached blocks that hold the start of the request; never its last token (it must be computed)."""
@@ -62,26 +63,35 @@ class KvManager:
         request.block_ids = list(hits)
         request.num_computed_tokens = request.num_confirmed_tokens = len(hits) * self.block_size
 
-    def cache_full_blocks(self, request: Request) -> None:
-        """Index the blocks that returned steps have completely written, for later requests to reuse."""
+    def cache_full_blocks(self, requests: list[Request], num_confirmed_tokens: list[int]) -> None:
+        """Index the blocks that returned steps have completely written (each request's first
+        num_confirmed_tokens tokens), for later requests to reuse."""
         if not self.enable_prefix_caching:
             return
-        num_full = request.num_confirmed_tokens // self.block_size
-        self._extend_hashes(request, num_full)
-        stored: list[int] = []  # indexes of newly cached blocks, published in runs of consecutive ones
-        for index in range(request.num_indexed_blocks, num_full):
-            if self.allocator.register(request.block_ids[index], request.block_hashes[index]):
-                if stored and stored[-1] != index - 1:
-                    self._publish_stored(request, stored)
-                    stored = []
-                stored.append(index)
-        if stored:
-            self._publish_stored(request, stored)
-        request.num_indexed_blocks = max(request.num_indexed_blocks, num_full)
+        block_size, register = self.block_size, self.allocator.register
+        for request, confirmed in zip(requests, num_confirmed_tokens):
+            num_full = confirmed // block_size
+            first = request.num_indexed_blocks
+            if num_full <= first:
+                continue
+            if len(request.block_hashes) < num_full:
+                self._extend_hashes(request, num_full)
+            blocks, hashes = request.block_ids, request.block_hashes
+            stored = [index for index in range(first, num_full) if register(blocks[index], hashes[index])]
+            request.num_indexed_blocks = num_full
+            if stored and self.events is not None:
+                self._publish_runs(request, stored)
+
+    def _publish_runs(self, request: Request, stored: list[int]) -> None:
+        """Newly indexed blocks, published in runs of consecutive ones."""
+        run_start = 0
+        for at in range(1, len(stored) + 1):
+            if at == len(stored) or stored[at] != stored[at - 1] + 1:
+                self._publish_stored(request, stored[run_start:at])
+                run_start = at
 
     def _publish_stored(self, request: Request, indexes: list[int]) -> None:
-        if self.events is None:
-            return
+        assert self.events is not None
         bs, hashes = self.block_size, request.block_hashes
         parent = hashes[indexes[0] - 1] if indexes[0] > 0 else None
         blocks = [(hashes[i], request.token_ids(i * bs, (i + 1) * bs)) for i in indexes]

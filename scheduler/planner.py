@@ -12,12 +12,22 @@ computed when they are planned (num_computed_tokens), confirmed when their step 
 as PREVIOUS_TOKEN until step N's result replaces it. A request that step N finishes has its
 planned token in step N+1 dropped. Preemption waits for a step with nothing in flight: a
 planning pass that would need one leaves the request out and says so (short_of_blocks).
+
+The usual step (every running request's next tokens fit the budget and the free blocks) is planned in
+bulk over SlotColumns, and a result is applied in bulk: a decode costs a few array entries and one
+list append, not a pass through the request. A step where the budget or the blocks fall short is
+planned one request at a time, in policy order, with the same outcome the bulk pass would have had
+if everything had fit.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from inflight.v1 import common_pb2
 from scheduler.block_allocator import BlockAllocator
@@ -26,6 +36,7 @@ from scheduler.kv_manager import KvManager
 from scheduler.policy import Policy, WaitingQueue
 from inflight.step_contract import PREVIOUS_TOKEN
 from scheduler.request import Request, RequestKey, RequestStatus
+from scheduler.slot_columns import SlotColumns
 
 
 @dataclass(frozen=True)
@@ -37,37 +48,93 @@ class PlannerLimits:
     num_kv_blocks: int
 
 
-@dataclass(slots=True)
-class Chunk:
+def _empty() -> np.ndarray:
+    return np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class PlannedStep:
+    """A step as columns (worker.proto's ScheduledSequences): entry i of every per-sequence column belongs to
+    sequence i, and its tokens and new blocks are consecutive runs of token_ids and new_block_ids."""
+
+    step_id: int
+    released_slot_ids: list[int]
+    admitted: list[Request] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    slot_ids: np.ndarray = field(default_factory=_empty)
+    num_computed_tokens: np.ndarray = field(default_factory=_empty)  # where each sequence's tokens start
+    num_tokens: np.ndarray = field(default_factory=_empty)           # tokens each sequence runs
+    token_ids: np.ndarray = field(default_factory=_empty)
+    num_new_blocks: np.ndarray = field(default_factory=_empty)
+    new_block_ids: np.ndarray = field(default_factory=_empty)
+    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # the step samples its next token
+    leases: np.ndarray = field(default_factory=_empty)  # each slot's lease when planned (SlotColumns.lease)
+    short_of_blocks: bool = False  # a running request was left out: making room for it needs a preemption
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def sequences(self) -> list[PlannedSequence]:
+        """The columns read back one sequence at a time (for inspection; the step path reads the columns)."""
+        rows, token_at, block_at = [], 0, 0
+        token_ids, block_ids = self.token_ids.tolist(), self.new_block_ids.tolist()
+        for request, computed, count, blocks, sample in zip(self.requests, self.num_computed_tokens.tolist(),
+                                                            self.num_tokens.tolist(), self.num_new_blocks.tolist(),
+                                                            self.sample.tolist()):
+            rows.append(PlannedSequence(request, token_ids[token_at : token_at + count], computed,
+                                        block_ids[block_at : block_at + blocks], sample))
+            token_at += count
+            block_at += blocks
+        return rows
+
+
+@dataclass
+class _Plan:
+    """A step while it is planned: sequences planned one at a time as lists, decodes planned in bulk as arrays
+    (they go last)."""
+
+    admitted: list[Request] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    slot_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    num_new_blocks: list[int] = field(default_factory=list)
+    new_block_ids: list[int] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)
+    decodes: _Decodes | None = None
+    short_of_blocks: bool = False
+
+
+@dataclass
+class _Decodes:
+    requests: list[Request]
+    slot_ids: np.ndarray
+    positions: np.ndarray
+    token_ids: np.ndarray
+    grows: np.ndarray  # bool: it adds one block
+    new_block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class PlannedSequence:
     request: Request
     token_ids: list[int]
     num_computed_tokens: int
     new_block_ids: list[int]
     sample: bool
-    output_index: int = -1   # where its sampled token goes in request.output_token_ids (sample only)
-    preemptions: int = 0     # request.num_preemptions when planned: a chunk of an earlier life is stale
 
 
 @dataclass
-class PlannedStep:
-    step_id: int
-    released_slot_ids: list[int]
-    admitted: list[Request]
-    chunks: list[Chunk]
-    short_of_blocks: bool = False  # a running request was left out: making room for it needs a preemption
+class StepOutputs:
+    """What a step's result gave the requests it sampled, as columns: entry i of every list is one request's."""
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    request: Request
-    new_token_ids: list[int]
-    finish_reason: int  # FINISH_REASON_UNSPECIFIED while the request runs on
-    slot_id: int        # the slot the token was sampled in (the request may have released it since)
-    first: bool = False  # the request's first output token
+    requests: list[Request] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    slot_ids: list[int] = field(default_factory=list)        # the slot each token was sampled in (released since if it ended)
+    finish_reasons: list[int] = field(default_factory=list)  # FINISH_REASON_UNSPECIFIED while the request runs on
+    first: list[bool] = field(default_factory=list)          # the request's first output token
 
 
 @dataclass
@@ -94,7 +161,10 @@ class BatchPlanner:
         self.allocator = BlockAllocator(self.limits.num_kv_blocks, self.events.removed if self.events else None)
         self.kv = KvManager(self.allocator, self.limits.block_size, self.enable_prefix_caching, self.events)
         self.waiting = WaitingQueue(self.policy)
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in policy order (a request's key never changes)
+        self.columns = SlotColumns(self.limits.max_num_seqs)
+        self._running_slots: np.ndarray | None = None  # slots of self.running, in its order (None: to be read)
+        self._sampled_scratch = np.zeros(self.limits.max_num_seqs, dtype=np.int64)
         self.requests: dict[RequestKey, Request] = {}
         self.stats = PlannerStats()
         self._free_slots = list(range(self.limits.max_num_seqs - 1, -1, -1))
@@ -108,6 +178,7 @@ class BatchPlanner:
         return -(-total // self.limits.block_size)
 
     def add(self, request: Request) -> None:
+        request.max_num_tokens = min(request.num_prompt_tokens + request.max_new_tokens, self.limits.max_model_len)
         self.requests[request.key] = request
         self.stats.prompt_tokens_total += len(request.prompt_token_ids)
         self.policy.on_arrival(request)
@@ -133,24 +204,14 @@ class BatchPlanner:
 
     def schedule(self, in_flight: bool = False) -> PlannedStep:
         """The next step. in_flight: a step is still running (overlap), so nothing may be preempted."""
+        plan = _Plan()
         budget = self.limits.max_num_batched_tokens
-        chunks: list[Chunk] = []
-        admitted: list[Request] = []
         preemptions_before = self.stats.preemptions_total
-        short_of_blocks = False
-        for request in sorted(self.running, key=self.policy.key):
-            if budget == 0:
-                break
-            if request.status is not RequestStatus.RUNNING or self._planned_to_end(request):
-                continue  # preempted earlier in this loop, or its last token is planned
-            num_tokens = min(request.num_uncomputed_tokens, budget)
-            if in_flight and not self.kv.can_allocate(request, num_tokens):
-                short_of_blocks = True
-            elif self._make_room(request, num_tokens, chunks):
-                chunks.append(self._chunk(request, num_tokens))
-                budget -= num_tokens
+        if self.running:
+            left = self._plan_running_in_bulk(plan, budget)
+            budget = self._plan_running_one_by_one(plan, budget, in_flight) if left is None else left
         # After a preemption the cache is full: admitting now would only thrash.
-        if self.stats.preemptions_total == preemptions_before and not short_of_blocks:
+        if self.stats.preemptions_total == preemptions_before and not plan.short_of_blocks:
             while budget > 0 and self._free_slots:
                 request = self.waiting.peek()
                 if request is None:
@@ -160,22 +221,79 @@ class BatchPlanner:
                 if not self.kv.can_admit(request, hits, num_tokens):
                     break
                 self._admit(self.waiting.pop(), hits)
-                admitted.append(request)
-                chunks.append(self._chunk(request, num_tokens))
+                plan.admitted.append(request)
+                self._add_chunk(plan, request, num_tokens)
                 budget -= num_tokens
-        step = self._planned(admitted, chunks)
-        step.short_of_blocks = short_of_blocks
-        return step
+        return self._planned(plan)
 
-    def _planned_to_end(self, request: Request) -> bool:
-        """Its planned outputs already reach max_new_tokens or the context length."""
-        return (len(request.output_token_ids) >= request.max_new_tokens
-                or request.num_tokens >= self.limits.max_model_len)
+    def _plan_running_in_bulk(self, plan: _Plan, budget: int) -> int | None:
+        """Every running request's next tokens, when all of them fit the budget and the free blocks (then the
+        policy order changes nothing); returns the budget left, or None when they do not all fit."""
+        columns, block_size = self.columns, self.limits.block_size
+        slots = self._slots_in_policy_order()
+        computed = columns.num_computed[slots]
+        num_tokens = columns.num_tokens[slots]
+        cost = num_tokens - computed
+        cost[num_tokens >= columns.max_num_tokens[slots]] = 0  # its last token is planned
+        total = int(cost.sum())
+        if total > budget:
+            return None
+        blocks_needed = np.maximum(0, -(-(computed + cost) // block_size) - columns.num_blocks[slots])
+        if int(blocks_needed.sum()) > self.allocator.num_free:
+            return None
+        for row in np.flatnonzero(cost > 1).tolist():  # prompt chunks (a long prompt, a recompute): few
+            self._add_chunk(plan, self.running[row], int(cost[row]))
+        rows = np.flatnonzero(cost == 1)
+        if rows.size:
+            plan.decodes = self._decodes(rows, slots[rows], computed[rows], blocks_needed[rows] > 0)
+        return budget - total
 
-    def _make_room(self, request: Request, num_tokens: int, scheduled: list[Chunk]) -> bool:
+    def _decodes(self, rows: np.ndarray, slots: np.ndarray, positions: np.ndarray, grows: np.ndarray) -> _Decodes:
+        """Running requests (rows of self.running) whose next token is their last one, each adding at most one
+        block (grows), planned."""
+        columns = self.columns
+        requests = list(self.running) if len(rows) == len(self.running) else [self.running[i] for i in rows.tolist()]
+        new_block_ids = []
+        for row in np.flatnonzero(grows).tolist():  # one in block_size decodes
+            request = requests[row]
+            block = self.allocator.allocate_one()
+            request.block_ids.append(block)
+            request.num_blocks_on_worker += 1
+            new_block_ids.append(block)
+        columns.num_blocks[slots[grows]] += 1
+        tokens = columns.last_token[slots]
+        columns.num_computed[slots] = positions + 1
+        columns.num_tokens[slots] += 1
+        columns.last_token[slots] = PREVIOUS_TOKEN
+        for request in requests:
+            request.output_token_ids.append(PREVIOUS_TOKEN)
+        return _Decodes(requests, slots, positions, tokens, grows, new_block_ids)
+
+    def _plan_running_one_by_one(self, plan: _Plan, budget: int, in_flight: bool) -> int:
+        """Running requests in policy order while the budget lasts, preempting the last ones (or, with a step in
+        flight, leaving a request out) when blocks run short; returns the budget left."""
+        for request in tuple(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING or request.num_tokens >= request.max_num_tokens:
+                continue  # preempted earlier in this loop, or its last token is planned
+            num_tokens = min(request.num_uncomputed_tokens, budget)
+            if in_flight and not self.kv.can_allocate(request, num_tokens):
+                plan.short_of_blocks = True
+            elif self._make_room(request, num_tokens, plan):
+                self._add_chunk(plan, request, num_tokens)
+                budget -= num_tokens
+        return budget
+
+    def _slots_in_policy_order(self) -> np.ndarray:
+        if self._running_slots is None:
+            self._running_slots = np.array([r.slot_id for r in self.running], dtype=np.int64)
+        return self._running_slots
+
+    def _make_room(self, request: Request, num_tokens: int, plan: _Plan) -> bool:
         """Preempt until request's next tokens fit; False if request itself had to go."""
         while not self.kv.can_allocate(request, num_tokens):
-            scheduled_ids = {id(c.request) for c in scheduled}
+            scheduled_ids = {id(r) for r in plan.requests}
             candidates = [r for r in self.running if id(r) not in scheduled_ids]
             victim = max(candidates, key=self.policy.key)
             self._preempt(victim)
@@ -183,32 +301,69 @@ class BatchPlanner:
                 return False
         return True
 
-    def _chunk(self, request: Request, num_tokens: int) -> Chunk:
+    def _add_chunk(self, plan: _Plan, request: Request, num_tokens: int) -> None:
+        """A sequence's next num_tokens tokens into the plan."""
         start = request.num_computed_tokens
         self.kv.allocate(request, num_tokens)
-        chunk = Chunk(
-            request=request,
-            token_ids=request.token_ids(start, start + num_tokens),
-            num_computed_tokens=start,
-            new_block_ids=request.new_block_ids(),
-            sample=start + num_tokens == request.num_tokens,
-            preemptions=request.num_preemptions,
-        )
+        new_blocks = request.new_block_ids()
+        slot = request.slot_id
+        assert slot is not None
+        self.columns.num_blocks[slot] = len(request.block_ids)
+        plan.requests.append(request)
+        plan.slot_ids.append(slot)
+        plan.num_computed_tokens.append(start)
+        plan.num_tokens.append(num_tokens)
+        plan.token_ids += request.token_ids(start, start + num_tokens)
+        plan.num_new_blocks.append(len(new_blocks))
+        plan.new_block_ids += new_blocks
         request.num_computed_tokens += num_tokens
-        if chunk.sample:
-            chunk.output_index = len(request.output_token_ids)
+        sample = request.num_computed_tokens == request.num_tokens  # it reaches its end: the step samples the next
+        plan.sample.append(sample)
+        if sample:
             request.output_token_ids.append(PREVIOUS_TOKEN)
-        return chunk
+            self.columns.num_tokens[slot] += 1
+            self.columns.last_token[slot] = PREVIOUS_TOKEN
 
-    def _planned(self, admitted: list[Request], chunks: list[Chunk]) -> PlannedStep:
-        if not chunks:  # not sent: its releases wait for the next step that is
-            return PlannedStep(self._next_step_id, [], admitted, chunks)
-        step = PlannedStep(self._next_step_id, self._released_slots, admitted, chunks)
+    def _planned(self, plan: _Plan) -> PlannedStep:
+        step = PlannedStep(self._next_step_id, [], plan.admitted, plan.requests, short_of_blocks=plan.short_of_blocks)
+        decodes = plan.decodes
+        if decodes is not None and not plan.requests:  # decodes alone: the columns are theirs
+            step.requests = decodes.requests
+            step.slot_ids, step.num_computed_tokens, step.token_ids = decodes.slot_ids, decodes.positions, decodes.token_ids
+            count = len(decodes.requests)
+            step.num_tokens = np.ones(count, dtype=np.int64)
+            step.num_new_blocks = decodes.grows.astype(np.int64)
+            step.new_block_ids = np.array(decodes.new_block_ids, dtype=np.int64)
+            step.sample = np.ones(count, dtype=bool)
+        elif decodes is None:
+            if not plan.requests:  # not sent: its releases wait for the next step that is
+                return step
+            step.slot_ids = np.array(plan.slot_ids, dtype=np.int64)
+            step.num_computed_tokens = np.array(plan.num_computed_tokens, dtype=np.int64)
+            step.num_tokens = np.array(plan.num_tokens, dtype=np.int64)
+            step.token_ids = np.array(plan.token_ids, dtype=np.int64)
+            step.num_new_blocks = np.array(plan.num_new_blocks, dtype=np.int64)
+            step.new_block_ids = np.array(plan.new_block_ids, dtype=np.int64)
+            step.sample = np.array(plan.sample, dtype=bool)
+        else:
+            step.requests = plan.requests + decodes.requests
+            step.slot_ids = np.concatenate([np.array(plan.slot_ids, dtype=np.int64), decodes.slot_ids])
+            step.num_computed_tokens = np.concatenate([np.array(plan.num_computed_tokens, dtype=np.int64),
+                                                       decodes.positions])
+            step.num_tokens = np.concatenate([np.array(plan.num_tokens, dtype=np.int64),
+                                              np.ones(len(decodes.requests), dtype=np.int64)])
+            step.token_ids = np.concatenate([np.array(plan.token_ids, dtype=np.int64), decodes.token_ids])
+            step.num_new_blocks = np.concatenate([np.array(plan.num_new_blocks, dtype=np.int64),
+                                                  decodes.grows.astype(np.int64)])
+            step.new_block_ids = np.array(plan.new_block_ids + decodes.new_block_ids, dtype=np.int64)
+            step.sample = np.concatenate([np.array(plan.sample, dtype=bool), np.ones(len(decodes.requests), dtype=bool)])
+        step.leases = self.columns.lease[step.slot_ids]
+        step.released_slot_ids = self._released_slots
         self._released_slots = []
         self._next_step_id += 1
         self.stats.steps_total += 1
-        self.stats.batched_sequences_total += len(chunks)
-        self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, len(chunks))
+        self.stats.batched_sequences_total += len(step.requests)
+        self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, len(step.requests))
         return step
 
     def _admit(self, request: Request, hits: list[int]) -> None:
@@ -220,8 +375,9 @@ class BatchPlanner:
             request.first_scheduled_at = time.monotonic()
         self.policy.on_admit(request)
         request.status = RequestStatus.RUNNING
-        request.slot_id = self._free_slots.pop()
-        self.running.append(request)
+        self.columns.hold(self._free_slots.pop(), request)
+        bisect.insort(self.running, request, key=self.policy.key)
+        self._running_slots = None
 
     def _preempt(self, request: Request) -> None:
         self._release(request)
@@ -235,11 +391,12 @@ class BatchPlanner:
         """Give back a running request's blocks and slot."""
         self.kv.free(request)
         if request.slot_id is not None:
-            self._released_slots.append(request.slot_id)
-            self._free_slots.append(request.slot_id)
-            request.slot_id = None
+            slot = self.columns.release(request)
+            self._released_slots.append(slot)
+            self._free_slots.append(slot)
         if request in self.running:
             self.running.remove(request)
+            self._running_slots = None
 
     def _finish(self, request: Request, reason: int) -> None:
         outputs = request.output_token_ids
@@ -252,39 +409,56 @@ class BatchPlanner:
 
     # --- results -----------------------------------------------------------------------
 
-    def update(self, step: PlannedStep, sampled: dict[int, int]) -> list[RequestOutput]:
-        """Apply a step's result (slot id -> sampled token); returns what each request produced.
+    def update(self, step: PlannedStep, slot_ids: Sequence[int], token_ids: Sequence[int]) -> StepOutputs:
+        """Apply a step's result (the token each sampled slot drew); returns what each request produced.
 
-        Steps are applied in the order they were planned.
+        Steps are applied in the order they were planned. A sequence whose request has let its slot go since
+        (it finished, was aborted, or was preempted) is skipped.
         """
-        outputs = []
-        block_size = self.limits.block_size
-        for chunk in step.chunks:
-            request = chunk.request
-            if request.status is not RequestStatus.RUNNING or chunk.preemptions != request.num_preemptions:
-                continue  # finished (aborted, or ended by the step before) or preempted since it was planned
-            request.num_confirmed_tokens = confirmed = chunk.num_computed_tokens + len(chunk.token_ids)
-            if confirmed // block_size > request.num_indexed_blocks:  # a block was filled: index it
-                self.kv.cache_full_blocks(request)
-            if not chunk.sample:
-                continue
-            slot = request.slot_id
-            token = sampled[slot]  # type: ignore[index]
-            index = chunk.output_index
+        out = StepOutputs()
+        if not step.requests:
+            return out
+        columns, block_size = self.columns, self.limits.block_size
+        slots = step.slot_ids
+        live = columns.lease[slots] == step.leases
+        starts = step.num_computed_tokens
+        ends = starts + step.num_tokens
+        columns.num_confirmed[slots[live]] = ends[live]
+        if self.kv.enable_prefix_caching:  # a sequence that filled a block: index it for the prefix cache
+            filled = np.flatnonzero(live & (ends // block_size > starts // block_size))
+            self.kv.cache_full_blocks([step.requests[row] for row in filled.tolist()], ends[filled].tolist())
+        rows = np.flatnonzero(live & step.sample)
+        if not rows.size:
+            return out
+        slots, ends = slots[rows], ends[rows]
+        tokens = self._tokens_of(slots, slot_ids, token_ids)
+        indexes = ends - columns.num_prompt_tokens[slots]  # each token's place in its output_token_ids
+        newest = ends + 1 == columns.num_tokens[slots]     # not planned past yet
+        columns.last_token[slots[newest]] = tokens[newest]
+        requests = step.requests if len(rows) == len(step.requests) else [step.requests[i] for i in rows.tolist()]
+        token_list = tokens.tolist()
+        for request, index, token in zip(requests, indexes.tolist(), token_list):
             request.output_token_ids[index] = token
-            self.stats.generated_tokens_total += 1
-            reason = self._finish_reason(request, token, index + 1)
-            if reason:
-                self._finish(request, reason)
-            outputs.append(RequestOutput(request, [token], reason, slot, first=index == 0))
-        return outputs
+        stopped = (columns.stop_ids[slots] == tokens[:, None]).any(axis=1)
+        reasons = np.where(stopped, common_pb2.FINISH_REASON_STOP,
+                           np.where(ends + 1 >= columns.max_num_tokens[slots], common_pb2.FINISH_REASON_LENGTH,
+                                    common_pb2.FINISH_REASON_UNSPECIFIED))
+        reason_list = reasons.tolist()
+        for row in np.flatnonzero(reasons).tolist():
+            self._finish(requests[row], reason_list[row])
+        self.stats.generated_tokens_total += len(token_list)
+        return StepOutputs(list(requests), token_list, slots.tolist(), reason_list, (indexes == 0).tolist())
 
-    def _finish_reason(self, request: Request, token: int, num_outputs: int) -> int:
-        if token in request.stop_token_ids:
-            return common_pb2.FINISH_REASON_STOP
-        if num_outputs >= request.max_new_tokens or len(request.prompt_token_ids) + num_outputs >= self.limits.max_model_len:
-            return common_pb2.FINISH_REASON_LENGTH
-        return common_pb2.FINISH_REASON_UNSPECIFIED
+    def _tokens_of(self, slots: np.ndarray, slot_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+        """The tokens sampled in slots, out of the result's (slot, token) columns."""
+        scratch = self._sampled_scratch
+        scratch[slots] = -1
+        scratch[np.asarray(slot_ids, dtype=np.int64)] = np.asarray(token_ids, dtype=np.int64)
+        tokens = scratch[slots]
+        if (tokens < 0).any():
+            missing = slots[tokens < 0].tolist()
+            raise ValueError(f"the result has no token for sampled slots {missing}")
+        return tokens
 
     def check_invariants(self) -> None:
         self.allocator.check_invariants([r.block_ids for r in self.running])
@@ -294,3 +468,6 @@ class BatchPlanner:
         for request in self.running:
             assert len(request.block_ids) * self.limits.block_size >= request.num_computed_tokens
             assert request.num_confirmed_tokens <= request.num_computed_tokens
+            self.columns.check(request)
+        assert self._running_slots is None or self._running_slots.tolist() == slots, "the slot order is stale"
+

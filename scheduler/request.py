@@ -11,6 +11,8 @@ from inflight.v1 import common_pb2
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
+    from scheduler.slot_columns import SlotColumns
+
 
 RequestKey = tuple[str, str]  # (tenant, request id): request ids are scoped by tenant
 
@@ -21,7 +23,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -34,8 +36,10 @@ class Request:
     cache_salt: str = ""               # with the tenant, the prefix-cache namespace
     output_token_ids: list[int] = field(default_factory=list)  # PREVIOUS_TOKEN at the end: planned, in flight
     status: RequestStatus = RequestStatus.WAITING
-    num_computed_tokens: int = 0       # tokens whose K/V are in the cache, or written by a step in flight
-    num_confirmed_tokens: int = 0      # tokens whose K/V a returned step wrote (what the prefix cache may index)
+    # Progress while it holds no slot (a slot's SlotColumns keep it otherwise; the properties below read either).
+    _num_computed_tokens: int = 0      # tokens whose K/V are in the cache, or written by a step in flight
+    _num_confirmed_tokens: int = 0     # tokens whose K/V a returned step wrote (what the prefix cache may index)
+    _columns: SlotColumns | None = None
     block_ids: list[int] = field(default_factory=list)
     num_blocks_on_worker: int = 0      # prefix of block_ids the worker's block table already holds
     block_hashes: list[int] = field(default_factory=list)  # chained prefix-cache keys of full blocks
@@ -49,6 +53,47 @@ class Request:
     num_cached_prompt_tokens: int = 0
     num_preemptions: int = 0
     span: Span | None = None           # its Submit call's span, while traced and unfinished (scheduler/tracing.py)
+    max_num_tokens: int = 0            # prompt and outputs at which it ends (max_new_tokens, or the context length)
+    num_prompt_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+
+    @property
+    def num_computed_tokens(self) -> int:
+        columns = self._columns
+        return self._num_computed_tokens if columns is None else int(columns.num_computed[self.slot_id])
+
+    @num_computed_tokens.setter
+    def num_computed_tokens(self, value: int) -> None:
+        if self._columns is None:
+            self._num_computed_tokens = value
+        else:
+            self._columns.num_computed[self.slot_id] = value
+
+    @property
+    def num_confirmed_tokens(self) -> int:
+        columns = self._columns
+        return self._num_confirmed_tokens if columns is None else int(columns.num_confirmed[self.slot_id])
+
+    @num_confirmed_tokens.setter
+    def num_confirmed_tokens(self, value: int) -> None:
+        if self._columns is None:
+            self._num_confirmed_tokens = value
+        else:
+            self._columns.num_confirmed[self.slot_id] = value
+
+    def attach(self, columns: SlotColumns) -> None:
+        """Its progress now lives in columns, at its slot (SlotColumns.hold has copied it there)."""
+        self._columns = columns
+
+    def detach(self) -> None:
+        """Its progress comes back from its slot's columns."""
+        columns, slot = self._columns, self.slot_id
+        if columns is not None:
+            self._num_computed_tokens = int(columns.num_computed[slot])
+            self._num_confirmed_tokens = int(columns.num_confirmed[slot])
+        self._columns = None
 
     @property
     def key(self) -> RequestKey:
@@ -56,7 +101,7 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return self.num_prompt_tokens + len(self.output_token_ids)
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -64,7 +109,7 @@ class Request:
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Token ids in [start, end) of prompt followed by output."""
-        prompt_len = len(self.prompt_token_ids)
+        prompt_len = self.num_prompt_tokens
         if end <= prompt_len:
             return self.prompt_token_ids[start:end]
         if start >= prompt_len:

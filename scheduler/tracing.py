@@ -19,7 +19,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, Status, StatusCode, Tracer
 
 from inflight.v1 import common_pb2, worker_pb2
-from scheduler.planner import Chunk, PlannedStep
+from scheduler.planner import PlannedStep
 from scheduler.request import Request
 
 STEP_SPAN = "scheduler.step"
@@ -85,10 +85,11 @@ class SchedulerTracing:
     def step(self, step: PlannedStep) -> Span:
         """A span from sending a step to its result (steps overlap, so it is never the current span);
         step_done ends it."""
-        decodes = sum(1 for chunk in step.chunks if _is_decode(chunk))
-        attributes = {"inflight.step_id": step.step_id, "inflight.sequences": len(step.chunks),
-                      "inflight.tokens": step.num_tokens, "inflight.decode_sequences": decodes,
-                      "inflight.prefill_sequences": len(step.chunks) - decodes}
+        decodes = sum(1 for request, start in zip(step.requests, step.num_computed_tokens)
+                      if start >= request.num_prompt_tokens)  # only generated tokens to process
+        attributes = {"inflight.step_id": step.step_id, "inflight.sequences": len(step.requests),
+                      "inflight.tokens": step.total_tokens, "inflight.decode_sequences": decodes,
+                      "inflight.prefill_sequences": len(step.requests) - decodes}
         return self.tracer.start_span(STEP_SPAN, context=Context(), links=_links(step), attributes=attributes)
 
     @staticmethod
@@ -105,17 +106,12 @@ class SchedulerTracing:
         span.end()
 
 
-def _is_decode(chunk: Chunk) -> bool:
-    """Only generated tokens to process (the one last sampled): a decode. Anything with prompt tokens is prefill."""
-    return chunk.num_computed_tokens >= len(chunk.request.prompt_token_ids)
-
-
 def _links(step: PlannedStep) -> list[Link]:
     links = []
-    for chunk in step.chunks:
-        span = chunk.request.span
+    for request in step.requests:
+        span = request.span
         if span is not None:
-            links.append(Link(span.get_span_context(), {"inflight.request_id": chunk.request.request_id}))
+            links.append(Link(span.get_span_context(), {"inflight.request_id": request.request_id}))
             if len(links) == MAX_LINKS_PER_STEP:
                 break
     return links

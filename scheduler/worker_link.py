@@ -49,13 +49,10 @@ def plan_to_proto(step: PlannedStep, timeout_seconds: float) -> worker_pb2.StepP
         released_slot_ids=step.released_slot_ids,
         new_sequences=[new_sequence(r) for r in step.admitted],
         sequences=worker_pb2.ScheduledSequences(
-            slot_ids=[c.request.slot_id for c in step.chunks],
-            num_computed_tokens=[c.num_computed_tokens for c in step.chunks],
-            num_tokens=[len(c.token_ids) for c in step.chunks],
-            token_ids=[t for c in step.chunks for t in c.token_ids],
-            num_new_blocks=[len(c.new_block_ids) for c in step.chunks],
-            new_block_ids=[b for c in step.chunks for b in c.new_block_ids],
-            sample=[c.sample for c in step.chunks],
+            slot_ids=step.slot_ids.tolist(), num_computed_tokens=step.num_computed_tokens.tolist(),
+            num_tokens=step.num_tokens.tolist(), token_ids=step.token_ids.tolist(),
+            num_new_blocks=step.num_new_blocks.tolist(), new_block_ids=step.new_block_ids.tolist(),
+            sample=step.sample.tolist(),
         ),
         timeout_seconds=timeout_seconds,
     )

@@ -19,7 +19,7 @@ from scheduler.engine_loop import engine_load
 from scheduler.kv_events import CursorExpired, KvEventLog
 from scheduler.planner import BatchPlanner, PlannerLimits
 from scheduler.policy import FcfsPolicy
-from tests.test_planner import Driver, SimulatedKv, limits_strategy, make_request
+from tests.test_planner import Driver, SimulatedKv, apply, limits_strategy, make_request
 
 
 class RouterView:
@@ -263,14 +263,14 @@ def test_the_load_counts_a_prefill_under_way_until_its_first_token() -> None:
     planner.add(make_request(1, 20, 2))
     assert engine_load(planner).prefill_pending_tokens == 100  # both waiting
     step = planner.schedule()  # the budget takes 32 of the first prompt's 80 tokens
-    planner.update(step, {c.request.slot_id: 7 for c in step.chunks if c.sample})
+    apply(planner, step, {c.request.slot_id: 7 for c in step.sequences() if c.sample})
     load = engine_load(planner)
     assert load.running_requests == 1 and load.waiting_requests == 1
     assert load.prefill_pending_tokens == 48 + 20  # the prompt under way still counts what is left of it
     first = planner.running[0]
     while not first.output_token_ids:
         step = planner.schedule()
-        planner.update(step, {c.request.slot_id: 7 for c in step.chunks if c.sample})
+        apply(planner, step, {c.request.slot_id: 7 for c in step.sequences() if c.sample})
     second = next(r for r in list(planner.running) + list(planner.waiting) if r is not first)
     pending = 0 if second.output_token_ids else len(second.prompt_token_ids) - second.num_computed_tokens
     assert engine_load(planner).prefill_pending_tokens == pending  # the first prompt no longer counts

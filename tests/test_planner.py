@@ -7,6 +7,7 @@ planner's own bookkeeping is what is tested: invariants after every event, no le
 from __future__ import annotations
 
 import random
+import zlib
 from collections import deque
 
 from hypothesis import given, settings
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from inflight.step_contract import PREVIOUS_TOKEN
 from inflight.v1 import common_pb2
-from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits
+from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits, StepOutputs
 from scheduler.policy import FairSharePolicy, FcfsPolicy, PriorityPolicy
 from scheduler.request import Request, RequestStatus
 
@@ -48,7 +49,7 @@ class SimulatedKv:
 
     def run(self, step) -> dict[int, int]:
         bs = self.block_size
-        for chunk in step.chunks:
+        for chunk in step.sequences():
             request, table = chunk.request, chunk.request.block_ids
             # Tokens of steps still in flight are not known to the planner yet (PREVIOUS_TOKEN): skip those.
             expected = request.token_ids(0, chunk.num_computed_tokens)
@@ -62,7 +63,7 @@ class SimulatedKv:
                 position = chunk.num_computed_tokens + offset
                 self.slots[(table[position // bs], position % bs)] = token
         self.previous = {c.request.slot_id: (EOS if self.rng.random() < self.eos_rate else 7)
-                         for c in step.chunks if c.sample}
+                         for c in step.sequences() if c.sample}
         return self.previous
 
 
@@ -82,32 +83,38 @@ class Driver:
         # After a pass that was short of blocks, plan again only with nothing in flight (it may preempt).
         if planner.has_work() and not (self.in_flight and self.in_flight[-1][0].short_of_blocks):
             step = planner.schedule(in_flight=bool(self.in_flight))
-            if step.chunks:
+            if step.requests:
                 self._check(step)
                 self.in_flight.append((step, self.kv.run(step)))
                 sent = True
         if self.in_flight and (len(self.in_flight) > self.depth - 1 or not sent):
             step, sampled = self.in_flight.popleft()
-            for output in planner.update(step, sampled):
-                self.delivered.setdefault(output.request.request_id, []).extend(output.new_token_ids)
+            outputs = apply(planner, step, sampled)
+            for request, token in zip(outputs.requests, outputs.token_ids):
+                self.delivered.setdefault(request.request_id, []).append(token)
 
     def idle(self) -> bool:
         return not self.in_flight and not self.planner.has_work()
 
     def _check(self, step: PlannedStep) -> None:
         limits = self.planner.limits
-        assert step.num_tokens <= limits.max_num_batched_tokens
-        slots = [c.request.slot_id for c in step.chunks]
-        assert len(set(slots)) == len(slots)
-        for chunk in step.chunks:
+        assert step.total_tokens <= limits.max_num_batched_tokens
+        slots = [c.request.slot_id for c in step.sequences()]
+        assert slots == step.slot_ids.tolist() and len(set(slots)) == len(slots)
+        for chunk in step.sequences():
             assert len(chunk.request.block_ids) * limits.block_size >= chunk.num_computed_tokens + len(chunk.token_ids)
+
+
+def apply(planner: BatchPlanner, step: PlannedStep, sampled: dict[int, int]) -> StepOutputs:
+    """A step's result (slot -> token) applied, as the engine loop hands it over: in columns."""
+    return planner.update(step, list(sampled), list(sampled.values()))
 
 
 def run_step(planner: BatchPlanner, rng: random.Random, eos_rate: float = 0.02):
     """One step planned and applied at once (no overlap)."""
     step = planner.schedule()
-    sampled = {c.request.slot_id: (EOS if rng.random() < eos_rate else 7) for c in step.chunks if c.sample}
-    return step, planner.update(step, sampled)
+    sampled = {c.request.slot_id: (EOS if rng.random() < eos_rate else 7) for c in step.sequences() if c.sample}
+    return step, apply(planner, step, sampled)
 
 
 limits_strategy = st.builds(
@@ -180,7 +187,9 @@ def test_running_decodes_go_first_and_a_long_prompt_is_chunked_to_the_budget():
     long = make_request(1, 100, 5)
     planner.add(long)
     step = planner.schedule()
-    assert [(c.request.request_id, len(c.token_ids), c.sample) for c in step.chunks] == [("r0", 1, True), ("r1", 31, False)]
+    # The budget serves the decode first; the prompt gets what is left. (Column order is not policy order.)
+    assert sorted((c.request.request_id, len(c.token_ids), c.sample) for c in step.sequences()) == [
+        ("r0", 1, True), ("r1", 31, False)]
 
 
 def test_preemption_takes_the_newest_and_it_resumes_from_its_tokens():
@@ -199,10 +208,10 @@ def test_preemption_takes_the_newest_and_it_resumes_from_its_tokens():
     assert generated_before  # it had produced tokens before it was preempted
     while True:
         step = planner.schedule()
-        resumed = next((c for c in step.chunks if c.request is second), None)
+        resumed = next((c for c in step.sequences() if c.request is second), None)
         if resumed is not None:
             break
-        planner.update(step, {c.request.slot_id: 7 for c in step.chunks if c.sample})
+        apply(planner, step, {c.request.slot_id: 7 for c in step.sequences() if c.sample})
     assert second in step.admitted
     assert resumed.num_computed_tokens == 0  # recomputed from scratch ...
     assert resumed.token_ids == (second.prompt_token_ids + generated_before)[: len(resumed.token_ids)]  # ... same tokens
@@ -216,13 +225,13 @@ def test_abort_while_step_in_flight_frees_blocks_and_drops_the_result():
     step = planner.schedule()
     planner.abort(request.key)
     assert planner.allocator.num_free == planner.allocator.num_usable
-    outputs = planner.update(step, {0: 7})
-    assert outputs == [] and request.output_token_ids == []
+    outputs = apply(planner, step, {0: 7})
+    assert outputs.requests == [] and request.output_token_ids == []
     assert request.finish_reason == common_pb2.FINISH_REASON_ABORT
-    assert planner.schedule().chunks == []  # nothing to send: the release waits for the next step sent
+    assert planner.schedule().requests == []  # nothing to send: the release waits for the next step sent
     planner.add(make_request(1, 20, 10))
     next_step = planner.schedule()
-    assert next_step.released_slot_ids == [0] and len(next_step.chunks) == 1
+    assert next_step.released_slot_ids == [0] and len(next_step.requests) == 1
     planner.check_invariants()
 
 
@@ -241,14 +250,14 @@ def test_a_shared_prefix_is_served_from_the_cache_but_never_the_last_token():
     step = planner.schedule()
     kv.run(step)
     assert second.num_cached_prompt_tokens == 36  # 9 full blocks of the shared 39 tokens
-    assert step.chunks[0].num_computed_tokens == 36 and len(step.chunks[0].token_ids) == 4
+    assert step.sequences()[0].num_computed_tokens == 36 and len(step.sequences()[0].token_ids) == 4
     assert planner.stats.prefix_cache_hit_tokens_total == 36
     same = make_request(2, 40, 3, shared=5)
     same.prompt_token_ids = list(first.prompt_token_ids)  # identical prompt: all but the last token hit
     planner.add(same)
     step = planner.schedule()
     kv.run(step)
-    assert same.num_cached_prompt_tokens == 36 and [len(c.token_ids) for c in step.chunks if c.request is same] == [4]
+    assert same.num_cached_prompt_tokens == 36 and [len(c.token_ids) for c in step.sequences() if c.request is same] == [4]
     planner.check_invariants()
 
 
@@ -278,7 +287,68 @@ def test_fair_sharing_serves_a_light_tenant_before_a_flooding_one_finishes():
         while planner.has_work():
             step = planner.schedule()
             admitted += [r.tenant for r in step.admitted]
-            planner.update(step, {c.request.slot_id: 7 for c in step.chunks if c.sample})
+            apply(planner, step, {c.request.slot_id: 7 for c in step.sequences() if c.sample})
         order[name] = admitted
     assert order["fcfs"][-3:] == ["light"] * 3  # FCFS: the light tenant waits behind the whole flood
     assert max(i for i, t in enumerate(order["fair"]) if t == "light") <= 6  # fair: served within the first few
+
+
+class PositionalTokens:
+    """A worker whose token depends only on the request and the position (EOS now and then), so planners that
+    lay a step out differently must still produce the same tokens."""
+
+    def run(self, step: PlannedStep) -> dict[int, int]:
+        return {c.request.slot_id: positional_token(c.request.request_id, c.num_computed_tokens + len(c.token_ids))
+                for c in step.sequences() if c.sample}
+
+
+def positional_token(request_id: str, position: int) -> int:
+    return EOS if zlib.crc32(f"{request_id}@{position}".encode()) % 19 == 0 else 5 + position % 50
+
+
+def step_record(step: PlannedStep) -> tuple:  # type: ignore[type-arg]
+    """What a step plans, whatever its column order and block numbers."""
+    sequences = sorted((c.request.request_id, c.num_computed_tokens, tuple(c.token_ids), len(c.new_block_ids), c.sample)
+                       for c in step.sequences())
+    return (sorted(r.request_id for r in step.admitted), len(step.released_slot_ids), sequences, step.short_of_blocks)
+
+
+@settings(max_examples=150, deadline=None)
+@given(limits=limits_strategy, events=events_strategy, prefix_caching=st.booleans(), depth=st.sampled_from([1, 2]))
+def test_planning_in_bulk_plans_what_planning_one_request_at_a_time_plans(limits, events, prefix_caching, depth):
+    """The bulk pass (over SlotColumns) against the one-by-one pass it stands in for when everything fits."""
+    outcomes = []
+    for bulk in (True, False):
+        planner = BatchPlanner(limits, PriorityPolicy(), enable_prefix_caching=prefix_caching)
+        if not bulk:
+            planner._plan_running_in_bulk = lambda plan, budget: None  # type: ignore[method-assign]
+        driver = Driver(planner, PositionalTokens(), depth)  # type: ignore[arg-type]
+        steps: list[tuple] = []  # type: ignore[type-arg]
+        original_schedule = planner.schedule
+
+        def schedule(in_flight: bool = False, original=original_schedule, steps=steps) -> PlannedStep:
+            step = original(in_flight)
+            steps.append(step_record(step))
+            return step
+
+        planner.schedule = schedule  # type: ignore[method-assign]
+        arrived: list[Request] = []
+        for event in events:
+            if event[0] == "arrive":
+                _, prompt_len, max_new, priority, shared, tenant = event
+                if planner.blocks_needed_alone(prompt_len, max_new) <= planner.allocator.num_usable:
+                    arrived.append(make_request(len(arrived), prompt_len, max_new, priority, shared, tenant))
+                    planner.add(arrived[-1])
+            elif event[0] == "step":
+                for _ in range(event[1]):
+                    driver.advance()
+            elif arrived:
+                planner.abort(arrived[event[1] % len(arrived)].key)
+            planner.check_invariants()
+        for _ in range(10_000):
+            if driver.idle():
+                break
+            driver.advance()
+        planner.check_invariants()
+        outcomes.append((steps, driver.delivered, planner.stats.preemptions_total))
+    assert outcomes[0] == outcomes[1]

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -21,7 +22,7 @@ from opentelemetry.trace import StatusCode, Tracer
 from inflight.tracing import TRACING_OFF, start_tracing
 from inflight.v1 import common_pb2, generation_pb2, worker_pb2
 from scheduler.engine_loop import Failure
-from scheduler.planner import Chunk, PlannedStep
+from scheduler.planner import PlannedStep
 from scheduler.request import Request
 from scheduler.tracing import MAX_LINKS_PER_STEP, SchedulerTracing
 from tests.conftest import STACK_ARGS
@@ -234,13 +235,15 @@ def test_a_failed_step_is_an_error_span_and_its_request_finishes_with_the_failur
 
 def test_a_step_links_at_most_64_of_its_requests(tmp_path: Path) -> None:
     tracing, tracer, exporter = in_memory_tracing()
-    chunks = []
+    requests = []
     for number in range(100):
         request = Request(request_id=f"r{number}", prompt_token_ids=[1, 2], max_new_tokens=4,
                           sampling=common_pb2.SamplingParams(), stop_token_ids=frozenset(), arrival_order=number,
                           span=tracer.start_span(f"Submit {number}"))
-        chunks.append(Chunk(request, token_ids=[1, 2], num_computed_tokens=0, new_block_ids=[], sample=True))
-    tracing.step_done(tracing.step(PlannedStep(step_id=7, released_slot_ids=[], admitted=[], chunks=chunks)), None)
+        requests.append(request)
+    step = PlannedStep(step_id=7, released_slot_ids=[], admitted=[], requests=requests,
+                       num_computed_tokens=np.zeros(100, dtype=np.int64), token_ids=np.ones(200, dtype=np.int64))
+    tracing.step_done(tracing.step(step), None)
     step = exporter.get_finished_spans()[-1]
     assert len(step.links) == MAX_LINKS_PER_STEP == 64
     assert step.attributes["inflight.sequences"] == 100 and step.attributes["inflight.prefill_sequences"] == 100
