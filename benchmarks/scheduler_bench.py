@@ -3,7 +3,8 @@
     python benchmarks/scheduler_bench.py
 
 The planner is the real one; only the worker is replaced by its contract (one token per
-sampled sequence, returned immediately), so the numbers are the scheduler's own.
+sampled sequence, returned immediately, as the result columns the engine loop reads off the
+wire), so the numbers are the scheduler's own: planning a step, and applying its result.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inflight.v1 import common_pb2  # noqa: E402
+from inflight.v1 import common_pb2, worker_pb2  # noqa: E402
 from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits  # noqa: E402
 from scheduler.policy import FairSharePolicy, FcfsPolicy, Policy  # noqa: E402
 from scheduler.request import Request  # noqa: E402
@@ -29,15 +30,18 @@ def request(index: int, prompt_len: int, max_new: int, tenant: str = "") -> Requ
                    stop_token_ids=frozenset({0}), arrival_order=index, tenant=tenant)
 
 
-def answer(step: PlannedStep) -> tuple[list[int], list[int]]:
-    """The stand-in engine's result columns: token 7 for every sequence the step samples."""
+def answer(step: PlannedStep) -> worker_pb2.SampledTokens:
+    """The stand-in engine's result, as the engine loop receives it off the wire: token 7 for every sequence
+    the step samples."""
     slots = step.slot_ids[step.sample].tolist()
-    return slots, [7] * len(slots)
+    sent = worker_pb2.SampledTokens(slot_ids=slots, token_ids=[7] * len(slots), logprobs=[0.0] * len(slots))
+    return worker_pb2.SampledTokens.FromString(sent.SerializeToString())
 
 
 def step_once(planner: BatchPlanner) -> PlannedStep:
     step = planner.schedule()
-    planner.update(step, *answer(step))
+    result = answer(step)
+    planner.update(step, result.slot_ids, result.token_ids)
     return step
 
 
@@ -56,12 +60,14 @@ def per_step_cost(num_running: int, steps: int = 200) -> dict[str, float]:
         planned = time.perf_counter()
         plan_to_proto(step, 0.0).SerializeToString()
         encoded = time.perf_counter()
-        planner.update(step, *answer(step))
+        result = answer(step)  # the stand-in engine's work, not timed
+        answered = time.perf_counter()
+        planner.update(step, result.slot_ids, result.token_ids)
         updated = time.perf_counter()
         assert len(step.requests) == num_running
         plan_times.append(planned - began)
         encode_times.append(encoded - planned)
-        update_times.append(updated - encoded)
+        update_times.append(updated - answered)
     median_us = lambda values: round(statistics.median(values) * 1e6, 1)  # noqa: E731
     return {"running": num_running, "schedule_us": median_us(plan_times), "update_us": median_us(update_times),
             "scheduler_total_us": median_us([p + u for p, u in zip(plan_times, update_times)]),

@@ -440,14 +440,13 @@ class BatchPlanner:
         for request, index, token in zip(requests, indexes.tolist(), token_list):
             request.output_token_ids[index] = token
         stopped = (columns.stop_ids[slots] == tokens[:, None]).any(axis=1)
-        reasons = np.where(stopped, common_pb2.FINISH_REASON_STOP,
-                           np.where(ends + 1 >= columns.max_num_tokens[slots], common_pb2.FINISH_REASON_LENGTH,
-                                    common_pb2.FINISH_REASON_UNSPECIFIED))
-        reason_list = reasons.tolist()
-        for row in np.flatnonzero(reasons).tolist():
-            self._finish(requests[row], reason_list[row])
+        ended = stopped | (ends + 1 >= columns.max_num_tokens[slots])
+        reasons = [common_pb2.FINISH_REASON_UNSPECIFIED] * len(token_list)
+        for row in np.flatnonzero(ended).tolist():
+            reasons[row] = common_pb2.FINISH_REASON_STOP if stopped[row] else common_pb2.FINISH_REASON_LENGTH
+            self._finish(requests[row], reasons[row])
         self.stats.generated_tokens_total += len(token_list)
-        return StepOutputs(list(requests), token_list, slots.tolist(), reason_list, (indexes == 0).tolist())
+        return StepOutputs(list(requests), token_list, slots.tolist(), reasons, (indexes == 0).tolist())
 
     def _tokens_of(self, slots: np.ndarray, slot_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         """The tokens sampled in slots, out of the result's (slot, token) columns."""
