@@ -63,7 +63,7 @@ class InProcessEngine:
     def _step(self, planner: BatchPlanner) -> None:
         planned = planner.schedule()
         output = self.engine.step(step_from_proto(plan_to_proto(planned, 0.0)))
-        planner.update(planned, {s.slot_id: s.token_id for s in output.sampled})
+        planner.update(planned, dict(zip(output.slot_ids, output.token_ids)))
 
     def continuous(self, requests: list[TokenizedRequest], concurrency: int) -> BaselineResult:
         """Closed loop: a new request joins as soon as one finishes, as the stack's clients do."""

@@ -20,13 +20,16 @@ import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from worker.fanout import HEADER_WORDS, decode_step, encode_step  # noqa: E402
-from worker.step import ScheduledChunk, Step  # noqa: E402
+from worker.step import Step  # noqa: E402
 
 
 def decode_step_plan(num_seqs: int, step_id: int) -> Step:
-    chunks = [ScheduledChunk(slot, [1000 + slot], 500 + step_id, [slot * 7 + 1] if (step_id + slot) % 16 == 0 else [],
-                             True) for slot in range(num_seqs)]
-    return Step(step_id, [], [], chunks)
+    slots = np.arange(num_seqs, dtype=np.int64)
+    grows = (step_id + slots) % 16 == 0
+    return Step(step_id, slot_ids=slots, num_computed_tokens=np.full(num_seqs, 500 + step_id, dtype=np.int64),
+                num_tokens=np.ones(num_seqs, dtype=np.int64), token_ids=1000 + slots,
+                num_new_blocks=grows.astype(np.int64), new_block_ids=slots[grows] * 7 + 1,
+                sample=np.ones(num_seqs, dtype=bool))
 
 
 def fixed_layout(comm: MPI.Comm, step: Step | None) -> Step:

@@ -26,7 +26,7 @@ from mpi4py import MPI  # noqa: E402
 from worker.torch_engine.distributed import init_distributed  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
 from worker.parallel import Collectives, ShardPlan  # noqa: E402
-from worker.step import Admission, ScheduledChunk, Step  # noqa: E402
+from worker.step import Admission, Step  # noqa: E402
 from worker.torch_engine.engine import TorchEngine  # noqa: E402
 
 
@@ -53,14 +53,24 @@ class Driver:
         for admission in admissions:
             self.tables[admission.slot_id] = []
             self.lengths[admission.slot_id] = 0
-        chunks = []
-        for slot, tokens in inputs.items():
-            start = self.lengths[slot]
-            chunks.append(ScheduledChunk(slot, tokens, start, self._blocks_for(slot, start + len(tokens)), True))
-            self.lengths[slot] = start + len(tokens)
+        slots = list(inputs)
+        starts = [self.lengths[slot] for slot in slots]
+        new_blocks = [self._blocks_for(slot, start + len(inputs[slot])) for slot, start in zip(slots, starts)]
+        for slot, start in zip(slots, starts):
+            self.lengths[slot] = start + len(inputs[slot])
         self.step_id += 1
-        output = self.engine.step(Step(self.step_id, [], admissions, chunks))
-        return {s.slot_id: s.token_id for s in output.sampled}
+
+        def ints(values: list[int]) -> np.ndarray:
+            return np.array(values, dtype=np.int64)
+
+        step = Step(self.step_id, [], admissions, slot_ids=ints(slots), num_computed_tokens=ints(starts),
+                    num_tokens=ints([len(inputs[slot]) for slot in slots]),
+                    token_ids=ints([t for slot in slots for t in inputs[slot]]),
+                    num_new_blocks=ints([len(blocks) for blocks in new_blocks]),
+                    new_block_ids=ints([b for blocks in new_blocks for b in blocks]),
+                    sample=np.ones(len(slots), dtype=bool))
+        output = self.engine.step(step)
+        return dict(zip(output.slot_ids, output.token_ids))
 
     def reset(self) -> None:
         self.engine.release(list(self.tables))

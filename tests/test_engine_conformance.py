@@ -24,7 +24,8 @@ from worker.config import WorkerConfig
 from worker.engine import ENGINES, create_engine
 from worker.group import WorkerGroup
 from inflight.step_contract import PREVIOUS_TOKEN
-from worker.step import Admission, EngineDescription, PendingStep, ScheduledChunk, Step, StepRejected
+from tests.steps import make_step, rows_of
+from worker.step import Admission, EngineDescription, PendingStep, Step, StepRejected
 from worker.validation import check_step
 
 BLOCK_SIZE = 16
@@ -63,10 +64,10 @@ class Driver:
             have = len(self.tables.get(slot, [])) + len(new)
             need = -(-(start + len(tokens)) // BLOCK_SIZE) - have
             new += [self.free_blocks.pop(0) for _ in range(max(0, need))]
-            chunks.append(ScheduledChunk(slot, tokens, start, new, sample))
+            chunks.append((slot, tokens, start, new, sample))
         admissions = [a if isinstance(a, Admission) else Admission(f"r{self.step_id}-{a}", a, 0.0, 1.0, 0, 0)
                       for a in admitted or []]
-        return Step(self.step_id, list(released or []), admissions, chunks)
+        return make_step(self.step_id, chunks, released or [], admissions)
 
     def run(self, step: Step) -> dict[int, int]:
         return self.tokens(self.launch(step))
@@ -75,7 +76,7 @@ class Driver:
     def tokens(pending: PendingStep) -> dict[int, int]:
         output = pending.result()
         assert not output.failures, output.failures
-        return {token.slot_id: token.token_id for token in output.sampled}
+        return dict(zip(output.slot_ids, output.token_ids))
 
     def launch(self, step: Step) -> PendingStep:
         check_step(step, self.description, self.group.slot_tables)
@@ -84,9 +85,9 @@ class Driver:
             self.lengths.pop(slot, None)
         for admission in step.admissions:
             self.tables[admission.slot_id], self.lengths[admission.slot_id] = [], 0
-        for chunk in step.chunks:
-            self.tables[chunk.slot_id] += chunk.new_block_ids
-            self.lengths[chunk.slot_id] = chunk.num_computed_tokens + len(chunk.token_ids)
+        for row in rows_of(step):
+            self.tables[row.slot_id] += row.new_block_ids
+            self.lengths[row.slot_id] = row.num_computed_tokens + len(row.token_ids)
         return self.group.launch(step)
 
     def generate(self, slot: int, prompt: list[int], new_tokens: int, chunk: int = 0) -> list[int]:
@@ -261,13 +262,13 @@ MALFORMED = {
     "a slot never admitted": lambda d: d.plan(inputs={3: [5]}),
     "a slot outside the slot range": lambda d: d.plan(admitted=[MAX_NUM_SEQS], inputs={MAX_NUM_SEQS: [5]}),
     "a token outside the vocabulary": lambda d: d.plan(admitted=[3], inputs={3: [5, 49152]}),
-    "a block outside the cache": lambda d: Step(99, [], [Admission("x", 3, 0.0, 1.0, 0, 0)],
-                                                [ScheduledChunk(3, [5, 6], 0, [NUM_KV_BLOCKS], True)]),
-    "too few blocks for the tokens": lambda d: Step(99, [], [Admission("x", 3, 0.0, 1.0, 0, 0)],
-                                                    [ScheduledChunk(3, list(range(5, 25)), 0, [9], True)]),
+    "a block outside the cache": lambda d: make_step(99, [(3, [5, 6], 0, [NUM_KV_BLOCKS], True)],
+                                                     admissions=[Admission("x", 3, 0.0, 1.0, 0, 0)]),
+    "too few blocks for the tokens": lambda d: make_step(99, [(3, list(range(5, 25)), 0, [9], True)],
+                                                         admissions=[Admission("x", 3, 0.0, 1.0, 0, 0)]),
     "more tokens than a step may carry": lambda d: d.plan(admitted=[3], inputs={3: [5] * (MAX_NUM_BATCHED_TOKENS + 1)}),
-    "past max_model_len": lambda d: Step(99, [], [Admission("x", 3, 0.0, 1.0, 0, 0)],
-                                         [ScheduledChunk(3, [5], MAX_MODEL_LEN, [9], True)]),
+    "past max_model_len": lambda d: make_step(99, [(3, [5], MAX_MODEL_LEN, [9], True)],
+                                              admissions=[Admission("x", 3, 0.0, 1.0, 0, 0)]),
     "an admitted slot admitted again": lambda d: d.plan(admitted=[0], inputs={0: [5]}),
     "a previous token the step before did not sample": lambda d: d.plan(admitted=[3], inputs={3: [PREVIOUS_TOKEN]}),
 }

@@ -17,12 +17,13 @@ import torch
 from inflight.step_contract import PREVIOUS_TOKEN
 from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
-from worker.step import Admission, ScheduledChunk, Step
+from tests.steps import make_step
+from worker.step import Admission, Step, StepOutput
 from worker.torch_engine import engine as engine_module
 from worker.torch_engine import paged_attention
 from worker.torch_engine.cuda_graphs import StepGraphs
 from worker.torch_engine.engine import TorchEngine
-from worker.torch_engine.paged_step import DeviceBlockTables
+from worker.torch_engine.block_tables import DeviceBlockTables
 from worker.torch_engine.sampler import sample
 
 CUDA = torch.cuda.is_available()
@@ -89,13 +90,13 @@ def run_scenario(engine: TorchEngine, monkeypatch: pytest.MonkeyPatch, separatel
         scheduled = []
         for slot, chunk_tokens, computed, sample in chunks:
             need = -(-(computed + len(chunk_tokens)) // BLOCK)
-            scheduled.append(ScheduledChunk(slot, chunk_tokens, computed, tables[slot][given[slot] : need], sample))
+            scheduled.append((slot, chunk_tokens, computed, tables[slot][given[slot] : need], sample))
             given[slot] = need
         admitted = [Admission(f"r{s}", s, 0.0, 1.0, 0, 0) for s in admissions]
-        output = engine.step(Step(step_id, [], admitted, scheduled))
-        for row, sampled in enumerate(output.sampled):  # rows of the step's logits, in the sampled order
-            tokens.setdefault(sampled.slot_id, []).append(sampled.token_id)
-            logits.setdefault(sampled.slot_id, []).append(recorded[-1][row].cpu())
+        output = engine.step(make_step(step_id, scheduled, admissions=admitted))
+        for row, (slot, token) in enumerate(zip(output.slot_ids, output.token_ids)):  # the logits' rows, in order
+            tokens.setdefault(slot, []).append(token)
+            logits.setdefault(slot, []).append(recorded[-1][row].cpu())
 
     def decodes(busy: set[int]) -> list[tuple[int, list[int], int, bool]]:
         return [(s, [t[-1]], len(prompt[s]) + len(t) - 1, True) for s, t in tokens.items()
@@ -142,20 +143,20 @@ def test_decodes_fed_from_the_device_give_the_tokens_of_decodes_fed_from_the_hos
 
     def prefill(step_id: int) -> Step:
         admitted = [Admission(f"r{s}", s, 0.0, 1.0, 0, 0) for s in prompts]
-        return Step(step_id, list(prompts), admitted,
-                    [ScheduledChunk(s, p, 0, blocks(s, 0, len(p)), True) for s, p in prompts.items()])
+        return make_step(step_id, [(s, p, 0, blocks(s, 0, len(p)), True) for s, p in prompts.items()],
+                         released=list(prompts), admissions=admitted)
 
     def decode(step_id: int, tokens: dict[int, list[int]], fed: bool) -> Step:
         chunks = []
         for s, p in prompts.items():
             position = len(p) + step_id - 2  # the token sampled by step step_id - 1
             token = PREVIOUS_TOKEN if fed else tokens[s][-1]
-            chunks.append(ScheduledChunk(s, [token], position, blocks(s, position, position + 1), True))
-        return Step(step_id, [], [], chunks)
+            chunks.append((s, [token], position, blocks(s, position, position + 1), True))
+        return make_step(step_id, chunks)
 
-    def collect(output_tokens: dict[int, list[int]], output) -> None:  # type: ignore[no-untyped-def]
-        for sampled in output.sampled:
-            output_tokens[sampled.slot_id].append(sampled.token_id)
+    def collect(output_tokens: dict[int, list[int]], output: StepOutput) -> None:
+        for slot, token in zip(output.slot_ids, output.token_ids):
+            output_tokens[slot].append(token)
 
     host_fed: dict[int, list[int]] = {s: [] for s in prompts}
     collect(host_fed, engine.step(prefill(1)))

@@ -6,15 +6,25 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.step import ScheduledChunk
+from inflight.step_contract import PREVIOUS_TOKEN
+from tests.steps import Row, make_step
 from worker.torch_engine.paged_step import lay_out
 
 BLOCK = 4
+NUM_SLOTS = 16
+
+
+def table_rows(tables: dict[int, list[int]]) -> np.ndarray:
+    """Each slot's block table as a row of one array, the way the engine keeps them."""
+    rows = np.zeros((NUM_SLOTS, max(len(t) for t in tables.values())), dtype=np.int64)
+    for slot, table in tables.items():
+        rows[slot, : len(table)] = table
+    return rows
 
 
 @st.composite
-def steps(draw: st.DrawFn) -> tuple[list[ScheduledChunk], dict[int, list[int]]]:
-    slots = draw(st.lists(st.integers(0, 15), min_size=1, max_size=8, unique=True))
+def steps(draw: st.DrawFn) -> tuple[list[Row], dict[int, list[int]]]:
+    slots = draw(st.lists(st.integers(0, NUM_SLOTS - 1), min_size=1, max_size=8, unique=True))
     chunks, tables, next_block = [], {}, 1
     for slot in slots:
         computed = draw(st.integers(0, 20))
@@ -23,15 +33,15 @@ def steps(draw: st.DrawFn) -> tuple[list[ScheduledChunk], dict[int, list[int]]]:
         tables[slot] = list(range(next_block, next_block + blocks))
         next_block += blocks
         tokens = draw(st.lists(st.integers(0, 99), min_size=length, max_size=length))
-        chunks.append(ScheduledChunk(slot, tokens, computed, [], draw(st.booleans())))
+        chunks.append(Row(slot, tokens, computed, [], draw(st.booleans())))
     return chunks, tables
 
 
 @settings(max_examples=200, deadline=None)
 @given(steps())
-def test_layout_puts_chunks_first_and_keeps_every_token(step: tuple[list[ScheduledChunk], dict[int, list[int]]]) -> None:
+def test_layout_puts_chunks_first_and_keeps_every_token(step: tuple[list[Row], dict[int, list[int]]]) -> None:
     chunks, tables = step
-    layout = lay_out(chunks, tables, BLOCK)
+    layout = lay_out(make_step(1, chunks), table_rows(tables), BLOCK)
     prompts = [c for c in chunks if len(c.token_ids) > 1]
     singles = [c for c in chunks if len(c.token_ids) == 1]
     assert layout.num_tokens == sum(len(c.token_ids) for c in chunks)
@@ -64,9 +74,14 @@ def test_layout_puts_chunks_first_and_keeps_every_token(step: tuple[list[Schedul
 
 
 def test_max_query_len_is_the_longest_chunk() -> None:
-    chunks = [ScheduledChunk(0, [1, 2, 3], 0, [], True), ScheduledChunk(1, [4], 7, [], True),
-              ScheduledChunk(2, [5, 6, 7, 8, 9], 2, [], False)]
-    layout = lay_out(chunks, {0: [1], 1: [2, 3], 2: [4, 5]}, BLOCK)
+    chunks = [(0, [1, 2, 3], 0, [], True), (1, [4], 7, [], True), (2, [5, 6, 7, 8, 9], 2, [], False)]
+    layout = lay_out(make_step(1, chunks), table_rows({0: [1], 1: [2, 3], 2: [4, 5]}), BLOCK)
     assert layout.max_query_len == 5
     assert np.array_equal(layout.prefill_query_start, [0, 3, 8])
     assert layout.decode_rows.tolist() == [8]
+
+
+def test_a_previous_token_row_is_fed_from_its_slots_last_sample() -> None:
+    layout = lay_out(make_step(1, [(2, [1, 2], 0, [], False), (5, [PREVIOUS_TOKEN], 4, [], True)]),
+                     table_rows({2: [1], 5: [2, 3]}), BLOCK)
+    assert layout.token_ids.tolist() == [1, 2, -1 - 5]  # resolve_previous reads slot 5's last token there

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from inflight.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.stack import REPO
+from tests.steps import Row, make_step, same_step
 from worker.fanout import decode_step, encode_step
-from worker.step import Admission, ScheduledChunk, Step
+from worker.step import Admission
 
 admissions = st.builds(Admission, request_id=st.just(""), slot_id=st.integers(0, 255),
                        temperature=st.floats(0, 2), top_p=st.floats(0.01, 1), top_k=st.integers(0, 100),
@@ -24,15 +25,15 @@ admissions = st.builds(Admission, request_id=st.just(""), slot_id=st.integers(0,
                        min_tokens=st.integers(0, 100), top_logprobs=st.integers(0, 20),
                        num_prompt_tokens=st.integers(0, 8192), stop_token_ids=st.lists(st.integers(0, 2**17), max_size=4),
                        context_token_ids=st.lists(st.integers(0, 2**17), max_size=20))
-chunks = st.builds(ScheduledChunk, slot_id=st.integers(0, 255), token_ids=st.lists(st.integers(0, 2**17), min_size=1),
-                   num_computed_tokens=st.integers(0, 10**5), new_block_ids=st.lists(st.integers(1, 10**5)),
-                   sample=st.booleans())
+rows = st.builds(Row, slot_id=st.integers(0, 255), token_ids=st.lists(st.integers(0, 2**32 - 1), min_size=1),
+                 num_computed_tokens=st.integers(0, 10**5), new_block_ids=st.lists(st.integers(1, 10**5)),
+                 sample=st.booleans())
 
 
-@given(step=st.builds(Step, step_id=st.integers(0, 2**62), released_slot_ids=st.lists(st.integers(0, 255)),
-                      admissions=st.lists(admissions, max_size=4), chunks=st.lists(chunks, max_size=6)))
+@given(step=st.builds(make_step, step_id=st.integers(0, 2**62), rows=st.lists(rows, max_size=6),
+                      released=st.lists(st.integers(0, 255)), admissions=st.lists(admissions, max_size=4)))
 def test_broadcast_encoding_round_trips(step):
-    assert decode_step(encode_step(step)) == step
+    assert same_step(decode_step(encode_step(step)), step)
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from itertools import chain
+
+import numpy as np
+
 from inflight.v1 import worker_pb2
-from worker.step import Admission, EngineDescription, ScheduledChunk, Step, StepOutput
+from worker.step import Admission, EngineDescription, Step, StepOutput
 
 # grpc.StatusCode numbers, without importing grpc into the step contract's codec.
 _INVALID_ARGUMENT, _INTERNAL = 3, 13
 
 
 def step_from_proto(plan: worker_pb2.StepPlan) -> Step:
+    columns = plan.sequences
     return Step(
         step_id=plan.step_id,
         released_slot_ids=list(plan.released_slot_ids),
@@ -33,33 +39,30 @@ def step_from_proto(plan: worker_pb2.StepPlan) -> Step:
             )
             for new in plan.new_sequences
         ],
-        chunks=_chunks(plan.sequences),
+        slot_ids=_ints(columns.slot_ids),
+        num_computed_tokens=_ints(columns.num_computed_tokens),
+        num_tokens=_ints(columns.num_tokens),
+        token_ids=_ints(columns.token_ids),
+        num_new_blocks=_ints(columns.num_new_blocks),
+        new_block_ids=_ints(columns.new_block_ids),
+        sample=np.array(columns.sample, dtype=bool),
     )
 
 
-def _chunks(columns: worker_pb2.ScheduledSequences) -> list[ScheduledChunk]:
-    token_ids, block_ids = list(columns.token_ids), list(columns.new_block_ids)
-    chunks, token_at, block_at = [], 0, 0
-    for slot, computed, num_tokens, num_blocks, sample in zip(columns.slot_ids, columns.num_computed_tokens,
-                                                              columns.num_tokens, columns.num_new_blocks,
-                                                              columns.sample):
-        chunks.append(ScheduledChunk(slot, token_ids[token_at : token_at + num_tokens], computed,
-                                     block_ids[block_at : block_at + num_blocks], sample))
-        token_at += num_tokens
-        block_at += num_blocks
-    return chunks
+def _ints(column: Iterable[int]) -> np.ndarray:
+    """A uint32 column as int64 (PREVIOUS_TOKEN, 2**32 - 1, fits); one copy, no Python int per entry."""
+    return np.array(column, dtype=np.int64)
 
 
 def output_to_proto(output: StepOutput) -> worker_pb2.StepResult:
-    any_top = any(s.top_token_ids for s in output.sampled)
+    any_top = any(output.top_token_ids)
     return worker_pb2.StepResult(
         step_id=output.step_id,
         sampled=worker_pb2.SampledTokens(
-            slot_ids=[s.slot_id for s in output.sampled], token_ids=[s.token_id for s in output.sampled],
-            logprobs=[s.logprob for s in output.sampled],
-            num_top_logprobs=[len(s.top_token_ids) for s in output.sampled] if any_top else [],
-            top_token_ids=[i for s in output.sampled for i in s.top_token_ids],
-            top_logprobs=[v for s in output.sampled for v in s.top_logprobs]),
+            slot_ids=output.slot_ids, token_ids=output.token_ids, logprobs=output.logprobs,
+            num_top_logprobs=[len(ids) for ids in output.top_token_ids] if any_top else [],
+            top_token_ids=list(chain.from_iterable(output.top_token_ids)),
+            top_logprobs=list(chain.from_iterable(output.top_logprobs))),
         forward_seconds=output.forward_seconds,
         sequence_errors=[worker_pb2.SequenceError(slot_id=f.slot_id, message=f.message,
                                                   code=_INVALID_ARGUMENT if f.invalid_argument else _INTERNAL)

@@ -25,7 +25,7 @@ class WorkerGroup:
         self.comm = comm
         self.engine = engine
         self.tp_size = comm.Get_size()
-        self.slot_tables = SlotTables()
+        self.slot_tables = SlotTables(engine.describe().max_num_seqs)
 
     def _broadcast(self, command: Command, payload: np.ndarray | None = None) -> None:
         if self.tp_size == 1:
@@ -69,7 +69,7 @@ def follow(comm: MPI.Comm, engine: Engine) -> None:
     overlapped steps reach its device back to back.
     """
     header = np.empty(HEADER_WORDS, dtype=np.int64)
-    slot_tables = SlotTables()
+    slot_tables = SlotTables(engine.describe().max_num_seqs)
     pending: PendingStep | None = None
     while True:
         comm.Bcast(header, root=0)

@@ -138,7 +138,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _launch_on_engine_thread(self, step: Step) -> PendingStep:
         if self.profiler is None:
             return self.group.launch(step)
-        self.profiler.launching(all(len(chunk.token_ids) == 1 for chunk in step.chunks))
+        self.profiler.launching(step.all_single_token)
         pending = self.group.launch(step)
         self.profiler.launched_step()
         return pending

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
 
 
 @dataclass(slots=True)
@@ -36,34 +39,64 @@ class Admission:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-@dataclass(slots=True)
-class ScheduledChunk:
-    slot_id: int
-    token_ids: list[int]
-    num_computed_tokens: int
-    new_block_ids: list[int]
-    sample: bool
+def _no_ints() -> np.ndarray:
+    return np.zeros(0, dtype=np.int64)
 
 
-@dataclass(frozen=True)
+def _no_flags() -> np.ndarray:
+    return np.zeros(0, dtype=bool)
+
+
+@dataclass(frozen=True, eq=False)
 class Step:
+    """One step's plan. The sequences it runs are columns: entry i of every per-sequence array belongs to
+    sequence i, and sequence i's tokens and new blocks are runs of token_ids and new_block_ids, in
+    sequence order (as in the step contract's ScheduledSequences). A decode costs a few numbers, no object.
+    The arrays are int64 (sample: bool) and may be views of a received buffer: never written to."""
+
     step_id: int
     released_slot_ids: list[int] = field(default_factory=list)
     admissions: list[Admission] = field(default_factory=list)
-    chunks: list[ScheduledChunk] = field(default_factory=list)
+    slot_ids: np.ndarray = field(default_factory=_no_ints)             # [S]
+    num_computed_tokens: np.ndarray = field(default_factory=_no_ints)  # [S] tokens already in the KV cache
+    num_tokens: np.ndarray = field(default_factory=_no_ints)           # [S] tokens each sequence runs
+    token_ids: np.ndarray = field(default_factory=_no_ints)            # [sum num_tokens]; PREVIOUS_TOKEN allowed
+    num_new_blocks: np.ndarray = field(default_factory=_no_ints)       # [S] blocks appended before the step
+    new_block_ids: np.ndarray = field(default_factory=_no_ints)        # [sum num_new_blocks]
+    sample: np.ndarray = field(default_factory=_no_flags)              # [S] bool
 
     @property
-    def num_tokens(self) -> int:
-        return sum(len(chunk.token_ids) for chunk in self.chunks)
+    def num_sequences(self) -> int:
+        return len(self.slot_ids)
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @cached_property
+    def token_starts(self) -> np.ndarray:
+        """[S + 1] where each sequence's run of token_ids starts; the last entry is the total."""
+        return _starts(self.num_tokens)
+
+    @cached_property
+    def block_starts(self) -> np.ndarray:
+        """[S + 1] where each sequence's run of new_block_ids starts; the last entry is the total."""
+        return _starts(self.num_new_blocks)
+
+    @property
+    def all_single_token(self) -> bool:
+        """Every sequence runs one token (decodes, and prompts whose last token alone is left after a cache hit)."""
+        return bool((self.num_tokens == 1).all())
+
+    def tokens_of(self, row: int) -> np.ndarray:
+        """The run of token_ids of sequence `row`."""
+        return self.token_ids[self.token_starts[row] : self.token_starts[row + 1]]
 
 
-@dataclass(slots=True)
-class SampledToken:
-    slot_id: int
-    token_id: int
-    logprob: float
-    top_token_ids: list[int] = field(default_factory=list)
-    top_logprobs: list[float] = field(default_factory=list)
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    return starts
 
 
 @dataclass(slots=True)
@@ -77,9 +110,16 @@ class SequenceFailure:
 
 @dataclass(frozen=True)
 class StepOutput:
+    """A step's sampled tokens, as columns: entry i of each list belongs to sampled sequence i. A sequence that
+    failed has no entry (it is in failures); top_* hold one list per sequence, empty when it asked for none."""
+
     step_id: int
-    sampled: list[SampledToken]
-    forward_seconds: float
+    slot_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_token_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+    forward_seconds: float = 0.0
     failures: list[SequenceFailure] = field(default_factory=list)
 
 

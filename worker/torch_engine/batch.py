@@ -13,17 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from worker.torch_engine.paged_step import PagedAttention
-
-
-@dataclass(frozen=True)
-class SequenceChunk:
-    """The tokens one sequence processes in this step."""
-
-    token_ids: list[int]
-    num_computed_tokens: int
-    block_table: list[int]
-    sample: bool
+from worker.step import Step
+from worker.torch_engine.paged_step import PagedAttention, feed_previous
 
 
 @dataclass
@@ -62,23 +53,23 @@ def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _group(members: np.ndarray, q_lens: np.ndarray, computed: np.ndarray, starts: np.ndarray,
-           tables: list[np.ndarray], block_size: int, device: torch.device, dtype: torch.dtype) -> AttentionGroup:
+           tables: np.ndarray, block_size: int, device: torch.device, dtype: torch.dtype) -> AttentionGroup:
+    """tables[i]: sequence i's block table."""
     q, c, s = q_lens[members], computed[members], starts[members]
     ctx = c + q
     max_q = int(q.max())
     used_blocks = -(-ctx // block_size)
-    key_blocks = np.zeros((len(members), int(used_blocks.max())), dtype=np.int64)
-    for row, b in enumerate(members):
-        key_blocks[row, : used_blocks[row]] = tables[b][: used_blocks[row]]
+    width = int(used_blocks.max())
+    key_blocks = np.where(np.arange(width)[None, :] < used_blocks[:, None], tables[members, :width], 0)
     offsets = np.arange(max_q)
     valid = offsets[None, :] < q[:, None]
     query_index = np.where(valid, s[:, None] + offsets[None, :], 0)
     query_pos = c[:, None] + offsets[None, :]
-    attn_mask = np.arange(key_blocks.shape[1] * block_size)[None, None, :] <= query_pos[:, :, None]
+    attn_mask = np.arange(width * block_size)[None, None, :] <= query_pos[:, :, None]
     attn_mask[~valid] = False
     attn_mask[..., 0] |= ~valid  # padding queries attend one key, so no row is all -inf
-    token_index = np.concatenate([np.arange(st, st + n) for st, n in zip(s, q)])
-    output_index = np.repeat(np.arange(len(members)), q) * max_q + np.concatenate([np.arange(n) for n in q])
+    token_index = query_index[valid]      # row-major: each sequence's queries, in order
+    output_index = np.flatnonzero(valid)  # their rows in the flattened [Bg*Qmax] output
     # Additive, in the model's dtype, made once on the device: SDPA would otherwise turn a boolean mask
     # into this in every layer.
     allowed = _tensor(attn_mask[:, None, :, :], device)
@@ -88,28 +79,27 @@ def _group(members: np.ndarray, q_lens: np.ndarray, computed: np.ndarray, starts
                           additive, _tensor(output_index, device), all_decodes)
 
 
-def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.device,
+def build_batch(step: Step, tables: np.ndarray, block_size: int, device: torch.device,
                 dtype: torch.dtype = torch.float32) -> BatchInput:
-    q_lens = np.array([len(c.token_ids) for c in chunks], dtype=np.int64)
-    computed = np.array([c.num_computed_tokens for c in chunks], dtype=np.int64)
+    """The batch of a step's sequences; tables[slot]: that slot's whole block table. PREVIOUS_TOKEN comes out
+    as -1 - slot, for resolve_previous."""
+    q_lens, computed, slots = step.num_tokens, step.num_computed_tokens, step.slot_ids
     ctx_lens = computed + q_lens
-    starts = np.concatenate(([0], np.cumsum(q_lens)[:-1]))
-    token_ids = np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in chunks])
-    each_positions = [np.arange(c, c + q) for c, q in zip(computed, q_lens)]
-    positions = np.concatenate(each_positions)
-    tables = [np.asarray(chunk.block_table, dtype=np.int64) for chunk in chunks]
-    slot_mapping = np.concatenate([table[pos // block_size] * block_size + pos % block_size
-                                   for table, pos in zip(tables, each_positions)])
+    starts = step.token_starts[:-1]
+    token_slots = np.repeat(slots, q_lens)
+    positions = np.repeat(computed - starts, q_lens) + np.arange(step.total_tokens)
+    slot_mapping = tables[token_slots, positions // block_size] * block_size + positions % block_size
+    sequence_tables = tables[slots]
     decodes = np.flatnonzero(q_lens == 1)
     prompts = np.flatnonzero(q_lens > 1)
-    groups = [_group(m, q_lens, computed, starts, tables, block_size, device, dtype) for m in (decodes, prompts) if len(m)]
-    sampled = [b for b, c in enumerate(chunks) if c.sample]
-    sample_index = np.array([starts[b] + q_lens[b] - 1 for b in sampled], dtype=np.int64)
+    groups = [_group(m, q_lens, computed, starts, sequence_tables, block_size, device, dtype)
+              for m in (decodes, prompts) if len(m)]
+    sampled = np.flatnonzero(step.sample)
     return BatchInput(
-        token_ids=_tensor(token_ids, device),
+        token_ids=_tensor(feed_previous(step.token_ids, token_slots), device),
         positions=_tensor(positions, device),
         slot_mapping=_tensor(slot_mapping, device),
-        sample_index=_tensor(sample_index, device),
-        sample_positions=[int(ctx_lens[b]) for b in sampled],
+        sample_index=_tensor(starts[sampled] + q_lens[sampled] - 1, device),
+        sample_positions=ctx_lens[sampled].tolist(),
         groups=groups,
     )

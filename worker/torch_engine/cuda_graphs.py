@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from worker.torch_engine.batch import BatchInput
+from worker.torch_engine.block_tables import DeviceBlockTables
 from worker.torch_engine.model import LlamaModel
-from worker.torch_engine.paged_step import DeviceBlockTables, PagedAttention, StepLayout, resolve_previous
+from worker.torch_engine.paged_step import PagedAttention, StepLayout, resolve_previous
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024,
            1280, 1536, 1792, 2048)

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Container
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 import torch
 
 from inflight.model_config import ModelConfig
 from inflight.step_contract import PREVIOUS_TOKEN
 from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
-from worker.step import (EngineDescription, PendingStep, SampledToken, ScheduledChunk, SequenceFailure, Step,
-                         StepOutput)
+from worker.step import Admission, EngineDescription, PendingStep, SequenceFailure, Step, StepOutput
 from worker.torch_engine import paged_attention
-from worker.torch_engine.batch import BatchInput, SequenceChunk, build_batch
+from worker.torch_engine.batch import BatchInput, build_batch
+from worker.torch_engine.block_tables import DeviceBlockTables, HostBlockTables
 from worker.torch_engine.cuda_graphs import StepGraphs
 from worker.torch_engine.model import LlamaModel
 from worker.torch_engine.mpt import MptModel
-from worker.torch_engine.paged_step import DeviceBlockTables, StepLayout, eager_attention, lay_out, resolve_previous
+from worker.torch_engine.paged_step import StepLayout, eager_attention, lay_out, resolve_previous
 from worker.torch_engine.random_models import random_model
 from worker.torch_engine.sampler import PendingSample, SequenceSampling, sample
 from worker.torch_engine.transfer import to_device
@@ -28,12 +30,7 @@ from worker.torch_engine.weights import SafetensorsWeights, WeightSource
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NULL_BLOCK = 0
 GRAPH_TOKENS = 2048  # steps of up to this many tokens (or max_num_seqs, if more) replay a CUDA graph
-
-
-@dataclass
-class SlotState:
-    sampling: SequenceSampling
-    block_table: list[int]
+_T = TypeVar("_T")
 
 
 def _resolve_dtype(config: WorkerConfig) -> torch.dtype:
@@ -71,15 +68,17 @@ class TorchEngine:
                                  self.model_config.max_position_embeddings)
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_that_fit()
         self.kv_cache = self._allocate_cache(self.num_kv_blocks)
-        self.slots: dict[int, SlotState] = {}
+        self.sampling: dict[int, SequenceSampling] = {}
+        self.keeps_history = np.zeros(config.max_num_seqs, dtype=bool)  # slots whose penalties read their tokens
+        max_blocks = -(-self.max_model_len // config.block_size)
+        self.host_tables = HostBlockTables(config.max_num_seqs, max_blocks)
         # The token each slot sampled last, on the device: a step's PREVIOUS_TOKEN is read from here.
         self.last_tokens = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
         # On CUDA, attention reads the paged cache (one forward per step); on CPU it gathers the blocks.
         self.tables: DeviceBlockTables | None = None
         self.graphs: StepGraphs | None = None
         if paged_attention.available(self.device) and self.model.uniform_gqa:
-            self.tables = DeviceBlockTables(config.max_num_seqs, -(-self.max_model_len // config.block_size),
-                                            self.device)
+            self.tables = DeviceBlockTables(config.max_num_seqs, max_blocks, self.device)
             if config.cuda_graphs and self.model.graph_safe:
                 max_tokens = min(config.max_num_batched_tokens, max(GRAPH_TOKENS, config.max_num_seqs))
                 self.graphs = StepGraphs(self.model, self.kv_cache, self.tables, self.last_tokens, max_tokens)
@@ -125,13 +124,14 @@ class TorchEngine:
     def warmup(self) -> int:
         """Run the largest step once (into the null block) so later steps cannot run out of memory."""
         num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
-        blocks = [_NULL_BLOCK] * -(-num_tokens // self.config.block_size)
+        step = Step(0, slot_ids=np.zeros(1, dtype=np.int64), num_computed_tokens=np.zeros(1, dtype=np.int64),
+                    num_tokens=np.array([num_tokens]), token_ids=np.zeros(num_tokens, dtype=np.int64),
+                    num_new_blocks=np.zeros(1, dtype=np.int64), sample=np.ones(1, dtype=bool))
+        null_table = np.full((1, -(-num_tokens // self.config.block_size)), _NULL_BLOCK, dtype=np.int64)
         if self.tables is not None:
-            self._forward_paged(lay_out([ScheduledChunk(0, [0] * num_tokens, 0, blocks, True)], {0: blocks},
-                                        self.config.block_size))
+            self._forward_paged(lay_out(step, null_table, self.config.block_size))
         else:
-            chunk = SequenceChunk([0] * num_tokens, 0, blocks, sample=True)
-            batch = build_batch([chunk], self.config.block_size, self.device, self.dtype)
+            batch = build_batch(step, null_table, self.config.block_size, self.device, self.dtype)
             self.model.logits(self.model.forward(batch, self.kv_cache)[batch.sample_index])
         if self.graphs is not None:
             self.graphs.capture()
@@ -142,7 +142,7 @@ class TorchEngine:
 
     def release(self, slot_ids: list[int]) -> None:
         for slot in slot_ids:
-            self.slots.pop(slot, None)
+            self.sampling.pop(slot, None)
 
     def step(self, step: Step) -> StepOutput:
         """Launch a step and wait for its output (for callers that run one step at a time)."""
@@ -153,50 +153,59 @@ class TorchEngine:
         start = time.perf_counter()
         self.release(step.released_slot_ids)
         for admission in step.admissions:
-            history = list(admission.context_token_ids) if admission.needs_history else []
-            self.slots[admission.slot_id] = SlotState(SequenceSampling(admission, history), [])
-        if not step.chunks:
-            return PendingStep.done(StepOutput(step.step_id, [], 0.0))
-        for scheduled in step.chunks:
-            state = self.slots[scheduled.slot_id]
-            if self.tables is not None:
-                self.tables.append(scheduled.slot_id, len(state.block_table), scheduled.new_block_ids)
-            state.block_table.extend(scheduled.new_block_ids)
-            _extend_history(state.sampling, scheduled)
+            self._admit(admission)
+        if not step.num_sequences:
+            return PendingStep.done(StepOutput(step.step_id))
+        written = self.host_tables.append(step)
         if self.tables is not None:
-            self.tables.flush()
-        logits, positions, sampled_slots = self._forward(step.chunks)
+            self.tables.write(*written)
+        self._extend_histories(step)
+        logits, positions, sampled_slots = self._forward(step)
         if logits is None:
-            return PendingStep.done(StepOutput(step.step_id, [], time.perf_counter() - start))
-        sequences = [self.slots[slot].sampling for slot in sampled_slots]
+            return PendingStep.done(StepOutput(step.step_id, forward_seconds=time.perf_counter() - start))
+        sequences = [self.sampling[slot] for slot in sampled_slots]
+        history_rows = np.flatnonzero(self.keeps_history[sampled_slots]).tolist()
         pending = sample(logits, sequences, positions)
         self.last_tokens.index_copy_(0, to_device(sampled_slots, self.device), pending.tokens)
-        return PendingStep(lambda: self._output(step.step_id, start, pending, sequences, sampled_slots, positions),
-                           pending.wait)
+        return PendingStep(lambda: self._output(step.step_id, start, pending, sampled_slots, sequences, history_rows,
+                                                positions), pending.wait)
+
+    def _admit(self, admission: Admission) -> None:
+        history = list(admission.context_token_ids) if admission.needs_history else []
+        self.sampling[admission.slot_id] = SequenceSampling(admission, history)
+        self.keeps_history[admission.slot_id] = admission.needs_history
+        self.host_tables.clear(admission.slot_id)
+
+    def _extend_histories(self, step: Step) -> None:
+        """Each penalty sequence's history grows by the step's known tokens it does not hold yet."""
+        for row in np.flatnonzero(self.keeps_history[step.slot_ids]).tolist():
+            tokens = step.tokens_of(row)
+            if len(tokens) == 1 and tokens[0] == PREVIOUS_TOKEN:  # on the device; the history gets it when read
+                continue
+            history, computed = self.sampling[int(step.slot_ids[row])].history, int(step.num_computed_tokens[row])
+            if len(history) >= computed and computed + len(tokens) > len(history):
+                history.extend(tokens[len(history) - computed :].tolist())
 
     @staticmethod
-    def _output(step_id: int, start: float, pending: PendingSample, sequences: list[SequenceSampling],
-                sampled_slots: list[int], positions: list[int]) -> StepOutput:
+    def _output(step_id: int, start: float, pending: PendingSample, sampled_slots: list[int],
+                sequences: list[SequenceSampling], history_rows: list[int], positions: list[int]) -> StepOutput:
         result = pending.result()
-        sampled = []
-        for row, fields in enumerate(zip(sampled_slots, result.token_ids, result.logprobs, result.top_token_ids,
-                                         result.top_logprobs)):
+        failed = result.failures
+        for row in history_rows:  # the token leaves in_flight for the history, now that it is known
             sequence = sequences[row]
-            if sequence.params.needs_history:  # the token leaves in_flight for the history, now that it is known
-                sequence.in_flight.pop(0)
-                if row not in result.failures and len(sequence.history) == positions[row]:
-                    sequence.history.append(fields[1])
-            if row not in result.failures:
-                sampled.append(SampledToken(*fields))
-        failures = [SequenceFailure(sampled_slots[row], f.invalid_argument, f.message) for row, f in result.failures.items()]
-        return StepOutput(step_id, sampled, time.perf_counter() - start, failures)
+            sequence.in_flight.pop(0)
+            if row not in failed and len(sequence.history) == positions[row]:
+                sequence.history.append(result.token_ids[row])
+        failures = [SequenceFailure(sampled_slots[row], f.invalid_argument, f.message) for row, f in failed.items()]
+        return StepOutput(step_id, _without(failed, sampled_slots), _without(failed, result.token_ids),
+                          _without(failed, result.logprobs), _without(failed, result.top_token_ids),
+                          _without(failed, result.top_logprobs), time.perf_counter() - start, failures)
 
-    def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[int], list[int]]:
-        """Logits, sample positions and slots of the sampled chunks (rows matched by slot, not step order)."""
+    def _forward(self, step: Step) -> tuple[torch.Tensor | None, list[int], list[int]]:
+        """Logits, sample positions and slots of the sampled sequences (rows matched by slot, not step order)."""
         if self.tables is None:
-            return self._forward_eager(chunks)
-        layout = lay_out(chunks, {c.slot_id: self.slots[c.slot_id].block_table for c in chunks},
-                         self.config.block_size)
+            return self._forward_eager(step)
+        layout = lay_out(step, self.host_tables.tables, self.config.block_size)
         if self.graphs is not None and layout.num_tokens <= self.graphs.max_tokens:
             logits = self.graphs.run(layout)
         else:
@@ -215,28 +224,20 @@ class TorchEngine:
                            paged=eager_attention(layout, self.tables))
         return self.model.logits(self.model.forward(batch, self.kv_cache)[batch.sample_index])
 
-    def _forward_eager(self, scheduled: list[ScheduledChunk]) -> tuple[torch.Tensor | None, list[int], list[int]]:
+    def _forward_eager(self, step: Step) -> tuple[torch.Tensor | None, list[int], list[int]]:
         """Attention over blocks gathered from the cache (CPU, or CUDA without Triton)."""
-        chunks = [SequenceChunk([-1 - c.slot_id] if c.token_ids == [PREVIOUS_TOKEN] else c.token_ids,
-                                c.num_computed_tokens, self.slots[c.slot_id].block_table, c.sample)
-                  for c in scheduled]
-        batch = build_batch(chunks, self.config.block_size, self.device, self.dtype)
+        batch = build_batch(step, self.host_tables.tables, self.config.block_size, self.device, self.dtype)
         batch.token_ids = resolve_previous(batch.token_ids, self.last_tokens)
         hidden = self.model.forward(batch, self.kv_cache)
         if not batch.sample_positions:
             return None, [], []
-        return (self.model.logits(hidden[batch.sample_index]), batch.sample_positions,
-                [c.slot_id for c in scheduled if c.sample])
+        sampled_slots = step.slot_ids[step.sample].tolist()
+        return self.model.logits(hidden[batch.sample_index]), batch.sample_positions, sampled_slots
 
     def shutdown(self) -> None:
-        self.slots.clear()
+        self.sampling.clear()
 
 
-def _extend_history(sampling: SequenceSampling, chunk: ScheduledChunk) -> None:
-    """A penalty sequence's history grows by the chunk's known tokens it does not hold yet."""
-    if not sampling.params.needs_history or chunk.token_ids == [PREVIOUS_TOKEN]:
-        return
-    history = sampling.history
-    end = chunk.num_computed_tokens + len(chunk.token_ids)
-    if len(history) >= chunk.num_computed_tokens and end > len(history):
-        history.extend(chunk.token_ids[len(history) - chunk.num_computed_tokens :])
+def _without(rows: Container[int], column: list[_T]) -> list[_T]:
+    """column without the entries of these rows (a failed sequence has no entry in a step's output)."""
+    return [value for row, value in enumerate(column) if row not in rows] if rows else column

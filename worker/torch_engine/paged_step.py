@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from inflight.step_contract import PREVIOUS_TOKEN
-from worker.step import ScheduledChunk
+from worker.step import Step
+from worker.torch_engine.block_tables import DeviceBlockTables
 from worker.torch_engine.transfer import to_device
 
 
@@ -64,63 +65,43 @@ class StepLayout:
         return int(np.diff(self.prefill_query_start).max()) if len(self.prefill_slots) else 1
 
 
-def lay_out(chunks: list[ScheduledChunk], tables: dict[int, list[int]], block_size: int) -> StepLayout:
-    """Prompt chunks first, then single-token rows; tables: each slot's whole block table."""
-    ordered = sorted(chunks, key=lambda c: len(c.token_ids) == 1)  # stable: chunks keep their order
-    lengths = np.array([len(c.token_ids) for c in ordered], dtype=np.int64)
+def lay_out(step: Step, tables: np.ndarray, block_size: int) -> StepLayout:
+    """Prompt chunks first, then single-token rows; tables[slot]: that slot's whole block table."""
+    order = np.argsort(step.num_tokens == 1, kind="stable")  # stable: chunks keep their order
+    lengths, computed, slots = step.num_tokens[order], step.num_computed_tokens[order], step.slot_ids[order]
     starts = np.concatenate(([0], np.cumsum(lengths)))
-    computed = np.array([c.num_computed_tokens for c in ordered], dtype=np.int64)
-    positions = np.concatenate([np.arange(c, c + n) for c, n in zip(computed, lengths)])
-    slot_mapping = np.concatenate([np.asarray(tables[c.slot_id], dtype=np.int64)[p // block_size] * block_size
-                                   + p % block_size
-                                   for c, p in zip(ordered, np.split(positions, starts[1:-1]))])
-    slots = np.array([c.slot_id for c in ordered], dtype=np.int64)
     ends = computed + lengths
+    rows = np.arange(step.total_tokens)
+    token_ids = step.token_ids[np.repeat(step.token_starts[:-1][order] - starts[:-1], lengths) + rows]
+    positions = np.repeat(computed - starts[:-1], lengths) + rows
+    token_slots = np.repeat(slots, lengths)
     num_prefill = int(np.count_nonzero(lengths > 1))
-    sampled = [i for i, c in enumerate(ordered) if c.sample]
-    token_ids = np.concatenate([np.asarray(c.token_ids, dtype=np.int64) for c in ordered])
-    previous = token_ids == PREVIOUS_TOKEN
-    if previous.any():
-        token_ids[previous] = -1 - np.repeat(slots, lengths)[previous]
+    sampled = np.flatnonzero(step.sample[order])
     return StepLayout(
-        token_ids=token_ids,
+        token_ids=feed_previous(token_ids, token_slots),
         positions=positions,
-        slot_mapping=slot_mapping,
+        slot_mapping=tables[token_slots, positions // block_size] * block_size + positions % block_size,
         prefill_query_start=starts[: num_prefill + 1],
         prefill_slots=slots[:num_prefill],
         prefill_lens=ends[:num_prefill],
         decode_rows=starts[num_prefill:-1],
         decode_slots=slots[num_prefill:],
         decode_lens=ends[num_prefill:],
-        sample_rows=np.array([starts[i + 1] - 1 for i in sampled], dtype=np.int64),
-        sample_positions=[int(ends[i]) for i in sampled],
-        sampled_slots=[ordered[i].slot_id for i in sampled],
+        sample_rows=starts[sampled + 1] - 1,
+        sample_positions=ends[sampled].tolist(),
+        sampled_slots=slots[sampled].tolist(),
     )
 
 
-class DeviceBlockTables:
-    """Every slot's block table on the device, one row per slot, grown as blocks are appended.
-
-    A step's appends are written together by flush(): one host-to-device copy, not one per sequence.
-    """
-
-    def __init__(self, num_slots: int, max_blocks: int, device: torch.device) -> None:
-        self.tables = torch.zeros(num_slots, max_blocks, dtype=torch.int32, device=device)
-        self._pending: list[tuple[int, int, list[int]]] = []
-
-    def append(self, slot: int, start: int, block_ids: list[int]) -> None:
-        if block_ids:
-            self._pending.append((slot, start, block_ids))
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        rows = [slot for slot, _, ids in self._pending for _ in ids]
-        columns = [start + i for _, start, ids in self._pending for i in range(len(ids))]
-        values = [block for _, _, ids in self._pending for block in ids]
-        self._pending = []
-        staged = to_device([rows, columns, values], self.tables.device)
-        self.tables.index_put_((staged[0], staged[1]), staged[2].to(torch.int32))
+def feed_previous(token_ids: np.ndarray, token_slots: np.ndarray) -> np.ndarray:
+    """token_ids (copied if any changes) with each PREVIOUS_TOKEN as -1 - its slot, which resolve_previous
+    reads from the device. token_slots: the slot each token belongs to."""
+    previous = token_ids == PREVIOUS_TOKEN
+    if not previous.any():
+        return token_ids
+    fed = token_ids.copy()
+    fed[previous] = -1 - token_slots[previous]
+    return fed
 
 
 def resolve_previous(token_ids: torch.Tensor, last_tokens: torch.Tensor) -> torch.Tensor:
