@@ -1,6 +1,7 @@
 """Baselines measured in the same run, on the same weights and workload as the stack.
 
-1. engine alone: the real planner and engine in one process, no gRPC, no separate scheduler;
+1. engine alone: the real planner and engine in one process, no gRPC, no separate scheduler; stepped one after
+   another, or pipelined (the next step launched before the last one's tokens are read);
 2. static batching through the same engine: a batch runs to completion before the next starts;
 3. Hugging Face transformers `generate`, batched with left padding.
 """
@@ -8,18 +9,21 @@
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from inflight.v1 import common_pb2
-from scheduler.planner import BatchPlanner, PlannerLimits
+from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits
 from scheduler.policy import FcfsPolicy
 from scheduler.request import Request
 from scheduler.worker_link import plan_to_proto
 from worker.codec import step_from_proto
 from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
+from worker.step import PendingStep
 from worker.torch_engine.engine import TorchEngine
 
 
@@ -60,27 +64,44 @@ class InProcessEngine:
                        sampling=common_pb2.SamplingParams(seed=index), stop_token_ids=frozenset(),
                        arrival_order=index)
 
-    def _step(self, planner: BatchPlanner) -> None:
-        planned = planner.schedule()
-        output = self.engine.step(step_from_proto(plan_to_proto(planned, 0.0)))
-        planner.update(planned, dict(zip(output.slot_ids, output.token_ids)))
+    def _run(self, planner: BatchPlanner, refill: Callable[[], None], pipelined: bool) -> None:
+        """Step until the planner has no work, calling refill after each result. Pipelined: the next step is
+        launched before the last one's tokens are read (two in flight, as the stack's overlap scheduling)."""
+        depth = 2 if pipelined else 1
+        in_flight: deque[tuple[PlannedStep, PendingStep]] = deque()
+        refill()
+        while planner.has_work() or in_flight:
+            launched = False
+            if planner.has_work() and len(in_flight) < depth and not (in_flight and in_flight[-1][0].short_of_blocks):
+                planned = planner.schedule(in_flight=bool(in_flight))
+                if planned.requests:
+                    in_flight.append((planned, self.engine.launch(step_from_proto(plan_to_proto(planned, 0.0)))))
+                    launched = True
+            if in_flight and (len(in_flight) == depth or not launched):
+                planned, pending = in_flight.popleft()
+                output = pending.result()
+                planner.update(planned, output.slot_ids, output.token_ids)
+                refill()
 
-    def continuous(self, requests: list[TokenizedRequest], concurrency: int) -> BaselineResult:
+    def continuous(self, requests: list[TokenizedRequest], concurrency: int, pipelined: bool = False) -> BaselineResult:
         """Closed loop: a new request joins as soon as one finishes, as the stack's clients do."""
         planner = BatchPlanner(self.limits, FcfsPolicy(), enable_prefix_caching=False)
         pending = list(enumerate(requests))
         live: list[Request] = []
-        start = time.perf_counter()
-        while pending or live:
+
+        def refill() -> None:
+            live[:] = [r for r in live if r.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED]
             while pending and len(live) < concurrency:
                 index, spec = pending.pop(0)
                 live.append(self._request(index, spec))
                 planner.add(live[-1])
-            self._step(planner)
-            live = [r for r in live if r.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED]
+
+        start = time.perf_counter()
+        self._run(planner, refill, pipelined)
         self._sync()
-        return BaselineResult("engine alone (continuous batching)", sum(r.output_tokens for r in requests),
-                              time.perf_counter() - start, planner.stats.steps_total)
+        name = "engine alone, pipelined" if pipelined else "engine alone (continuous batching)"
+        return BaselineResult(name, sum(r.output_tokens for r in requests), time.perf_counter() - start,
+                              planner.stats.steps_total)
 
     def static(self, requests: list[TokenizedRequest], batch_size: int) -> BaselineResult:
         """Collect a batch, run it until its longest request ends, then take the next."""
@@ -90,8 +111,7 @@ class InProcessEngine:
             batch = requests[first : first + batch_size]
             for offset, spec in enumerate(batch):
                 planner.add(self._request(first + offset, spec))
-            while planner.has_work():
-                self._step(planner)
+            self._run(planner, lambda: None, pipelined=False)
         self._sync()
         return BaselineResult("static batching (same engine)", sum(r.output_tokens for r in requests),
                               time.perf_counter() - start, planner.stats.steps_total)

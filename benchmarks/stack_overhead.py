@@ -4,7 +4,8 @@
 
 Workloads (closed loop, no prefix caching): fixed 128/128 at concurrency 64 (192 requests) and 256 (512
 requests), and the chat-like set at concurrency 64 (128 requests). The engine alone is the scheduler's
-planner and the worker's engine in this process, stepped one after another (benchmarks/baselines.py);
+planner and the worker's engine in this process (benchmarks/baselines.py), stepped one after another and,
+in a second pass, pipelined (the next step launched before the last one's tokens are read);
 the stack is `inflight serve` (gateway, scheduler, MPI worker) driven over gRPC by benchmarks/loadgen.py.
 Before it is measured, each stack serves 384 fixed 128/128 requests at concurrency 64, with rank 0's
 steps 250..350 under the torch profiler and steps 360..460 timed by CUDA events, and reports how much of
@@ -46,14 +47,17 @@ def workloads(tokenizer: Tokenizer, model: str) -> list[Workload]:
             Workload("chat-like", chat_like(maker, 128, 1.0, 1024, 512), concurrency=64)]
 
 
-def engine_alone(model: str, tokenizer: Tokenizer, runs: list[Workload]) -> list[float]:
+def engine_alone(model: str, tokenizer: Tokenizer, runs: list[Workload]) -> dict[str, list[float]]:
+    """Each workload through the engine alone, stepped one after another and pipelined, back to back."""
     engine = InProcessEngine(model, "cuda", "auto", KV_BLOCKS, BUDGET, MAX_SEQS)
-    results = []
+    results: dict[str, list[float]] = {"tok_s": [], "tok_s_pipelined": []}
     for workload in runs:
         requests = [TokenizedRequest(tokenizer.encode(s.prompt, add_special_tokens=False).ids, s.output_tokens)
                     for s in workload.requests]
         engine.continuous(requests[:8], 8)  # warm up
-        results.append(engine.continuous(requests, workload.concurrency).output_throughput_tps)
+        results["tok_s"].append(engine.continuous(requests, workload.concurrency).output_throughput_tps)
+        results["tok_s_pipelined"].append(engine.continuous(requests, workload.concurrency, pipelined=True)
+                                          .output_throughput_tps)
     del engine
     gc.collect()
     torch.cuda.empty_cache()
@@ -97,7 +101,7 @@ def main() -> None:
     runs = workloads(tokenizer, args.model)
     for part in args.parts.split(","):
         if part == "alone":
-            result: dict = {"tok_s": engine_alone(args.model, tokenizer, runs)}
+            result: dict = engine_alone(args.model, tokenizer, runs)
         else:
             tok_s, timeline = stack(args.model, args.tokenizer, runs, part, out / f"profile_{part}.json")
             result = {"tok_s": tok_s, "gpu_timeline": timeline}
@@ -107,11 +111,14 @@ def main() -> None:
              if (out / f"{part}.json").exists()}
     if "alone" not in parts:
         return
-    alone = parts.pop("alone")["tok_s"]
+    alone = parts.pop("alone")
+    pipelined = alone.get("tok_s_pipelined", [0.0] * len(runs))
     rows = [{"workload": f"{w.name} @ concurrency {w.concurrency}", "engine_alone_tok_s": round(a, 1),
+             "engine_alone_pipelined_tok_s": round(q, 1),
              **{f"stack_{part}_tok_s": round(p["tok_s"][i], 1) for part, p in parts.items()},
-             **{f"{part}_ratio": round(p["tok_s"][i] / a, 3) for part, p in parts.items()}}
-            for i, (w, a) in enumerate(zip(runs, alone))]
+             **{f"{part}_ratio": round(p["tok_s"][i] / a, 3) for part, p in parts.items()},
+             **{f"{part}_ratio_to_pipelined": round(p["tok_s"][i] / q, 3) for part, p in parts.items() if q}}
+            for i, (w, a, q) in enumerate(zip(runs, alone["tok_s"], pipelined))]
     report = {"gpu": torch.cuda.get_device_name(), "model": args.model, "rows": rows,
               "gpu_timeline": {part: p["gpu_timeline"] for part, p in parts.items()}}
     (out / "report.json").write_text(json.dumps(report, indent=1))
