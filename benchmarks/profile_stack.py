@@ -75,6 +75,7 @@ def main() -> None:
                         *stack_args).wait_ready(timeout=600)
     try:
         processes = stack_processes(stack.process.pid)
+        processes["client"] = psutil.Process()  # this process: the load generator's gRPC client
         stop = threading.Event()
 
         def load() -> None:
