@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import time
 from dataclasses import dataclass, field
 
@@ -91,3 +92,30 @@ async def run_workload(address: str, workload: Workload, progress: bool = True) 
         duration = time.perf_counter() - start
     bar.close()
     return records, duration
+
+
+def _run_share(address: str, workload: Workload, start_at: float) -> tuple[list[RequestRecord], float]:
+    """One client process's share, started at start_at (wall clock, shared by the processes): its records, and
+    when it ended."""
+    time.sleep(max(0.0, start_at - time.time()))
+    records, _ = asyncio.run(run_workload(address, workload, False))
+    return records, time.time()
+
+
+def run_workload_in_processes(address: str, workload: Workload, processes: int) -> tuple[list[RequestRecord], float]:
+    """A closed-loop workload split across client processes (each its own channel, its share of the requests
+    and of the concurrency), so that one Python client's event loop does not cap what the server can serve.
+    The processes start together once all are up. Returns every request's record (in no particular order)
+    and the wall time from the common start to the last end."""
+    if processes <= 1:
+        return asyncio.run(run_workload(address, workload, False))
+    assert workload.concurrency >= processes, "each client process needs at least one request in flight"
+    shares = [Workload(workload.name, workload.requests[i::processes], concurrency=workload.concurrency // processes)
+              for i in range(processes)]
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes) as pool:
+        pool.map(time.sleep, [0.0] * processes)  # every process is up (spawned and imported) before the clock starts
+        start_at = time.time() + 0.5
+        results = pool.starmap(_run_share, [(address, share, start_at) for share in shares])
+    records = [record for share_records, _ in results for record in share_records]
+    return records, max(end for _, end in results) - start_at

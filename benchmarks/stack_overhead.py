@@ -6,7 +6,9 @@ Workloads (closed loop, no prefix caching): fixed 128/128 at concurrency 64 (192
 requests), and the chat-like set at concurrency 64 (128 requests). The engine alone is the scheduler's
 planner and the worker's engine in this process (benchmarks/baselines.py), stepped one after another and,
 in a second pass, pipelined (the next step launched before the last one's tokens are read);
-the stack is `inflight serve` (gateway, scheduler, MPI worker) driven over gRPC by benchmarks/loadgen.py.
+the stack is `inflight serve` (gateway, scheduler, MPI worker) driven over gRPC by benchmarks/loadgen.py from
+--client-processes processes (4 by default: one Python client caps near 10k tokens/s), with each stack
+process's CPU use recorded per workload.
 Before it is measured, each stack serves 384 fixed 128/128 requests at concurrency 64, with rank 0's
 steps 250..350 under the torch profiler and steps 360..460 timed by CUDA events, and reports how much of
 that time the GPU ran nothing (worker/step_profiler.py); their cost stays out of the measured runs.
@@ -26,13 +28,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import grpc  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 from benchmarks.baselines import InProcessEngine, TokenizedRequest  # noqa: E402
-from benchmarks.loadgen import run_workload  # noqa: E402
+from benchmarks.loadgen import run_workload, run_workload_in_processes  # noqa: E402
+from benchmarks.profile_stack import stack_processes  # noqa: E402
 from benchmarks.workload import PromptMaker, Workload, chat_like, fixed_lengths  # noqa: E402
 from inflight.model_shapes import SHAPES  # noqa: E402
+from inflight.v1 import common_pb2, generation_pb2_grpc  # noqa: E402
 from tests.stack import ServedStack  # noqa: E402
 
 KV_BLOCKS, BUDGET, MAX_SEQS = 8192, 4096, 256
@@ -67,25 +72,43 @@ def engine_alone(model: str, tokenizer: Tokenizer, runs: list[Workload]) -> dict
 STACKS = {"overlap": [], "overlap-3": ["--steps-in-flight", "3"], "no-overlap": ["--overlap", "off"]}
 
 
-def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profile: Path) -> tuple[list[float], dict]:
+def scheduler_stats(address: str) -> common_pb2.Stats:
+    with grpc.insecure_channel(address) as channel:
+        return generation_pb2_grpc.AdminStub(channel).GetStats(common_pb2.GetStatsRequest(), timeout=10)
+
+
+def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profile: Path,
+          client_processes: int) -> tuple[list[float], list[dict[str, float]], dict]:
+    """Each workload's throughput through one stack, the CPUs each of its processes used meanwhile, and the
+    profiled pass's GPU timeline."""
     flags = ["--model", model, "--device", "cuda", "--tokenizer", tokenizer_dir, "--num-kv-blocks", str(KV_BLOCKS),
              "--max-num-batched-tokens", str(BUDGET), "--max-num-seqs", str(MAX_SEQS), "--no-prefix-caching",
              "--max-inflight-per-client", "1024", "--log-level", "warning", *STACKS[part]]
     first, last = PROFILED_STEPS
     served = ServedStack(*flags, env={"INFLIGHT_PROFILE_STEPS": f"{first}:{last}:{profile}"}).wait_ready(timeout=900)
-    results = []
+    results, cpus = [], []
     try:
+        processes = stack_processes(served.process.pid)
         warmup = Workload("warmup", runs[0].requests[:2], concurrency=2)  # about 130 steps
         asyncio.run(run_workload(served.address, warmup, False))
         profiled = Workload("profiled", runs[0].requests * 2, concurrency=64)  # about 780 steps: 250..460 lie inside
         asyncio.run(run_workload(served.address, profiled, False))
         for workload in runs:
-            records, duration = asyncio.run(run_workload(served.address, workload, False))
+            before = {role: sum(p.cpu_times()[:2]) for role, p in processes.items()}
+            stats_before = scheduler_stats(served.address)
+            records, duration = run_workload_in_processes(served.address, workload, client_processes)
+            stats = scheduler_stats(served.address)
+            steps = stats.steps_total - stats_before.steps_total
+            cpus.append({**{role: round((sum(p.cpu_times()[:2]) - before[role]) / duration, 2)
+                            for role, p in processes.items()},
+                         "steps_per_s": round(steps / duration, 1),
+                         "mean_batch": round((stats.batched_sequences_total - stats_before.batched_sequences_total)
+                                             / max(1, steps), 1)})
             assert all(r.ok for r in records), [r.error for r in records if not r.ok][:3]
             results.append(sum(r.output_tokens for r in records) / duration)
     finally:
         served.stop()
-    return results, json.loads(profile.read_text()) if profile.exists() else {}
+    return results, cpus, json.loads(profile.read_text()) if profile.exists() else {}
 
 
 def main() -> None:
@@ -94,6 +117,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True, help="folder with tokenizer.json")
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default="alone,overlap,overlap-3,no-overlap")
+    parser.add_argument("--client-processes", type=int, default=4,
+                        help="load generator processes (one Python client's event loop caps near 10k tokens/s)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +128,9 @@ def main() -> None:
         if part == "alone":
             result: dict = engine_alone(args.model, tokenizer, runs)
         else:
-            tok_s, timeline = stack(args.model, args.tokenizer, runs, part, out / f"profile_{part}.json")
-            result = {"tok_s": tok_s, "gpu_timeline": timeline}
+            tok_s, cpus, timeline = stack(args.model, args.tokenizer, runs, part, out / f"profile_{part}.json",
+                                          args.client_processes)
+            result = {"tok_s": tok_s, "cpus": cpus, "client_processes": args.client_processes, "gpu_timeline": timeline}
         (out / f"{part}.json").write_text(json.dumps(result))
         print(part, json.dumps(result), flush=True)
     parts = {part: json.loads((out / f"{part}.json").read_text()) for part in ("alone", *STACKS)
@@ -120,6 +146,7 @@ def main() -> None:
              **{f"{part}_ratio_to_pipelined": round(p["tok_s"][i] / q, 3) for part, p in parts.items() if q}}
             for i, (w, a, q) in enumerate(zip(runs, alone["tok_s"], pipelined))]
     report = {"gpu": torch.cuda.get_device_name(), "model": args.model, "rows": rows,
+              "stack_cpus": {part: p.get("cpus") for part, p in parts.items()},
               "gpu_timeline": {part: p["gpu_timeline"] for part, p in parts.items()}}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
