@@ -7,8 +7,8 @@ requests), and the chat-like set at concurrency 64 (128 requests). The engine al
 planner and the worker's engine in this process (benchmarks/baselines.py), stepped one after another and,
 in a second pass, pipelined (the next step launched before the last one's tokens are read);
 the stack is `inflight serve` (gateway, scheduler, MPI worker) driven over gRPC by benchmarks/loadgen.py from
---client-processes processes (4 by default: one Python client caps near 10k tokens/s), with each stack
-process's CPU use recorded per workload.
+--client-processes processes (1 by default; more rule the client out as the limit), with each stack
+process's CPU use, the steps per second and the mean sequences per step recorded per workload.
 Before it is measured, each stack serves 384 fixed 128/128 requests at concurrency 64, with rank 0's
 steps 250..350 under the torch profiler and steps 360..460 timed by CUDA events, and reports how much of
 that time the GPU ran nothing (worker/step_profiler.py); their cost stays out of the measured runs.
@@ -117,8 +117,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True, help="folder with tokenizer.json")
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default="alone,overlap,overlap-3,no-overlap")
-    parser.add_argument("--client-processes", type=int, default=4,
-                        help="load generator processes (one Python client's event loop caps near 10k tokens/s)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="load generator processes, each with its own channel and share of the load")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
