@@ -136,6 +136,30 @@ events_strategy = st.lists(
 )
 
 
+def replay(events: list[tuple], planner: BatchPlanner, driver: Driver) -> list[Request]:  # type: ignore[type-arg]
+    """Play arrivals, steps and aborts, then step until idle (at most 10,000 steps), checking the planner's
+    invariants after every event and step; returns the requests that arrived."""
+    arrived: list[Request] = []
+    for event in events:
+        if event[0] == "arrive":
+            _, prompt_len, max_new, priority, shared, tenant = event
+            if planner.blocks_needed_alone(prompt_len, max_new) <= planner.allocator.num_usable:  # else refused
+                arrived.append(make_request(len(arrived), prompt_len, max_new, priority, shared, tenant))
+                planner.add(arrived[-1])
+        elif event[0] == "step":
+            for _ in range(event[1]):
+                driver.advance()
+        elif arrived:
+            planner.abort(arrived[event[1] % len(arrived)].key)
+        planner.check_invariants()
+    for _ in range(10_000):
+        if driver.idle():
+            break
+        driver.advance()
+        planner.check_invariants()
+    return arrived
+
+
 @settings(max_examples=200, deadline=None)
 @given(limits=limits_strategy, events=events_strategy, policy=st.sampled_from(["fcfs", "priority", "fair"]),
        prefix_caching=st.booleans(), depth=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16))
@@ -144,28 +168,8 @@ def test_invariants_hold_after_every_event_and_nothing_leaks(limits, events, pol
     policies = {"fcfs": FcfsPolicy, "priority": PriorityPolicy, "fair": lambda: FairSharePolicy({"a": 3.0})}
     planner = BatchPlanner(limits, policies[policy](), enable_prefix_caching=prefix_caching)
     driver = Driver(planner, SimulatedKv(limits.block_size, random.Random(seed)), depth)
-    arrived: list[Request] = []
-    for event in events:
-        if event[0] == "arrive":
-            _, prompt_len, max_new, priority, shared, tenant = event
-            if planner.blocks_needed_alone(prompt_len, max_new) > planner.allocator.num_usable:
-                continue  # the scheduler refuses these at admission
-            request = make_request(len(arrived), prompt_len, max_new, priority, shared, tenant)
-            arrived.append(request)
-            planner.add(request)
-        elif event[0] == "step":
-            for _ in range(event[1]):
-                driver.advance()
-        elif arrived:
-            planner.abort(arrived[event[1] % len(arrived)].key)
-        planner.check_invariants()
-    # Everything that arrived finishes: no livelock, whatever the cache size.
-    for _ in range(10_000):
-        if driver.idle():
-            break
-        driver.advance()
-        planner.check_invariants()
-    assert driver.idle()
+    arrived = replay(events, planner, driver)
+    assert driver.idle()  # everything that arrived finished: no livelock, whatever the cache size
     assert all(r.status is RequestStatus.FINISHED for r in arrived)
     assert planner.allocator.num_free == planner.allocator.num_usable
     for request in arrived:
@@ -332,23 +336,6 @@ def test_planning_in_bulk_plans_what_planning_one_request_at_a_time_plans(limits
             return step
 
         planner.schedule = schedule  # type: ignore[method-assign]
-        arrived: list[Request] = []
-        for event in events:
-            if event[0] == "arrive":
-                _, prompt_len, max_new, priority, shared, tenant = event
-                if planner.blocks_needed_alone(prompt_len, max_new) <= planner.allocator.num_usable:
-                    arrived.append(make_request(len(arrived), prompt_len, max_new, priority, shared, tenant))
-                    planner.add(arrived[-1])
-            elif event[0] == "step":
-                for _ in range(event[1]):
-                    driver.advance()
-            elif arrived:
-                planner.abort(arrived[event[1] % len(arrived)].key)
-            planner.check_invariants()
-        for _ in range(10_000):
-            if driver.idle():
-                break
-            driver.advance()
-        planner.check_invariants()
+        replay(events, planner, driver)
         outcomes.append((steps, driver.delivered, planner.stats.preemptions_total))
     assert outcomes[0] == outcomes[1]
