@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from inflight.v1 import common_pb2
-from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits
+from scheduler.planned_step import PlannedStep
+from scheduler.planner import BatchPlanner, PlannerLimits
 from scheduler.policy import FcfsPolicy
 from scheduler.request import Request
 from scheduler.worker_link import plan_to_proto

@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inflight.v1 import common_pb2, worker_pb2  # noqa: E402
-from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits  # noqa: E402
+from scheduler.planned_step import PlannedStep  # noqa: E402
+from scheduler.planner import BatchPlanner, PlannerLimits  # noqa: E402
 from scheduler.policy import FairSharePolicy, FcfsPolicy, Policy  # noqa: E402
 from scheduler.request import Request  # noqa: E402
 from scheduler.worker_link import plan_to_proto  # noqa: E402

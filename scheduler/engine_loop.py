@@ -32,7 +32,8 @@ from inflight.connection import KeepalivePolicy
 from inflight.v1 import common_pb2, scheduler_pb2, worker_pb2
 from scheduler.config import SchedulerConfig
 from scheduler.kv_events import KvEventLog, restart_safe_first_sequence
-from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits, PlannerStats, StepOutputs
+from scheduler.planned_step import PlannedStep, StepOutputs
+from scheduler.planner import BatchPlanner, PlannerLimits, PlannerStats
 from scheduler.policy import make_policy
 from scheduler.request import Request, RequestKey
 from scheduler.worker_link import StepTimedOut, WorkerLink, WorkerUnavailable, plan_to_proto

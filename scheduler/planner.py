@@ -16,8 +16,8 @@ planning pass that would need one leaves the request out and says so (short_of_b
 The usual step (every running request's next tokens fit the budget and the free blocks) is planned in
 bulk over SlotColumns, and a result is applied in bulk: a decode costs a few array entries and one
 list append, not a pass through the request. A step where the budget or the blocks fall short is
-planned one request at a time, in policy order, with the same outcome the bulk pass would have had
-if everything had fit.
+planned one request at a time, in policy order, so that the policy decides who waits or is preempted;
+when everything fits, both passes plan the same sequences (tests/test_planner.py holds them to it).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from inflight.v1 import common_pb2
 from scheduler.block_allocator import BlockAllocator
 from scheduler.kv_events import KvEventLog
 from scheduler.kv_manager import KvManager
+from scheduler.planned_step import Decodes, PlannedStep, StepBuilder, StepOutputs
 from scheduler.policy import Policy, WaitingQueue
 from inflight.step_contract import PREVIOUS_TOKEN
 from scheduler.request import Request, RequestKey, RequestStatus
@@ -46,95 +47,6 @@ class PlannerLimits:
     max_model_len: int
     block_size: int
     num_kv_blocks: int
-
-
-def _empty() -> np.ndarray:
-    return np.zeros(0, dtype=np.int64)
-
-
-@dataclass
-class PlannedStep:
-    """A step as columns (worker.proto's ScheduledSequences): entry i of every per-sequence column belongs to
-    sequence i, and its tokens and new blocks are consecutive runs of token_ids and new_block_ids."""
-
-    step_id: int
-    released_slot_ids: list[int]
-    admitted: list[Request] = field(default_factory=list)
-    requests: list[Request] = field(default_factory=list)
-    slot_ids: np.ndarray = field(default_factory=_empty)
-    num_computed_tokens: np.ndarray = field(default_factory=_empty)  # where each sequence's tokens start
-    num_tokens: np.ndarray = field(default_factory=_empty)           # tokens each sequence runs
-    token_ids: np.ndarray = field(default_factory=_empty)
-    num_new_blocks: np.ndarray = field(default_factory=_empty)
-    new_block_ids: np.ndarray = field(default_factory=_empty)
-    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # the step samples its next token
-    leases: np.ndarray = field(default_factory=_empty)  # each slot's lease when planned (SlotColumns.lease)
-    short_of_blocks: bool = False  # a running request was left out: making room for it needs a preemption
-
-    @property
-    def total_tokens(self) -> int:
-        return len(self.token_ids)
-
-    def sequences(self) -> list[PlannedSequence]:
-        """The columns read back one sequence at a time (for inspection; the step path reads the columns)."""
-        rows, token_at, block_at = [], 0, 0
-        token_ids, block_ids = self.token_ids.tolist(), self.new_block_ids.tolist()
-        for request, computed, count, blocks, sample in zip(self.requests, self.num_computed_tokens.tolist(),
-                                                            self.num_tokens.tolist(), self.num_new_blocks.tolist(),
-                                                            self.sample.tolist()):
-            rows.append(PlannedSequence(request, token_ids[token_at : token_at + count], computed,
-                                        block_ids[block_at : block_at + blocks], sample))
-            token_at += count
-            block_at += blocks
-        return rows
-
-
-@dataclass
-class _Plan:
-    """A step while it is planned: sequences planned one at a time as lists, decodes planned in bulk as arrays
-    (they go last)."""
-
-    admitted: list[Request] = field(default_factory=list)
-    requests: list[Request] = field(default_factory=list)
-    slot_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: list[int] = field(default_factory=list)
-    num_tokens: list[int] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    num_new_blocks: list[int] = field(default_factory=list)
-    new_block_ids: list[int] = field(default_factory=list)
-    sample: list[bool] = field(default_factory=list)
-    decodes: _Decodes | None = None
-    short_of_blocks: bool = False
-
-
-@dataclass
-class _Decodes:
-    requests: list[Request]
-    slot_ids: np.ndarray
-    positions: np.ndarray
-    token_ids: np.ndarray
-    grows: np.ndarray  # bool: it adds one block
-    new_block_ids: list[int]
-
-
-@dataclass(frozen=True)
-class PlannedSequence:
-    request: Request
-    token_ids: list[int]
-    num_computed_tokens: int
-    new_block_ids: list[int]
-    sample: bool
-
-
-@dataclass
-class StepOutputs:
-    """What a step's result gave the requests it sampled, as columns: entry i of every list is one request's."""
-
-    requests: list[Request] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    slot_ids: list[int] = field(default_factory=list)        # the slot each token was sampled in (released since if it ended)
-    finish_reasons: list[int] = field(default_factory=list)  # FINISH_REASON_UNSPECIFIED while the request runs on
-    first: list[bool] = field(default_factory=list)          # the request's first output token
 
 
 @dataclass
@@ -204,7 +116,7 @@ class BatchPlanner:
 
     def schedule(self, in_flight: bool = False) -> PlannedStep:
         """The next step. in_flight: a step is still running (overlap), so nothing may be preempted."""
-        plan = _Plan()
+        plan = StepBuilder()
         budget = self.limits.max_num_batched_tokens
         preemptions_before = self.stats.preemptions_total
         if self.running:
@@ -226,7 +138,7 @@ class BatchPlanner:
                 budget -= num_tokens
         return self._planned(plan)
 
-    def _plan_running_in_bulk(self, plan: _Plan, budget: int) -> int | None:
+    def _plan_running_in_bulk(self, plan: StepBuilder, budget: int) -> int | None:
         """Every running request's next tokens, when all of them fit the budget and the free blocks (then the
         policy order changes nothing); returns the budget left, or None when they do not all fit."""
         columns, block_size = self.columns, self.limits.block_size
@@ -241,18 +153,21 @@ class BatchPlanner:
         blocks_needed = np.maximum(0, -(-(computed + cost) // block_size) - columns.num_blocks[slots])
         if int(blocks_needed.sum()) > self.allocator.num_free:
             return None
+        decode = cost == 1
+        if decode.all():  # the usual step: every running request decodes
+            plan.decodes = self._decodes(list(self.running), slots, computed, blocks_needed > 0)
+            return budget - total
         for row in np.flatnonzero(cost > 1).tolist():  # prompt chunks (a long prompt, a recompute): few
             self._add_chunk(plan, self.running[row], int(cost[row]))
-        rows = np.flatnonzero(cost == 1)
+        rows = np.flatnonzero(decode)
         if rows.size:
-            plan.decodes = self._decodes(rows, slots[rows], computed[rows], blocks_needed[rows] > 0)
+            plan.decodes = self._decodes([self.running[i] for i in rows.tolist()], slots[rows], computed[rows],
+                                         blocks_needed[rows] > 0)
         return budget - total
 
-    def _decodes(self, rows: np.ndarray, slots: np.ndarray, positions: np.ndarray, grows: np.ndarray) -> _Decodes:
-        """Running requests (rows of self.running) whose next token is their last one, each adding at most one
-        block (grows), planned."""
+    def _decodes(self, requests: list[Request], slots: np.ndarray, positions: np.ndarray, grows: np.ndarray) -> Decodes:
+        """Running requests whose next token is their last one, each adding at most one block (grows), planned."""
         columns = self.columns
-        requests = list(self.running) if len(rows) == len(self.running) else [self.running[i] for i in rows.tolist()]
         new_block_ids = []
         for row in np.flatnonzero(grows).tolist():  # one in block_size decodes
             request = requests[row]
@@ -267,9 +182,9 @@ class BatchPlanner:
         columns.last_token[slots] = PREVIOUS_TOKEN
         for request in requests:
             request.output_token_ids.append(PREVIOUS_TOKEN)
-        return _Decodes(requests, slots, positions, tokens, grows, new_block_ids)
+        return Decodes(requests, slots, positions, tokens, grows, new_block_ids)
 
-    def _plan_running_one_by_one(self, plan: _Plan, budget: int, in_flight: bool) -> int:
+    def _plan_running_one_by_one(self, plan: StepBuilder, budget: int, in_flight: bool) -> int:
         """Running requests in policy order while the budget lasts, preempting the last ones (or, with a step in
         flight, leaving a request out) when blocks run short; returns the budget left."""
         for request in tuple(self.running):
@@ -290,7 +205,7 @@ class BatchPlanner:
             self._running_slots = np.array([r.slot_id for r in self.running], dtype=np.int64)
         return self._running_slots
 
-    def _make_room(self, request: Request, num_tokens: int, plan: _Plan) -> bool:
+    def _make_room(self, request: Request, num_tokens: int, plan: StepBuilder) -> bool:
         """Preempt until request's next tokens fit; False if request itself had to go."""
         while not self.kv.can_allocate(request, num_tokens):
             scheduled_ids = {id(r) for r in plan.requests}
@@ -301,7 +216,7 @@ class BatchPlanner:
                 return False
         return True
 
-    def _add_chunk(self, plan: _Plan, request: Request, num_tokens: int) -> None:
+    def _add_chunk(self, plan: StepBuilder, request: Request, num_tokens: int) -> None:
         """A sequence's next num_tokens tokens into the plan."""
         start = request.num_computed_tokens
         self.kv.allocate(request, num_tokens)
@@ -309,13 +224,7 @@ class BatchPlanner:
         slot = request.slot_id
         assert slot is not None
         self.columns.num_blocks[slot] = len(request.block_ids)
-        plan.requests.append(request)
-        plan.slot_ids.append(slot)
-        plan.num_computed_tokens.append(start)
-        plan.num_tokens.append(num_tokens)
-        plan.token_ids += request.token_ids(start, start + num_tokens)
-        plan.num_new_blocks.append(len(new_blocks))
-        plan.new_block_ids += new_blocks
+        plan.add(request, slot, start, request.token_ids(start, start + num_tokens), new_blocks)
         request.num_computed_tokens += num_tokens
         sample = request.num_computed_tokens == request.num_tokens  # it reaches its end: the step samples the next
         plan.sample.append(sample)
@@ -324,39 +233,10 @@ class BatchPlanner:
             self.columns.num_tokens[slot] += 1
             self.columns.last_token[slot] = PREVIOUS_TOKEN
 
-    def _planned(self, plan: _Plan) -> PlannedStep:
-        step = PlannedStep(self._next_step_id, [], plan.admitted, plan.requests, short_of_blocks=plan.short_of_blocks)
-        decodes = plan.decodes
-        if decodes is not None and not plan.requests:  # decodes alone: the columns are theirs
-            step.requests = decodes.requests
-            step.slot_ids, step.num_computed_tokens, step.token_ids = decodes.slot_ids, decodes.positions, decodes.token_ids
-            count = len(decodes.requests)
-            step.num_tokens = np.ones(count, dtype=np.int64)
-            step.num_new_blocks = decodes.grows.astype(np.int64)
-            step.new_block_ids = np.array(decodes.new_block_ids, dtype=np.int64)
-            step.sample = np.ones(count, dtype=bool)
-        elif decodes is None:
-            if not plan.requests:  # not sent: its releases wait for the next step that is
-                return step
-            step.slot_ids = np.array(plan.slot_ids, dtype=np.int64)
-            step.num_computed_tokens = np.array(plan.num_computed_tokens, dtype=np.int64)
-            step.num_tokens = np.array(plan.num_tokens, dtype=np.int64)
-            step.token_ids = np.array(plan.token_ids, dtype=np.int64)
-            step.num_new_blocks = np.array(plan.num_new_blocks, dtype=np.int64)
-            step.new_block_ids = np.array(plan.new_block_ids, dtype=np.int64)
-            step.sample = np.array(plan.sample, dtype=bool)
-        else:
-            step.requests = plan.requests + decodes.requests
-            step.slot_ids = np.concatenate([np.array(plan.slot_ids, dtype=np.int64), decodes.slot_ids])
-            step.num_computed_tokens = np.concatenate([np.array(plan.num_computed_tokens, dtype=np.int64),
-                                                       decodes.positions])
-            step.num_tokens = np.concatenate([np.array(plan.num_tokens, dtype=np.int64),
-                                              np.ones(len(decodes.requests), dtype=np.int64)])
-            step.token_ids = np.concatenate([np.array(plan.token_ids, dtype=np.int64), decodes.token_ids])
-            step.num_new_blocks = np.concatenate([np.array(plan.num_new_blocks, dtype=np.int64),
-                                                  decodes.grows.astype(np.int64)])
-            step.new_block_ids = np.array(plan.new_block_ids + decodes.new_block_ids, dtype=np.int64)
-            step.sample = np.concatenate([np.array(plan.sample, dtype=bool), np.ones(len(decodes.requests), dtype=bool)])
+    def _planned(self, plan: StepBuilder) -> PlannedStep:
+        step = plan.build(self._next_step_id)
+        if not step.requests:  # not sent: its releases wait for the next step that is
+            return step
         step.leases = self.columns.lease[step.slot_ids]
         step.released_slot_ids = self._released_slots
         self._released_slots = []
@@ -427,15 +307,19 @@ class BatchPlanner:
         if self.kv.enable_prefix_caching:  # a sequence that filled a block: index it for the prefix cache
             filled = np.flatnonzero(live & (ends // block_size > starts // block_size))
             self.kv.cache_full_blocks([step.requests[row] for row in filled.tolist()], ends[filled].tolist())
-        rows = np.flatnonzero(live & step.sample)
-        if not rows.size:
-            return out
-        slots, ends = slots[rows], ends[rows]
+        sampled = live & step.sample
+        if sampled.all():  # the usual step: every sequence samples, none has gone
+            requests = step.requests
+        else:
+            rows = np.flatnonzero(sampled)
+            if not rows.size:
+                return out
+            slots, ends = slots[rows], ends[rows]
+            requests = [step.requests[i] for i in rows.tolist()]
         tokens = self._tokens_of(slots, slot_ids, token_ids)
         indexes = ends - columns.num_prompt_tokens[slots]  # each token's place in its output_token_ids
         newest = ends + 1 == columns.num_tokens[slots]     # not planned past yet
         columns.last_token[slots[newest]] = tokens[newest]
-        requests = step.requests if len(rows) == len(step.requests) else [step.requests[i] for i in rows.tolist()]
         token_list = tokens.tolist()
         for request, index, token in zip(requests, indexes.tolist(), token_list):
             request.output_token_ids[index] = token
@@ -446,13 +330,16 @@ class BatchPlanner:
             reasons[row] = common_pb2.FINISH_REASON_STOP if stopped[row] else common_pb2.FINISH_REASON_LENGTH
             self._finish(requests[row], reasons[row])
         self.stats.generated_tokens_total += len(token_list)
-        return StepOutputs(list(requests), token_list, slots.tolist(), reasons, (indexes == 0).tolist())
+        return StepOutputs(requests, token_list, slots.tolist(), reasons, (indexes == 0).tolist())
 
     def _tokens_of(self, slots: np.ndarray, slot_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         """The tokens sampled in slots, out of the result's (slot, token) columns."""
+        result_slots, result_tokens = np.asarray(slot_ids, dtype=np.int64), np.asarray(token_ids, dtype=np.int64)
+        if len(result_slots) == len(slots) and (result_slots == slots).all():
+            return result_tokens  # in the step's order (a decode step, as the worker lays it out)
         scratch = self._sampled_scratch
         scratch[slots] = -1
-        scratch[np.asarray(slot_ids, dtype=np.int64)] = np.asarray(token_ids, dtype=np.int64)
+        scratch[result_slots] = result_tokens
         tokens = scratch[slots]
         if (tokens < 0).any():
             missing = slots[tokens < 0].tolist()

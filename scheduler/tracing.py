@@ -19,7 +19,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, Status, StatusCode, Tracer
 
 from inflight.v1 import common_pb2, worker_pb2
-from scheduler.planner import PlannedStep
+from scheduler.planned_step import PlannedStep
 from scheduler.request import Request
 
 STEP_SPAN = "scheduler.step"

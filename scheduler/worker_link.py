@@ -8,7 +8,7 @@ import grpc
 
 from inflight.connection import KeepalivePolicy
 from inflight.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from scheduler.planner import PlannedStep
+from scheduler.planned_step import PlannedStep
 from scheduler.request import Request
 
 MESSAGE_LIMITS = [

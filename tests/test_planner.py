@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from inflight.step_contract import PREVIOUS_TOKEN
 from inflight.v1 import common_pb2
-from scheduler.planner import BatchPlanner, PlannedStep, PlannerLimits, StepOutputs
+from scheduler.planned_step import PlannedStep, StepOutputs
+from scheduler.planner import BatchPlanner, PlannerLimits
 from scheduler.policy import FairSharePolicy, FcfsPolicy, PriorityPolicy
 from scheduler.request import Request, RequestStatus
 

@@ -22,7 +22,7 @@ from opentelemetry.trace import StatusCode, Tracer
 from inflight.tracing import TRACING_OFF, start_tracing
 from inflight.v1 import common_pb2, generation_pb2, worker_pb2
 from scheduler.engine_loop import Failure
-from scheduler.planner import PlannedStep
+from scheduler.planned_step import PlannedStep
 from scheduler.request import Request
 from scheduler.tracing import MAX_LINKS_PER_STEP, SchedulerTracing
 from tests.conftest import STACK_ARGS
