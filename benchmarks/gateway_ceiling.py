@@ -1,0 +1,123 @@
+"""How many generated tokens per second one gateway process passes on, in front of a scheduler that answers at once.
+
+    python benchmarks/gateway_ceiling.py --tokenizer DIR [--concurrency 256] [--client-processes 4]
+
+A stand-in scheduler (this script with --serve-scheduler, its own process) streams each request's tokens as
+fast as gRPC takes them; the real gateway (`python -m services.gateway`, its own process) sits in front;
+client processes (benchmarks/loadgen.py) keep `--concurrency` requests in flight. The report: tokens/s through
+the gateway, and the CPUs each process used. On a GPU stack the gateway carries every token the engine makes,
+so this is the most the stack can stream whatever the engine's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc  # noqa: E402
+import psutil  # noqa: E402
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+from benchmarks.loadgen import run_workload_in_processes  # noqa: E402
+from benchmarks.workload import PromptMaker, Workload, fixed_lengths  # noqa: E402
+from inflight.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
+from tests.stack import free_port  # noqa: E402
+
+
+class StandInScheduler(scheduler_pb2_grpc.SchedulerServicer):
+    """Answers every Submit with max_new_tokens tokens at once (a token id that decodes to text)."""
+
+    async def Submit(self, request, context):  # type: ignore[no-untyped-def]
+        for index in range(request.max_new_tokens):
+            last = index == request.max_new_tokens - 1
+            yield scheduler_pb2.TokenEvent(token_ids=(504 + index % 64,),
+                                           finish_reason=common_pb2.FINISH_REASON_LENGTH if last else 0)
+
+    async def Abort(self, request, context):  # type: ignore[no-untyped-def]
+        return scheduler_pb2.SchedulerAbortResponse(found=False)
+
+    async def GetStats(self, request, context):  # type: ignore[no-untyped-def]
+        return common_pb2.Stats(kv_blocks_total=1, kv_blocks_free=1)
+
+    async def GetModelInfo(self, request, context):  # type: ignore[no-untyped-def]
+        return scheduler_pb2.ModelInfo(model_name="stand-in", vocab_size=49152, max_model_len=8192,
+                                       eos_token_ids=[2], tp_size=1, engine="stand-in", device="cpu",
+                                       instance_id="stand-in")
+
+
+async def serve_scheduler(address: str) -> None:
+    server = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(StandInScheduler(), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("inflight.v1.Scheduler", health_pb2.HealthCheckResponse.SERVING)
+    server.add_insecure_port(address)
+    await server.start()
+    await server.wait_for_termination()
+
+
+def wait_serving(address: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} is not serving")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", help="folder with tokenizer.json (the gateway's and the prompts')")
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=1024)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--client-processes", type=int, default=4)
+    parser.add_argument("--serve-scheduler", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_scheduler:
+        asyncio.run(serve_scheduler(args.serve_scheduler))
+        return
+    socket = f"unix://{tempfile.mkdtemp(prefix='gateway-ceiling-')}/scheduler.sock"
+    port = free_port()
+    scheduler = subprocess.Popen([sys.executable, __file__, "--serve-scheduler", socket])
+    gateway = subprocess.Popen([sys.executable, "-m", "services.gateway", "--model", args.tokenizer, "--scheduler",
+                                socket, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                                "--max-inflight-per-client", str(10 * args.concurrency)])
+    try:
+        address = f"127.0.0.1:{port}"
+        wait_serving(address)
+        maker = PromptMaker(Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json")), seed=0)
+        workload = Workload("ceiling", fixed_lengths(maker, args.requests, 64, args.output_tokens),
+                            concurrency=args.concurrency)
+        run_workload_in_processes(address, Workload("warmup", workload.requests[:64], concurrency=16), 1)
+        processes = {"gateway": psutil.Process(gateway.pid), "scheduler stand-in": psutil.Process(scheduler.pid)}
+        before = {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
+        records, duration = run_workload_in_processes(address, workload, args.client_processes)
+        cpus = {name: round((sum(p.cpu_times()[:2]) - before[name]) / duration, 2) for name, p in processes.items()}
+        assert all(r.ok for r in records), [r.error for r in records if not r.ok][:3]
+        tokens = sum(r.output_tokens for r in records)
+        print(json.dumps({"concurrency": args.concurrency, "client_processes": args.client_processes,
+                          "tokens_per_s": round(tokens / duration), "cpus": cpus,
+                          "gateway_us_per_token": round(cpus["gateway"] * 1e6 / (tokens / duration), 1)}))
+    finally:
+        for process in (gateway, scheduler):
+            process.terminate()
+            process.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
