@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 import structlog
@@ -71,6 +71,12 @@ class FailureCounters:
 StreamItem = scheduler_pb2.TokenEvent | Failure
 
 
+class EventSink(Protocol):
+    """Where a request's events go: its Submit call's queue, or its session's outbox."""
+
+    def put_nowait(self, item: StreamItem) -> None: ...
+
+
 @dataclass
 class SentStep:
     """A step on the worker stream whose result has not come back."""
@@ -89,7 +95,7 @@ class EngineLoop:
         self.link = WorkerLink(config.worker, KeepalivePolicy(config.keepalive_seconds))
         self.planner: BatchPlanner | None = None
         self.description: worker_pb2.WorkerDescription | None = None
-        self.streams: dict[RequestKey, asyncio.Queue[StreamItem]] = {}
+        self.streams: dict[RequestKey, EventSink] = {}
         self.counters = FailureCounters()
         # Across worker groups: one sequence per process, numbered above any predecessor's.
         self.kv_events = KvEventLog(config.kv_event_history, restart_safe_first_sequence())
@@ -105,13 +111,13 @@ class EngineLoop:
 
     # --- called by the gRPC service ------------------------------------------------------
 
-    def submit(self, submit: scheduler_pb2.SubmitRequest) -> asyncio.Queue[StreamItem]:
+    def submit(self, submit: scheduler_pb2.SubmitRequest, sink: EventSink) -> None:
+        """Queue a request; its events go to sink. Raises RequestRejected (nothing queued)."""
         planner, description = self.planner, self.description
         if planner is None or description is None:
             raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "the worker group is not ready")
         request = self._make_request(submit, planner, description)
-        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
-        self.streams[request.key] = queue
+        self.streams[request.key] = sink
         planner.add(request)
         self._report_load(planner)  # a router hears of the new prompt now, not after the step in flight
         if self.tracing is not None:
@@ -119,7 +125,6 @@ class EngineLoop:
         log.info("request_queued", request_id=request.request_id, tenant=request.tenant,
                  prompt_tokens=len(request.prompt_token_ids), max_new_tokens=request.max_new_tokens)
         self._wake.set()
-        return queue
 
     def abort(self, key: RequestKey) -> bool:
         planner = self.planner

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -9,8 +10,9 @@ import grpc
 import structlog
 
 from inflight.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from scheduler.engine_loop import EngineLoop, Failure, RequestRejected
+from scheduler.engine_loop import EngineLoop, Failure, RequestRejected, StreamItem
 from scheduler.kv_events import CursorExpired
+from scheduler.session import SessionOutbox
 
 log = structlog.get_logger()
 
@@ -22,8 +24,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def Submit(self, request: scheduler_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.TokenEvent]:
+        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
         try:
-            queue = self.loop.submit(request)
+            self.loop.submit(request, queue)
         except RequestRejected as rejected:
             await context.abort(rejected.code, rejected.message)
         finished = False
@@ -38,6 +41,38 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         finally:
             if not finished:  # the gateway cancelled or went away
                 self.loop.abort((request.tenant, request.request_id))
+
+    async def Session(self, requests: AsyncIterator[scheduler_pb2.SessionRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[scheduler_pb2.SessionEvents]:
+        outbox = SessionOutbox()
+        reader = asyncio.create_task(self._read_session(requests, outbox))
+        try:
+            while not (reader.done() and not outbox.live and not outbox.events):
+                await outbox.ready.wait()
+                events = outbox.take()
+                if events:
+                    yield scheduler_pb2.SessionEvents(events=events)
+            await reader  # its error, if it failed
+        finally:
+            reader.cancel()
+            for key in outbox.live:  # the gateway went away, or the stream broke
+                self.loop.abort(key)
+
+    async def _read_session(self, requests: AsyncIterator[scheduler_pb2.SessionRequest], outbox: SessionOutbox) -> None:
+        try:
+            async for message in requests:
+                if message.HasField("submit"):
+                    submit = message.submit
+                    key = (submit.tenant, submit.request_id)
+                    try:
+                        self.loop.submit(submit, outbox.sink(key))
+                        outbox.live.add(key)
+                    except RequestRejected as rejected:
+                        outbox.end(key, rejected.code, rejected.message)
+                elif message.HasField("abort"):
+                    self.loop.abort((message.abort.tenant, message.abort.request_id))
+        finally:
+            outbox.ready.set()  # the writer notices the end of the requests
 
     async def Abort(self, request: scheduler_pb2.SchedulerAbortRequest,
                     context: grpc.aio.ServicerContext) -> scheduler_pb2.SchedulerAbortResponse:
@@ -58,7 +93,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.ModelInfo(
             model_name=d.model_name, vocab_size=d.vocab_size, max_model_len=planner.limits.max_model_len,
             eos_token_ids=d.eos_token_ids, tp_size=d.tp_size, engine=d.engine, device=d.device,
-            block_size=d.block_size, instance_id=self.instance_id,
+            block_size=d.block_size, instance_id=self.instance_id, sessions=True,
         )
 
     async def SubscribeKvEvents(self, request: scheduler_pb2.SubscribeKvEventsRequest,

@@ -89,9 +89,11 @@ class Harness:
         self.loop, self.worker = loop, worker
 
     def submit(self, request_id: str, max_new_tokens: int = 6, tenant: str = "") -> asyncio.Queue:
-        return self.loop.submit(scheduler_pb2.SubmitRequest(
+        queue: asyncio.Queue = asyncio.Queue()
+        self.loop.submit(scheduler_pb2.SubmitRequest(
             request_id=request_id, prompt_token_ids=[5, 6, 7, 8, 9], max_new_tokens=max_new_tokens,
-            sampling=common_pb2.SamplingParams(seed=1), tenant=tenant, ignore_eos=True))
+            sampling=common_pb2.SamplingParams(seed=1), tenant=tenant, ignore_eos=True), queue)
+        return queue
 
     async def until_ready(self) -> None:
         for _ in range(200):

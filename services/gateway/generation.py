@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import Counter
@@ -17,7 +18,7 @@ from inflight.v1 import common_pb2, generation_pb2, generation_pb2_grpc, schedul
 from services.gateway import validation
 from services.gateway.auth import Authenticator
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.scheduler_client import SchedulerClient
+from services.gateway.scheduler_client import SchedulerClient, SchedulerError
 from services.text.codec import TextCodec
 from services.text.detokenizer import IncrementalDetokenizer
 from services.text.stop_strings import StopStringMatcher
@@ -61,11 +62,11 @@ _CLIENT_FACING = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RE
                             grpc.StatusCode.ALREADY_EXISTS})
 
 
-def scheduler_failure(error: grpc.aio.AioRpcError, request_id: str) -> Rejected:
-    code = error.code()
+def scheduler_failure(error: SchedulerError, request_id: str) -> Rejected:
+    code = error.code
     if code in _CLIENT_FACING:
-        return Rejected(code, error.details() or code.name)
-    log.error("scheduler_call_failed", code=code.name, details=error.details())
+        return Rejected(code, error.details or code.name)
+    log.error("scheduler_call_failed", code=code.name, details=error.details)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return Rejected(code, f"request {request_id} was interrupted: the model backend was unavailable; "
                               "it is safe to retry")
@@ -181,28 +182,28 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self._admit_caller(caller, request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         finish_reason = common_pb2.FINISH_REASON_UNSPECIFIED
-        call: grpc.aio.UnaryStreamCall | None = None
+        submitted = False
         try:
             submit = await self._submit_request(request, request_id, caller, prompt_ids)
             progress.usage.prompt_tokens = len(submit.prompt_token_ids)
             self.metrics.prompt_tokens.inc(len(submit.prompt_token_ids))
             log.info("request_received", prompt_tokens=len(submit.prompt_token_ids),
                      max_new_tokens=submit.max_new_tokens, tenant=caller.tenant)
-            call = self.scheduler.stub.Submit(submit, timeout=context.time_remaining())
             detokenizer = IncrementalDetokenizer(self.codec.tokenizer)
             stops = StopStringMatcher(list(request.stop))
-            async for event in call:
-                response, finish_reason = self._on_event(event, progress, detokenizer, stops, request_id)
-                yield response
-                if finish_reason:
-                    break
-        except grpc.aio.AioRpcError as error:
+            submitted = True
+            # Closed on the way out (stop string hit, or our client went away): the scheduler aborts the request.
+            async with contextlib.aclosing(self.scheduler.generate(submit, context.time_remaining())) as events:
+                async for event in events:
+                    response, finish_reason = self._on_event(event, progress, detokenizer, stops, request_id)
+                    yield response
+                    if finish_reason:
+                        break
+        except SchedulerError as error:
             raise scheduler_failure(error, request_id) from error
         finally:
-            if call is not None and not call.done():
-                call.cancel()  # stop string hit, or our client went away: the scheduler aborts
             self._release_caller(caller, request_id)
-            if call is not None:
+            if submitted:
                 self._record(progress, finish_reason)
             structlog.contextvars.unbind_contextvars("request_id")
 

@@ -1,0 +1,95 @@
+"""The gateway's session with the scheduler: every request on one stream (scheduler.proto's Session).
+
+Submits and aborts are written to the stream; a reader hands each SessionEvent to its request's queue, so a
+step's tokens for every request arrive in one message instead of one message per request. When the stream
+breaks (the scheduler restarted or went away) every request on it ends with that status, and the next submit
+opens a new session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+
+from inflight.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+RequestKey = tuple[str, str]  # (tenant, request id)
+_STREAM_GONE = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
+
+
+@dataclass(frozen=True)
+class SessionBroken:
+    """The stream a request was on ended before the request did."""
+
+    code: grpc.StatusCode
+    details: str
+
+
+SessionItem = scheduler_pb2.SessionEvent | SessionBroken
+
+
+class SchedulerSession:
+    def __init__(self, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+        self.stub = stub
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._queues: dict[RequestKey, asyncio.Queue[SessionItem]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writing = asyncio.Lock()  # one write at a time on a stream
+
+    async def submit(self, submit: scheduler_pb2.SubmitRequest) -> asyncio.Queue[SessionItem]:
+        """Send a request; its events (and a SessionBroken if the stream ends first) arrive on the queue."""
+        call = self._open()
+        queue: asyncio.Queue[SessionItem] = asyncio.Queue()
+        self._queues[(submit.tenant, submit.request_id)] = queue
+        await self._write(call, scheduler_pb2.SessionRequest(submit=submit))
+        return queue
+
+    def abort(self, tenant: str, request_id: str) -> None:
+        """Stop a request (its client went away, or a stop string ended it); its later events are dropped."""
+        if self._queues.pop((tenant, request_id), None) is None or self._call is None or self._call.done():
+            return
+        abort = scheduler_pb2.SessionRequest(abort=scheduler_pb2.SchedulerAbortRequest(tenant=tenant,
+                                                                                       request_id=request_id))
+        task = asyncio.get_running_loop().create_task(self._write(self._call, abort))
+        self._tasks.add(task)  # held until done, as a task must be
+        task.add_done_callback(self._tasks.discard)
+
+    def _open(self) -> grpc.aio.StreamStreamCall:
+        if self._call is None or self._call.done():
+            self._call, self._queues = self.stub.Session(), {}
+            task = asyncio.get_running_loop().create_task(self._read(self._call, self._queues))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return self._call
+
+    async def _write(self, call: grpc.aio.StreamStreamCall, message: scheduler_pb2.SessionRequest) -> None:
+        try:
+            async with self._writing:
+                await call.write(message)
+        except _STREAM_GONE:
+            pass  # the reader ends every request on this stream
+
+    async def _read(self, call: grpc.aio.StreamStreamCall, queues: dict[RequestKey, asyncio.Queue[SessionItem]]) -> None:
+        broken = SessionBroken(grpc.StatusCode.UNAVAILABLE, "the scheduler ended the session")
+        try:
+            async for batch in call:
+                for event in batch.events:
+                    key = (event.tenant, event.request_id)
+                    queue = queues.get(key)
+                    if queue is None:
+                        continue  # aborted by the gateway
+                    queue.put_nowait(event)
+                    if event.status_code or event.event.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                        del queues[key]
+        except grpc.aio.AioRpcError as error:
+            broken = SessionBroken(error.code(), error.details() or error.code().name)
+        finally:
+            for queue in queues.values():
+                queue.put_nowait(broken)
+            queues.clear()
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()

@@ -1,0 +1,129 @@
+"""The scheduler's Session RPC: many requests on one stream, each step's events for all of them in one message.
+
+The real engine loop and SchedulerService on loopback gRPC, in front of the scripted worker of
+tests/test_engine_loop.py (one token per sampled sequence, at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+
+from inflight.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler.service import SchedulerService
+from tests.test_engine_loop import EXPECTED, Harness, honest, run_with
+
+
+def submit(request_id: str, max_new_tokens: int = 6, prompt: tuple[int, ...] = (5, 6, 7, 8, 9)
+           ) -> scheduler_pb2.SessionRequest:
+    return scheduler_pb2.SessionRequest(submit=scheduler_pb2.SubmitRequest(
+        request_id=request_id, prompt_token_ids=prompt, max_new_tokens=max_new_tokens,
+        sampling=common_pb2.SamplingParams(seed=1), ignore_eos=True))
+
+
+def with_session(body, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """body(harness, session stub) with the scheduler's service served on a unix socket."""
+    async def served(h: Harness) -> None:
+        server = grpc.aio.server()
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(h.loop), server)
+        address = f"unix://{tmp_path}/scheduler.sock"
+        server.add_insecure_port(address)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                await body(h, scheduler_pb2_grpc.SchedulerStub(channel))
+        finally:
+            await server.stop(None)
+
+    run_with(honest, served, tmp_path)
+
+
+async def until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError("the condition never held")
+
+
+def test_requests_on_one_session_get_their_tokens_and_share_messages(tmp_path):
+    async def body(h: Harness, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+        call = stub.Session()
+        for name in ("a", "b", "c", "d"):
+            await call.write(submit(name))
+        tokens: dict[str, list[int]] = {}
+        finished: dict[str, int] = {}
+        messages = 0
+        while len(finished) < 4:
+            batch = await asyncio.wait_for(call.read(), 10)
+            messages += 1
+            for event in batch.events:
+                assert not event.status_code, event.status_message
+                tokens.setdefault(event.request_id, []).extend(event.event.token_ids)
+                if event.event.finish_reason:
+                    finished[event.request_id] = event.event.finish_reason
+        assert tokens == {name: EXPECTED for name in "abcd"}
+        assert set(finished.values()) == {common_pb2.FINISH_REASON_LENGTH}
+        assert messages < 4 * len(EXPECTED)  # a step's tokens for several requests travel together
+        call.cancel()
+        await until(h.all_blocks_free)
+
+    with_session(body, tmp_path)
+
+
+def test_an_abort_on_the_session_ends_that_request_alone(tmp_path):
+    async def body(h: Harness, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+        call = stub.Session()
+        await call.write(submit("long", max_new_tokens=60))
+        await call.write(submit("short"))
+        await call.write(scheduler_pb2.SessionRequest(abort=scheduler_pb2.SchedulerAbortRequest(request_id="long")))
+        ends: dict[str, int] = {}
+        short: list[int] = []
+        while len(ends) < 2:
+            for event in (await asyncio.wait_for(call.read(), 10)).events:
+                if event.request_id == "short":
+                    short += event.event.token_ids
+                if event.event.finish_reason:
+                    ends[event.request_id] = event.event.finish_reason
+        assert ends == {"long": common_pb2.FINISH_REASON_ABORT, "short": common_pb2.FINISH_REASON_LENGTH}
+        assert short == EXPECTED
+        call.cancel()
+        await until(h.all_blocks_free)
+
+    with_session(body, tmp_path)
+
+
+def test_a_rejected_submit_is_a_status_for_that_request_and_the_session_serves_on(tmp_path):
+    async def body(h: Harness, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+        call = stub.Session()
+        await call.write(submit("empty", prompt=()))
+        await call.write(submit("fine"))
+        rejected, fine = None, []
+        while rejected is None or len(fine) < len(EXPECTED):
+            for event in (await asyncio.wait_for(call.read(), 10)).events:
+                if event.request_id == "empty":
+                    rejected = event
+                else:
+                    fine += event.event.token_ids
+        assert rejected.status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "prompt_token_ids" in rejected.status_message
+        assert fine == EXPECTED
+        call.cancel()
+
+    with_session(body, tmp_path)
+
+
+def test_requests_still_running_when_the_session_goes_away_are_aborted(tmp_path):
+    async def body(h: Harness, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+        call = stub.Session()
+        for name in ("x", "y"):
+            await call.write(submit(name, max_new_tokens=100))
+        await asyncio.wait_for(call.read(), 10)  # both are running
+        call.cancel()  # the gateway went away
+        assert h.loop.planner is not None
+        await until(lambda: not h.loop.planner.requests and h.all_blocks_free())
+        assert h.loop.streams == {}
+
+    with_session(body, tmp_path)
