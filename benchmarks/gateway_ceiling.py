@@ -5,8 +5,10 @@
 A stand-in scheduler (this script with --serve-scheduler, its own process) streams each request's tokens as
 fast as gRPC takes them; the real gateway (`python -m services.gateway`, its own process) sits in front;
 client processes (benchmarks/loadgen.py) keep `--concurrency` requests in flight. The report: tokens/s through
-the gateway, and the CPUs each process used. On a GPU stack the gateway carries every token the engine makes,
-so this is the most the stack can stream whatever the engine's speed.
+the gateway, and the CPUs each process used. The stand-in serves Submit alone (its ModelInfo offers no
+sessions), so this measures the one-call-per-request path, which a traced gateway uses: each token costs the
+gateway a read from the scheduler and a write to the client. (Under a session, a step's tokens for every
+request arrive in one read.)
 """
 
 from __future__ import annotations
