@@ -7,6 +7,7 @@ tests/test_engine_loop.py (one token per sampled sequence, at once).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -40,6 +41,30 @@ def with_session(body, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     run_with(honest, served, tmp_path)
 
 
+@dataclass
+class Received:
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    finished: dict[str, int] = field(default_factory=dict)                # request id -> finish reason
+    statuses: dict[str, tuple[int, str]] = field(default_factory=dict)   # request id -> status code, message
+    messages: int = 0
+
+
+async def receive(call: grpc.aio.StreamStreamCall, requests: int) -> Received:
+    """Read the session until that many requests have ended (with a finish reason, or a status)."""
+    received = Received()
+    while len(received.finished) + len(received.statuses) < requests:
+        batch = await asyncio.wait_for(call.read(), 10)
+        received.messages += 1
+        for event in batch.events:
+            if event.status_code:
+                received.statuses[event.request_id] = (event.status_code, event.status_message)
+                continue
+            received.tokens.setdefault(event.request_id, []).extend(event.event.token_ids)
+            if event.event.finish_reason:
+                received.finished[event.request_id] = event.event.finish_reason
+    return received
+
+
 async def until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
     for _ in range(int(timeout / 0.02)):
         if condition():
@@ -53,20 +78,10 @@ def test_requests_on_one_session_get_their_tokens_and_share_messages(tmp_path):
         call = stub.Session()
         for name in ("a", "b", "c", "d"):
             await call.write(submit(name))
-        tokens: dict[str, list[int]] = {}
-        finished: dict[str, int] = {}
-        messages = 0
-        while len(finished) < 4:
-            batch = await asyncio.wait_for(call.read(), 10)
-            messages += 1
-            for event in batch.events:
-                assert not event.status_code, event.status_message
-                tokens.setdefault(event.request_id, []).extend(event.event.token_ids)
-                if event.event.finish_reason:
-                    finished[event.request_id] = event.event.finish_reason
-        assert tokens == {name: EXPECTED for name in "abcd"}
-        assert set(finished.values()) == {common_pb2.FINISH_REASON_LENGTH}
-        assert messages < 4 * len(EXPECTED)  # a step's tokens for several requests travel together
+        received = await receive(call, 4)
+        assert received.tokens == {name: EXPECTED for name in "abcd"} and not received.statuses
+        assert set(received.finished.values()) == {common_pb2.FINISH_REASON_LENGTH}
+        assert received.messages < 4 * len(EXPECTED)  # a step's tokens for several requests travel together
         call.cancel()
         await until(h.all_blocks_free)
 
@@ -79,16 +94,9 @@ def test_an_abort_on_the_session_ends_that_request_alone(tmp_path):
         await call.write(submit("long", max_new_tokens=60))
         await call.write(submit("short"))
         await call.write(scheduler_pb2.SessionRequest(abort=scheduler_pb2.SchedulerAbortRequest(request_id="long")))
-        ends: dict[str, int] = {}
-        short: list[int] = []
-        while len(ends) < 2:
-            for event in (await asyncio.wait_for(call.read(), 10)).events:
-                if event.request_id == "short":
-                    short += event.event.token_ids
-                if event.event.finish_reason:
-                    ends[event.request_id] = event.event.finish_reason
-        assert ends == {"long": common_pb2.FINISH_REASON_ABORT, "short": common_pb2.FINISH_REASON_LENGTH}
-        assert short == EXPECTED
+        received = await receive(call, 2)
+        assert received.finished == {"long": common_pb2.FINISH_REASON_ABORT, "short": common_pb2.FINISH_REASON_LENGTH}
+        assert received.tokens["short"] == EXPECTED
         call.cancel()
         await until(h.all_blocks_free)
 
@@ -100,16 +108,10 @@ def test_a_rejected_submit_is_a_status_for_that_request_and_the_session_serves_o
         call = stub.Session()
         await call.write(submit("empty", prompt=()))
         await call.write(submit("fine"))
-        rejected, fine = None, []
-        while rejected is None or len(fine) < len(EXPECTED):
-            for event in (await asyncio.wait_for(call.read(), 10)).events:
-                if event.request_id == "empty":
-                    rejected = event
-                else:
-                    fine += event.event.token_ids
-        assert rejected.status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        assert "prompt_token_ids" in rejected.status_message
-        assert fine == EXPECTED
+        received = await receive(call, 2)
+        code, message = received.statuses["empty"]
+        assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "prompt_token_ids" in message
+        assert received.tokens == {"fine": EXPECTED} and received.finished == {"fine": common_pb2.FINISH_REASON_LENGTH}
         call.cancel()
 
     with_session(body, tmp_path)
