@@ -26,6 +26,8 @@ class SmgRouter:
         assert binary, "smg is a dev dependency (pip install smg)"
         self.binary = binary
         self.num_workers = len(worker_addresses)
+        self.log_path = log_path
+        self.fetches_tokenizer = model_dir is None
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -41,19 +43,24 @@ class SmgRouter:
         return httpx.get(f"{self.url}/workers", headers=self._headers, timeout=5).json()["workers"]
 
     def wait_ready(self, timeout: float = 90.0) -> SmgRouter:
-        """Once every replica is registered, healthy and ready."""
+        """Once every replica is registered, healthy and ready; without a tokenizer of its own, once SMG has
+        also fetched the replicas' (it does so after a replica turns ready, and refuses chats until then)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, "smg exited"
             try:
                 workers = self.workers()
                 if len(workers) == self.num_workers and all(w.get("is_healthy") and w.get("status") == "ready"
-                                                            for w in workers):
+                                                            for w in workers) and self._has_tokenizer():
                     return self
             except (httpx.HTTPError, KeyError, ValueError):
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"smg did not register {self.num_workers} ready workers within {timeout} s")
+
+    def _has_tokenizer(self) -> bool:
+        return (not self.fetches_tokenizer
+                or "Successfully registered tokenizer" in self.log_path.read_text(errors="replace"))
 
     def stop(self) -> None:
         self.process.terminate()
