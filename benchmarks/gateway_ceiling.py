@@ -32,7 +32,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from benchmarks.loadgen import run_workload_in_processes  # noqa: E402
 from benchmarks.workload import PromptMaker, Workload, fixed_lengths  # noqa: E402
 from inflight.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
-from tests.stack import free_port  # noqa: E402
+from tests.stack import free_port, health_status  # noqa: E402
 
 
 class StandInScheduler(scheduler_pb2_grpc.SchedulerServicer):
@@ -67,18 +67,17 @@ async def serve_scheduler(address: str) -> None:
     await server.wait_for_termination()
 
 
-def wait_serving(address: str, timeout: float = 120) -> None:
+def wait_serving(gateway: subprocess.Popen, port: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"{address} is not serving")
+    while time.monotonic() < deadline:
+        assert gateway.poll() is None, f"the gateway exited with {gateway.returncode}"
+        try:
+            if health_status(port) == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"the gateway on port {port} is not serving")
 
 
 def main() -> None:
@@ -101,7 +100,7 @@ def main() -> None:
                                 "--max-inflight-per-client", str(10 * args.concurrency)])
     try:
         address = f"127.0.0.1:{port}"
-        wait_serving(address)
+        wait_serving(gateway, port)
         maker = PromptMaker(Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json")), seed=0)
         workload = Workload("ceiling", fixed_lengths(maker, args.requests, 64, args.output_tokens),
                             concurrency=args.concurrency)

@@ -28,7 +28,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import grpc  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
@@ -37,7 +36,6 @@ from benchmarks.loadgen import run_workload, run_workload_in_processes  # noqa: 
 from benchmarks.profile_stack import stack_processes  # noqa: E402
 from benchmarks.workload import PromptMaker, Workload, chat_like, fixed_lengths  # noqa: E402
 from inflight.model_shapes import SHAPES  # noqa: E402
-from inflight.v1 import common_pb2, generation_pb2_grpc  # noqa: E402
 from tests.stack import ServedStack  # noqa: E402
 
 KV_BLOCKS, BUDGET, MAX_SEQS = 8192, 4096, 256
@@ -72,11 +70,6 @@ def engine_alone(model: str, tokenizer: Tokenizer, runs: list[Workload]) -> dict
 STACKS = {"overlap": [], "overlap-3": ["--steps-in-flight", "3"], "no-overlap": ["--overlap", "off"]}
 
 
-def scheduler_stats(address: str) -> common_pb2.Stats:
-    with grpc.insecure_channel(address) as channel:
-        return generation_pb2_grpc.AdminStub(channel).GetStats(common_pb2.GetStatsRequest(), timeout=10)
-
-
 def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profile: Path,
           client_processes: int) -> tuple[list[float], list[dict[str, float]], dict]:
     """Each workload's throughput through one stack, the CPUs each of its processes used meanwhile, and the
@@ -95,9 +88,9 @@ def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profi
         asyncio.run(run_workload(served.address, profiled, False))
         for workload in runs:
             before = {role: sum(p.cpu_times()[:2]) for role, p in processes.items()}
-            stats_before = scheduler_stats(served.address)
+            stats_before = served.stats()
             records, duration = run_workload_in_processes(served.address, workload, client_processes)
-            stats = scheduler_stats(served.address)
+            stats = served.stats()
             steps = stats.steps_total - stats_before.steps_total
             cpus.append({**{role: round((sum(p.cpu_times()[:2]) - before[role]) / duration, 2)
                             for role, p in processes.items()},

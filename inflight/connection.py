@@ -10,13 +10,20 @@ seconds after a restart.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+
+import grpc
 
 # Public clients: ours ping every 30 s; grpc-go and grpc-java refuse to ping more often than 10 s.
 PUBLIC_MIN_CLIENT_PING_S = 10.0
 PUBLIC_SERVER_PING_S = 30.0
 
 Options = list[tuple[str, int]]
+
+# What a write or read on an asyncio stream raises once the stream is gone. InvalidStateError: the call had
+# already ended (e.g. the server sent GOAWAY).
+STREAM_GONE = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
 
 @dataclass(frozen=True)

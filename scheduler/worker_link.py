@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 
-from inflight.connection import KeepalivePolicy
+from inflight.connection import STREAM_GONE, KeepalivePolicy
 from inflight.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.planned_step import PlannedStep
 from scheduler.request import Request
@@ -15,10 +15,6 @@ MESSAGE_LIMITS = [
     ("grpc.max_send_message_length", 64 * 2**20),
     ("grpc.max_receive_message_length", 64 * 2**20),
 ]
-
-
-# The stream is gone. InvalidStateError: the call had already ended (e.g. the server sent GOAWAY).
-_STREAM_BROKEN = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
 
 class WorkerUnavailable(RuntimeError):
@@ -84,7 +80,7 @@ class WorkerLink:
             raise WorkerUnavailable("not connected")
         try:
             await self._call.write(plan)
-        except _STREAM_BROKEN as error:
+        except STREAM_GONE as error:
             raise WorkerUnavailable(f"worker stream broke: {error!r}") from error
 
     async def receive(self, plan: worker_pb2.StepPlan) -> worker_pb2.StepResult:
@@ -96,7 +92,7 @@ class WorkerLink:
             result = await (asyncio.wait_for(read, plan.timeout_seconds) if plan.timeout_seconds else read)
         except asyncio.TimeoutError as error:
             raise StepTimedOut(f"step {plan.step_id} did not finish within {plan.timeout_seconds:.1f} s") from error
-        except _STREAM_BROKEN as error:
+        except STREAM_GONE as error:
             raise WorkerUnavailable(f"worker stream broke: {error!r}") from error
         if result is grpc.aio.EOF:
             raise WorkerUnavailable("worker closed the step stream")

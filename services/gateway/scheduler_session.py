@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from inflight.connection import STREAM_GONE
 from inflight.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 RequestKey = tuple[str, str]  # (tenant, request id)
-_STREAM_GONE = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class SchedulerSession:
         try:
             async with self._writing:
                 await call.write(message)
-        except _STREAM_GONE:
+        except STREAM_GONE:
             pass  # the reader ends every request on this stream
 
     async def _read(self, call: grpc.aio.StreamStreamCall, queues: dict[RequestKey, asyncio.Queue[SessionItem]]) -> None:
