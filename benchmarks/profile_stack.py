@@ -40,7 +40,7 @@ def stack_processes(launcher_pid: int) -> dict[str, psutil.Process]:
         command = " ".join(process.cmdline())
         for role, marker in ROLES.items():
             if marker in command and "mpiexec" not in command and "inflight.process" not in command:
-                found.setdefault(role, process)
+                found[role if role not in found else f"{role}-{sum(r.startswith(role) for r in found)}"] = process
     return found
 
 

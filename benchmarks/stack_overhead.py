@@ -12,8 +12,9 @@ process's CPU use, the steps per second and the mean sequences per step recorded
 Before it is measured, each stack serves 384 fixed 128/128 requests at concurrency 64, with rank 0's
 steps 250..350 under the torch profiler and steps 360..460 timed by CUDA events, and reports how much of
 that time the GPU ran nothing (worker/step_profiler.py); their cost stays out of the measured runs.
-The stacks: overlap scheduling with two steps in flight (the default), with three, and off. Each part
-(--parts alone,overlap,overlap-3,no-overlap) is saved as it finishes (OUT/<part>.json), so a long run
+The stacks: overlap scheduling with two steps in flight (the default), with three, off, and the default with
+two gateway processes on the port. Each part (--parts alone,overlap,overlap-3,no-overlap,overlap-2-gateways)
+is saved as it finishes (OUT/<part>.json), so a long run
 may be split across calls on the same machine; OUT/report.json has those present beside the engine alone.
 """
 
@@ -67,11 +68,12 @@ def engine_alone(model: str, tokenizer: Tokenizer, runs: list[Workload]) -> dict
     return results
 
 
-STACKS = {"overlap": [], "overlap-3": ["--steps-in-flight", "3"], "no-overlap": ["--overlap", "off"]}
+STACKS = {"overlap": [], "overlap-3": ["--steps-in-flight", "3"], "no-overlap": ["--overlap", "off"],
+          "overlap-2-gateways": ["--gateway-processes", "2"]}
 
 
 def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profile: Path,
-          client_processes: int) -> tuple[list[float], list[dict[str, float]], dict]:
+          client_processes: int, client_channels: int) -> tuple[list[float], list[dict[str, float]], dict]:
     """Each workload's throughput through one stack, the CPUs each of its processes used meanwhile, and the
     profiled pass's GPU timeline."""
     flags = ["--model", model, "--device", "cuda", "--tokenizer", tokenizer_dir, "--num-kv-blocks", str(KV_BLOCKS),
@@ -89,7 +91,7 @@ def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profi
         for workload in runs:
             before = {role: sum(p.cpu_times()[:2]) for role, p in processes.items()}
             stats_before = served.stats()
-            records, duration = run_workload_in_processes(served.address, workload, client_processes)
+            records, duration = run_workload_in_processes(served.address, workload, client_processes, client_channels)
             stats = served.stats()
             steps = stats.steps_total - stats_before.steps_total
             cpus.append({**{role: round((sum(p.cpu_times()[:2]) - before[role]) / duration, 2)
@@ -111,7 +113,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default="alone,overlap,overlap-3,no-overlap")
     parser.add_argument("--client-processes", type=int, default=1,
-                        help="load generator processes, each with its own channel and share of the load")
+                        help="load generator processes, each with its own channels and share of the load")
+    parser.add_argument("--client-channels", type=int, default=1,
+                        help="connections of each client process (a stack of several gateway processes gets "
+                             "connections, not requests, spread over them)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,8 +127,9 @@ def main() -> None:
             result: dict = engine_alone(args.model, tokenizer, runs)
         else:
             tok_s, cpus, timeline = stack(args.model, args.tokenizer, runs, part, out / f"profile_{part}.json",
-                                          args.client_processes)
-            result = {"tok_s": tok_s, "cpus": cpus, "client_processes": args.client_processes, "gpu_timeline": timeline}
+                                          args.client_processes, args.client_channels)
+            result = {"tok_s": tok_s, "cpus": cpus, "client_processes": args.client_processes,
+                      "client_channels": args.client_channels, "gpu_timeline": timeline}
         (out / f"{part}.json").write_text(json.dumps(result))
         print(part, json.dumps(result), flush=True)
     parts = {part: json.loads((out / f"{part}.json").read_text()) for part in ("alone", *STACKS)

@@ -64,6 +64,7 @@ class ServeConfig:
     cpu_threads: int
     log_level: str
     otlp_traces_endpoint: str  # both the gateway and the scheduler trace to it
+    gateway_processes: int     # gateway processes sharing the port (SO_REUSEPORT), each with its own session
     gateway: GatewayConfig
 
     @staticmethod
@@ -115,13 +116,25 @@ class ServeConfig:
         parser.add_argument("--keepalive-seconds", type=float, default=20.0,
                             help="ping interval on the internal connections (each server accepts half of it)")
         add_otlp_traces_endpoint(parser)
-        GatewayConfig.add_arguments(parser.add_argument_group("gateway"), include_model=False)
+        gateway = parser.add_argument_group("gateway")
+        gateway.add_argument("--gateway-processes", type=int, default=1,
+                             help="gateway processes on the one port (the kernel spreads client connections across "
+                                  "them): more than one when a single Python process cannot keep up with the tokens "
+                                  "a fast GPU streams. Per-client and in-flight limits then hold per process, and "
+                                  "/metrics (on --metrics-port) sums them all")
+        GatewayConfig.add_arguments(gateway, include_model=False)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
-        shared = ("model", "scheduler", "host", "port", "log_level", "keepalive_seconds", "exit_with_parent")
+        if args.gateway_processes < 1:
+            raise SystemExit("inflight serve: --gateway-processes must be at least 1")
+        if args.gateway_processes > 1 and not args.port:
+            raise SystemExit("inflight serve: --gateway-processes above 1 needs a fixed --port for them to share")
+        shared = ("model", "scheduler", "host", "port", "log_level", "keepalive_seconds", "exit_with_parent",
+                  "share_port")
         gateway = GatewayConfig(model="", scheduler="", host=args.host, port=args.port, log_level=args.log_level,
                                 keepalive_seconds=args.keepalive_seconds, exit_with_parent=True,
+                                share_port=args.gateway_processes > 1,
                                 **{name: getattr(args, name) for name in GatewayConfig.__dataclass_fields__
                                    if name not in shared})
         if not gateway.max_inflight_requests:
@@ -152,10 +165,13 @@ class Stack:
         self.tokenizer_path = tokenizer_path
         self.worker_address = f"unix://{runtime_dir}/worker.sock"
         self.scheduler_address = f"unix://{runtime_dir}/scheduler.sock"
+        self.metrics_dir = runtime_dir / "gateway-metrics"  # several gateways' metric values, summed on export
+        self.gateways = ["gateway"] + [f"gateway-{i}" for i in range(1, config.gateway_processes)]
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
-    def _spawn(self, name: str, command: list[str]) -> None:
-        self.processes[name] = subprocess.Popen(command, start_new_session=True)
+    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
+        self.processes[name] = subprocess.Popen(command, start_new_session=True,
+                                                env={**os.environ, **env} if env else None)
 
     def start_worker_group(self) -> None:
         c = self.config
@@ -185,14 +201,24 @@ class Stack:
         ])
 
     def start(self) -> None:
-        c = self.config
         self.start_worker_group()
         self.start_scheduler()
-        self._spawn("gateway", [
-            sys.executable, "-m", "services.gateway", "--model", self.tokenizer_path, "--scheduler",
-            self.scheduler_address, "--host", c.host, "--port", str(c.port), "--log-level", c.log_level,
-            *c.gateway.to_flags(),
-        ])
+        self.start_gateways()
+
+    def start_gateways(self) -> None:
+        """One gateway, or several on the shared port; the first alone serves --metrics-port (for them all)."""
+        c = self.config
+        env = None
+        if len(self.gateways) > 1:
+            self.metrics_dir.mkdir()
+            env = {"PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        for index, name in enumerate(self.gateways):
+            gateway = c.gateway if index == 0 else dataclasses.replace(c.gateway, metrics_port=0)
+            self._spawn(name, [
+                sys.executable, "-m", "services.gateway", "--model", self.tokenizer_path, "--scheduler",
+                self.scheduler_address, "--host", c.host, "--port", str(c.port), "--log-level", c.log_level,
+                *gateway.to_flags(),
+            ], env)
 
     def exited(self) -> dict[str, int]:
         return {name: code for name, p in self.processes.items() if (code := p.poll()) is not None}
@@ -200,24 +226,30 @@ class Stack:
     def stop_one(self, name: str, timeout: float) -> None:
         process = self.processes[name]
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(process.pid, sig)  # the whole group: mpiexec, its proxies and every rank
-            except ProcessLookupError:
-                pass
+            self.signal(name, sig)  # the whole group: mpiexec, its proxies and every rank
             try:
                 process.wait(wait)
                 break
             except subprocess.TimeoutExpired:
                 continue
-        try:  # ranks that outlived mpiexec in the same group
-            os.killpg(process.pid, signal.SIGKILL)
+        self.signal(name, signal.SIGKILL)  # ranks that outlived mpiexec in the same group
+
+    def signal(self, name: str, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.processes[name].pid, sig)
         except ProcessLookupError:
             pass
 
     def stop(self) -> None:
-        for name, timeout in (("gateway", self.config.gateway.drain_seconds + 5), ("scheduler", 3.0), ("worker", 3.0)):
+        started = [name for name in self.gateways if name in self.processes]
+        for name in started:  # they drain side by side
+            self.signal(name, signal.SIGTERM)
+        drain = self.config.gateway.drain_seconds + 5
+        for name in started:
+            self.stop_one(name, drain)
+        for name in ("scheduler", "worker"):
             if name in self.processes:
-                self.stop_one(name, timeout)
+                self.stop_one(name, 3.0)
 
 
 class RestartBudget:
@@ -325,8 +357,24 @@ def check_mpi_hosts(mpi_hosts: str) -> None:
                          f"{socket.gethostname()}, which runs rank 0")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail before starting anything if something already listens on the gateway's port (another stack, say):
+    gateways that share a port would otherwise bind beside it, and the kernel would split clients between them."""
+    if not port:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: a closed port's TIME_WAIT is free
+            probe.bind(address)
+    except OSError as error:
+        raise SystemExit(f"inflight serve: cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
 def serve(config: ServeConfig) -> int:
     log = configure_logging("launcher", config.log_level)
+    check_port_free(config.host, config.port)
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
     if config.model.startswith("random:"):
         model_path = config.model
@@ -359,7 +407,7 @@ def serve(config: ServeConfig) -> int:
 def _supervise(stack: Stack, config: ServeConfig, log: object, stopping: object) -> int:
     """Restart a dead or frozen worker group or scheduler; a dead gateway ends the stack (exit 1).
 
-    The gateway is the stack's face: if it dies, whatever supervises `inflight serve` (systemd,
+    The gateway is the stack's face: if it (or any of several) dies, whatever supervises `inflight serve` (systemd,
     Kubernetes) must see the whole stack exit and start it again.
     """
     announced = False
@@ -368,8 +416,9 @@ def _supervise(stack: Stack, config: ServeConfig, log: object, stopping: object)
               "scheduler": LivenessProbe(stack.scheduler_address, config.liveness_timeout)}
     while not stopping():  # type: ignore[operator]
         exited = stack.exited()
-        if "gateway" in exited:
-            log.error("gateway_exited", exit_code=exited["gateway"])  # type: ignore[attr-defined]
+        gone = [name for name in stack.gateways if name in exited]
+        if gone:
+            log.error("gateway_exited", process=gone[0], exit_code=exited[gone[0]])  # type: ignore[attr-defined]
             return 1
         if "worker" in exited and not announced:
             log.error("worker_group_failed_to_start", exit_code=exited["worker"])  # type: ignore[attr-defined]

@@ -136,7 +136,10 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         interceptors.append(AuthInterceptor(authenticator))
     limits = AdmissionLimits(config.max_inflight_requests or AdmissionLimits.max_inflight_requests,
                              config.max_inflight_per_client, config.max_messages)
-    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    # SO_REUSEPORT only where several gateway processes share the port on purpose: otherwise a second server on
+    # a port in use would bind beside the first, and the kernel would split clients between the two.
+    options = [*SERVER_OPTIONS, ("grpc.so_reuseport", int(config.share_port))]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     generation = GenerationService(codec, scheduler, metrics, authenticator, limits, config.trust_message_special_tokens)
     generation_pb2_grpc.add_GenerationServicer_to_server(generation, server)
     generation_pb2_grpc.add_AdminServicer_to_server(AdminService(scheduler), server)
@@ -157,11 +160,14 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
     on_ready_change(False)
     address = f"{config.host}:{config.port}"
     credentials = server_credentials(config)
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # recent gRPC raises where older ones returned 0
+        bound = 0
     if bound == 0:
-        raise SystemExit(f"gateway: cannot listen on {address}")
+        raise SystemExit(f"gateway: cannot listen on {address} (in use?)")
     if config.metrics_port:
-        start_http_server(config.metrics_port, registry=metrics.registry)
+        start_http_server(config.metrics_port, registry=metrics.exposition_registry())
     await server.start()
     tasks = [asyncio.create_task(scheduler.watch(on_ready_change)), asyncio.create_task(poll_stats(scheduler, metrics))]
     log = structlog.get_logger()

@@ -31,6 +31,7 @@ class GatewayConfig:
     kserve: bool = True              # serve inference.GRPCInferenceService (Triton's KServe v2) beside Generation
     trtllm: bool = True              # serve trtllm.TrtllmService (TensorRT-LLM's gRPC, what SMG drives) beside it
     otlp_traces_endpoint: str = ""   # OTLP/gRPC collector for traces (http://host:4317); empty: not traced
+    share_port: bool = False         # listen with SO_REUSEPORT: one of several gateway processes on one port
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser, include_model: bool = True) -> None:
@@ -43,6 +44,10 @@ class GatewayConfig:
             parser.add_argument("--keepalive-seconds", type=float, default=20.0)
             parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies")
             add_otlp_traces_endpoint(parser)
+            parser.add_argument("--share-port", action="store_true",
+                                help="listen on a port that other gateway processes of this stack share "
+                                     "(SO_REUSEPORT; the kernel spreads connections across them). Without it, a port "
+                                     "already in use is an error")
         parser.add_argument("--metrics-port", type=int, default=0)
         parser.add_argument("--auth-tokens-file", default="")
         parser.add_argument("--auth-exempt", default="/grpc.health.v1.Health/,/grpc.reflection.")
@@ -74,6 +79,8 @@ class GatewayConfig:
                  "--keepalive-seconds", str(self.keepalive_seconds)]
         if self.trust_message_special_tokens:
             flags.append("--trust-message-special-tokens")
+        if self.share_port:
+            flags.append("--share-port")
         if self.exit_with_parent:
             flags.append("--exit-with-parent")
         if self.otlp_traces_endpoint:

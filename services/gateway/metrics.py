@@ -1,14 +1,22 @@
-"""Prometheus metrics of the gateway, served on their own HTTP port."""
+"""Prometheus metrics of the gateway, served on their own HTTP port.
+
+When a stack runs several gateway processes (`inflight serve --gateway-processes N`), the launcher gives each
+the same PROMETHEUS_MULTIPROC_DIR: prometheus_client then keeps every process's values in files there, and
+the one process that serves the port reports them summed (the in-flight gauge over live processes, the
+scheduler's figures as most recently polled).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 from services.gateway.handlers import replace_behavior
 
@@ -35,21 +43,32 @@ class GatewayMetrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("inflight_request_duration_seconds", "Gateway arrival to last token",
                              buckets=LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("inflight_requests_in_flight", "Generations being served", registry=r)
-        self.kv_usage = Gauge("inflight_kv_cache_usage_ratio", "Share of KV blocks held by running requests", registry=r)
-        self.kv_cached = Gauge("inflight_kv_cache_cached_blocks", "Free KV blocks holding reusable prefixes", registry=r)
-        self.running = Gauge("inflight_scheduler_running_requests", "Requests in the running batch", registry=r)
-        self.waiting = Gauge("inflight_scheduler_waiting_requests", "Requests waiting to be scheduled", registry=r)
-        self.batch_size = Gauge("inflight_batch_size_mean", "Mean sequences per step since start", registry=r)
-        self.preemptions = Gauge("inflight_preemptions", "Preemptions since the scheduler started", registry=r)
-        self.worker_restarts = Gauge("inflight_worker_restarts", "Worker groups replaced after a failure or a hang "
-                                     "(since the scheduler started)", registry=r)
-        self.step_timeouts = Gauge("inflight_step_timeouts", "Steps the watchdog gave up on (since the scheduler "
-                                   "started)", registry=r)
-        self.failed_requests = Gauge("inflight_scheduler_failed_requests", "Requests failed by a step, a sequence "
-                                     "error or a lost worker group (since the scheduler started)", registry=r)
-        self.scheduler_restarts = Gauge("inflight_scheduler_restarts", "Schedulers that replaced a lost one (since "
-                                        "the gateway started)", registry=r)
+        self.in_flight = Gauge("inflight_requests_in_flight", "Generations being served", registry=r,
+                               multiprocess_mode="livesum")
+        # The scheduler's figures, polled by every gateway process: the most recent poll is the one to report.
+        polled = functools.partial(Gauge, registry=r, multiprocess_mode="mostrecent")
+        self.kv_usage = polled("inflight_kv_cache_usage_ratio", "Share of KV blocks held by running requests")
+        self.kv_cached = polled("inflight_kv_cache_cached_blocks", "Free KV blocks holding reusable prefixes")
+        self.running = polled("inflight_scheduler_running_requests", "Requests in the running batch")
+        self.waiting = polled("inflight_scheduler_waiting_requests", "Requests waiting to be scheduled")
+        self.batch_size = polled("inflight_batch_size_mean", "Mean sequences per step since start")
+        self.preemptions = polled("inflight_preemptions", "Preemptions since the scheduler started")
+        self.worker_restarts = polled("inflight_worker_restarts", "Worker groups replaced after a failure or a hang "
+                                      "(since the scheduler started)")
+        self.step_timeouts = polled("inflight_step_timeouts", "Steps the watchdog gave up on (since the scheduler "
+                                    "started)")
+        self.failed_requests = polled("inflight_scheduler_failed_requests", "Requests failed by a step, a sequence "
+                                      "error or a lost worker group (since the scheduler started)")
+        self.scheduler_restarts = polled("inflight_scheduler_restarts", "Schedulers that replaced a lost one (since "
+                                         "the gateway started)")
+
+    def exposition_registry(self) -> CollectorRegistry:
+        """What the metrics port serves: this process's registry, or every gateway process's values."""
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return self.registry
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return registry
 
     def observe_stats(self, stats) -> None:  # type: ignore[no-untyped-def]
         total = stats.kv_blocks_total or 1
