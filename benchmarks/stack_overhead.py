@@ -3,19 +3,20 @@
     python benchmarks/stack_overhead.py --model random:llama-3-8b --tokenizer .carry/tokenizer --out OUT
 
 Workloads (closed loop, no prefix caching): fixed 128/128 at concurrency 64 (192 requests) and 256 (512
-requests), and the chat-like set at concurrency 64 (128 requests). The engine alone is the scheduler's
-planner and the worker's engine in this process (benchmarks/baselines.py), stepped one after another and,
-in a second pass, pipelined (the next step launched before the last one's tokens are read);
-the stack is `inflight serve` (gateway, scheduler, MPI worker) driven over gRPC by benchmarks/loadgen.py from
---client-processes processes (1 by default; more rule the client out as the limit), with each stack
-process's CPU use, the steps per second and the mean sequences per step recorded per workload.
-Before it is measured, each stack serves 384 fixed 128/128 requests at concurrency 64, with rank 0's
-steps 250..350 under the torch profiler and steps 360..460 timed by CUDA events, and reports how much of
-that time the GPU ran nothing (worker/step_profiler.py); their cost stays out of the measured runs.
-The stacks: overlap scheduling with two steps in flight (the default), with three, off, and the default with
-two gateway processes on the port. Each part (--parts alone,overlap,overlap-3,no-overlap,overlap-2-gateways)
-is saved as it finishes (OUT/<part>.json), so a long run
-may be split across calls on the same machine; OUT/report.json has those present beside the engine alone.
+requests), and the chat-like set at concurrency 64 (128 requests); --scale N runs N times as many. The engine
+alone is the scheduler's planner and the worker's engine in this process (benchmarks/baselines.py), stepped
+one after another and, in a second pass, pipelined (the next step launched before the last one's tokens are
+read); the stack is `inflight serve` (gateway, scheduler, MPI worker) driven over gRPC by
+benchmarks/loadgen.py from --client-processes processes (1 by default; more rule the client out as the limit),
+with each stack process's CPU use, the steps per second and the mean sequences per step recorded per workload.
+Before it is measured, each stack serves the first workload's requests twice over at concurrency 64, from the
+same client processes, with rank 0's steps 250..350 under the torch profiler and steps 360..460 timed by CUDA
+events, and reports how much of that time the GPU ran nothing (worker/step_profiler.py); their cost stays out
+of the measured runs. The stacks: overlap scheduling with two steps in flight (the default), with three, off,
+and the default with one gateway process instead of two. Each part
+(--parts alone,overlap,overlap-3,no-overlap,overlap-1-gateway) is saved as it finishes (OUT/<part>.json), so a
+long run may be split across calls on the same machine; OUT/report.json has those present beside the engine
+alone.
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ KV_BLOCKS, BUDGET, MAX_SEQS = 8192, 4096, 256
 PROFILED_STEPS = (250, 350)
 
 
-def workloads(tokenizer: Tokenizer, model: str) -> list[Workload]:
+def workloads(tokenizer: Tokenizer, model: str, scale: int = 1) -> list[Workload]:
     below = int(SHAPES[model.removeprefix("random:")]["vocab_size"])  # type: ignore[call-overload]
     maker = PromptMaker(tokenizer, seed=0, below=below)
-    return [Workload("fixed 128/128", fixed_lengths(maker, 192, 128, 128), concurrency=64),
-            Workload("fixed 128/128", fixed_lengths(maker, 512, 128, 128), concurrency=256),
-            Workload("chat-like", chat_like(maker, 128, 1.0, 1024, 512), concurrency=64)]
+    return [Workload("fixed 128/128", fixed_lengths(maker, 192 * scale, 128, 128), concurrency=64),
+            Workload("fixed 128/128", fixed_lengths(maker, 512 * scale, 128, 128), concurrency=256),
+            Workload("chat-like", chat_like(maker, 128 * scale, 1.0, 1024, 512), concurrency=64)]
 
 
 def engine_alone(model: str, tokenizer: Tokenizer, runs: list[Workload]) -> dict[str, list[float]]:
@@ -69,7 +70,7 @@ def engine_alone(model: str, tokenizer: Tokenizer, runs: list[Workload]) -> dict
 
 
 STACKS = {"overlap": [], "overlap-3": ["--steps-in-flight", "3"], "no-overlap": ["--overlap", "off"],
-          "overlap-2-gateways": ["--gateway-processes", "2"]}
+          "overlap-1-gateway": ["--gateway-processes", "1"]}
 
 
 def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profile: Path,
@@ -87,7 +88,7 @@ def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profi
         warmup = Workload("warmup", runs[0].requests[:2], concurrency=2)  # about 130 steps
         asyncio.run(run_workload(served.address, warmup, False))
         profiled = Workload("profiled", runs[0].requests * 2, concurrency=64)  # about 780 steps: 250..460 lie inside
-        asyncio.run(run_workload(served.address, profiled, False))
+        run_workload_in_processes(served.address, profiled, client_processes, client_channels)
         for workload in runs:
             before = {role: sum(p.cpu_times()[:2]) for role, p in processes.items()}
             stats_before = served.stats()
@@ -114,6 +115,8 @@ def main() -> None:
     parser.add_argument("--parts", default="alone,overlap,overlap-3,no-overlap")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="load generator processes, each with its own channels and share of the load")
+    parser.add_argument("--scale", type=int, default=1,
+                        help="requests per workload times this (longer runs, steadier figures)")
     parser.add_argument("--client-channels", type=int, default=1,
                         help="connections of each client process (a stack of several gateway processes gets "
                              "connections, not requests, spread over them)")
@@ -121,7 +124,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
-    runs = workloads(tokenizer, args.model)
+    runs = workloads(tokenizer, args.model, args.scale)
     for part in args.parts.split(","):
         if part == "alone":
             result: dict = engine_alone(args.model, tokenizer, runs)

@@ -117,19 +117,21 @@ class ServeConfig:
                             help="ping interval on the internal connections (each server accepts half of it)")
         add_otlp_traces_endpoint(parser)
         gateway = parser.add_argument_group("gateway")
-        gateway.add_argument("--gateway-processes", type=int, default=1,
+        gateway.add_argument("--gateway-processes", type=int, default=0,
                              help="gateway processes on the one port (the kernel spreads client connections across "
-                                  "them): more than one when a single Python process cannot keep up with the tokens "
-                                  "a fast GPU streams. Per-client and in-flight limits then hold per process, and "
-                                  "/metrics (on --metrics-port) sums them all")
+                                  "them), for when one Python process cannot keep up with the tokens a GPU streams; "
+                                  "0: 2 with --device cuda, else 1. Per-client and in-flight limits then hold per "
+                                  "process, and /metrics (on --metrics-port) sums them all")
         GatewayConfig.add_arguments(gateway, include_model=False)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
-        if args.gateway_processes < 1:
-            raise SystemExit("inflight serve: --gateway-processes must be at least 1")
+        if args.gateway_processes < 0:
+            raise SystemExit("inflight serve: --gateway-processes must be 0 (auto) or more")
         if args.gateway_processes > 1 and not args.port:
             raise SystemExit("inflight serve: --gateway-processes above 1 needs a fixed --port for them to share")
+        if not args.gateway_processes:  # auto: a GPU streams more tokens than one gateway process passes on
+            args.gateway_processes = 2 if args.device == "cuda" and args.port else 1
         shared = ("model", "scheduler", "host", "port", "log_level", "keepalive_seconds", "exit_with_parent",
                   "share_port")
         gateway = GatewayConfig(model="", scheduler="", host=args.host, port=args.port, log_level=args.log_level,

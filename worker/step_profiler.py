@@ -5,8 +5,10 @@ recording the device's activity only; as many steps again, starting EVENTS_AFTER
 that the profiler's own wind-down, which stalls the steps in flight, stays out), are timed with CUDA
 events alone (one before and one after each step's work), which costs the host nothing. When both windows
 are done, FILE gets a JSON summary of each: the span, the time the device was busy, and how much of the
-span it ran nothing (from the profiler: between any two kernels; from the events: between steps, and
-between two decode-only steps in a row).
+span it ran nothing (between any two kernels, or between steps), and how much of the time from the end of
+one decode-only step to the end of the next decode-only step after it it sat idle between the two (under the
+profiler also: in all, with the gaps between the later step's kernels). Under the profiler, each step's
+work is preceded on the device by a marker kernel (a one-cycle spin) that splits the timeline into steps.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 log = structlog.get_logger()
 
 EVENTS_AFTER = 10
+MARKER_KERNEL = "spin_kernel"  # what torch.cuda._sleep launches
 
 
 class StepProfiler:
@@ -33,6 +36,7 @@ class StepProfiler:
         self._profile: torch.profiler.profile | None = None
         self._profile_summary: dict[str, float] = {}
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]] = []  # start, end, decode-only
+        self._profiled_decode_only: list[bool] = []  # each marked step under the profiler, in launch order
 
     @staticmethod
     def from_environment() -> StepProfiler | None:
@@ -46,6 +50,9 @@ class StepProfiler:
             # The device's activity only: recording every host-side op would slow the very steps it times.
             self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
             self._profile.__enter__()
+        if self._profile is not None:
+            torch.cuda._sleep(1)  # the step's first work on the device: where its part of the timeline begins
+            self._profiled_decode_only.append(decode_only)
         if self.events_first <= self.launched <= self.events_last:
             self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), decode_only))
             self._events[-1][0].record()
@@ -60,7 +67,7 @@ class StepProfiler:
         if self._profile is not None and self.launched >= self.last:
             profile, self._profile = self._profile, None
             profile.__exit__(None, None, None)
-            self._profile_summary = kernel_timeline(profile)
+            self._profile_summary = kernel_timeline(profile, self._profiled_decode_only)
         if self._events and self.launched >= self.events_last:
             events, self._events = self._events, []
             torch.cuda.synchronize()
@@ -84,15 +91,53 @@ def _idle(spans: list[tuple[float, float]]) -> dict[str, float]:
     busy += end - start
     span = max(e for _, e in spans) - spans[0][0]
     gaps.sort()
+    bounds = (20.0, 200.0, 1000.0, float("inf"))  # the idle time in gaps up to each bound (from the last one)
+    idle_by_gap_size = {f"up_to_{b:g}us": sum(g for g in gaps if low < g <= b) for low, b in zip((0.0, *bounds), bounds)}
     return {"intervals": len(spans), "span_us": span, "busy_us": busy, "idle_fraction": 1 - busy / span,
-            "gaps_over_20us": sum(1 for g in gaps if g > 20), "largest_gaps_us": gaps[-5:]}
+            "gaps_over_20us": sum(1 for g in gaps if g > 20), "largest_gaps_us": gaps[-5:],
+            "idle_us_by_gap_size": idle_by_gap_size}
 
 
-def kernel_timeline(profile: torch.profiler.profile) -> dict[str, float]:
-    """From the profiler: the device's kernels and copies."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in profile.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    return _idle(spans) if spans else {"intervals": 0}
+def kernel_timeline(profile: torch.profiler.profile, decode_only: list[bool]) -> dict[str, float]:
+    """From the profiler: the device's kernels and copies; and, split into steps at the markers (the k-th
+    marker begins the k-th step of decode_only), the idle share between decode-only steps."""
+    activity = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in activity)
+    if not spans:
+        return {"intervals": 0}
+    summary = _idle(spans)
+    markers = sorted(e.time_range.start for e in activity if MARKER_KERNEL in e.name)
+    summary.update(decode_pair_idle(spans, markers, decode_only))
+    return summary
+
+
+def decode_pair_idle(spans: list[tuple[float, float]], markers: list[float], decode_only: list[bool]) -> dict[str, float]:
+    """Step k is the activity from marker k to marker k+1 (complete once marker k+1 ran). For each complete
+    decode-only step k+1 after a decode-only step k, over the time from the end of step k's last activity to
+    the end of step k+1's: the share the device sat idle between the two steps (until marker k+1), as the
+    CUDA events measure it; and the share idle in all, the gaps between step k+1's kernels included."""
+    ends = []  # the end of each complete step's last activity
+    for start, following in zip(markers, markers[1:]):
+        ends.append(max((e for s, e in spans if start <= s < following), default=start))
+    between = idle = period = 0.0
+    pairs = 0
+    for k in range(len(ends) - 1):
+        if not (decode_only[k] and decode_only[k + 1]):
+            continue
+        low, high = ends[k], ends[k + 1]
+        busy, reach = 0.0, low
+        for s, e in spans:
+            if e <= reach or s >= high:
+                continue
+            busy += min(e, high) - max(s, reach)
+            reach = min(e, high)
+        between += max(0.0, markers[k + 1] - low)
+        idle += (high - low) - busy
+        period += high - low
+        pairs += 1
+    return {"marked_steps": len(markers), "decode_step_pairs": pairs,
+            "decode_idle_fraction": between / period if period else 0.0,
+            "decode_idle_fraction_with_kernel_gaps": idle / period if period else 0.0}
 
 
 def step_timeline(events: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]]) -> dict[str, float]:
