@@ -228,15 +228,16 @@ class Stack:
     def stop_one(self, name: str, timeout: float) -> None:
         process = self.processes[name]
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            self.signal(name, sig)  # the whole group: mpiexec, its proxies and every rank
+            self.signal_group(name, sig)  # the whole group: mpiexec, its proxies and every rank
             try:
                 process.wait(wait)
                 break
             except subprocess.TimeoutExpired:
                 continue
-        self.signal(name, signal.SIGKILL)  # ranks that outlived mpiexec in the same group
+        self.signal_group(name, signal.SIGKILL)  # ranks that outlived mpiexec in the same group
 
-    def signal(self, name: str, sig: signal.Signals) -> None:
+    def signal_group(self, name: str, sig: signal.Signals) -> None:
+        """The signal to every process of a child's group (it may be gone already)."""
         try:
             os.killpg(self.processes[name].pid, sig)
         except ProcessLookupError:
@@ -245,7 +246,7 @@ class Stack:
     def stop(self) -> None:
         started = [name for name in self.gateways if name in self.processes]
         for name in started:  # they drain side by side
-            self.signal(name, signal.SIGTERM)
+            self.signal_group(name, signal.SIGTERM)
         drain = self.config.gateway.drain_seconds + 5
         for name in started:
             self.stop_one(name, drain)
@@ -409,8 +410,8 @@ def serve(config: ServeConfig) -> int:
 def _supervise(stack: Stack, config: ServeConfig, log: object, stopping: object) -> int:
     """Restart a dead or frozen worker group or scheduler; a dead gateway ends the stack (exit 1).
 
-    The gateway is the stack's face: if it (or any of several) dies, whatever supervises `inflight serve` (systemd,
-    Kubernetes) must see the whole stack exit and start it again.
+    The gateway is the stack's face: if it (or any of several) dies, whatever supervises `inflight serve`
+    (systemd, Kubernetes) must see the whole stack exit and start it again.
     """
     announced = False
     budgets = {"worker": RestartBudget(), "scheduler": RestartBudget()}
