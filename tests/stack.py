@@ -8,10 +8,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from inflight.v1 import common_pb2
 from services.client import InflightClient
@@ -32,6 +34,17 @@ def health_status(port: int, service: str = "", timeout: float = 2.0,
     with channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return reply.status
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The gateway's /metrics, each sample by name and labels (sorted): `name{a="x",b="y"}` or `name`."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
 
 
 class ServedStack:

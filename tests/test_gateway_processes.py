@@ -7,16 +7,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import grpc
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from inflight.v1 import generation_pb2
 from services.client import InflightClient
-from tests.stack import REPO, ServedStack, free_port
+from tests.stack import REPO, ServedStack, free_port, scrape_metrics
 
 SMALL = ("--num-kv-blocks", "128", "--max-num-batched-tokens", "256")
 CONNECTIONS = 16
@@ -30,12 +28,6 @@ def gateways(stack: ServedStack) -> list[psutil.Process]:
 def connections_on(process: psutil.Process, port: int) -> int:
     return sum(1 for c in process.net_connections(kind="tcp")
                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 @pytest.mark.slow
@@ -58,11 +50,11 @@ def test_two_gateways_share_the_port_the_load_and_the_metrics():
         assert all(held) and sum(held) >= CONNECTIONS, held
 
         time.sleep(1.5)  # the scheduler's gauges are polled each second
-        metrics = scrape(metrics_port)
-        assert metrics[("inflight_requests_total", (("code", "OK"), ("rpc", "Generate")))] == CONNECTIONS
-        assert metrics[("inflight_generation_tokens_total", ())] == 8 * CONNECTIONS
-        assert metrics[("inflight_requests_in_flight", ())] == 0
-        assert metrics[("inflight_scheduler_running_requests", ())] == 0
+        metrics = scrape_metrics(metrics_port)
+        assert metrics['inflight_requests_total{code="OK",rpc="Generate"}'] == CONNECTIONS
+        assert metrics["inflight_generation_tokens_total"] == 8 * CONNECTIONS
+        assert metrics["inflight_requests_in_flight"] == 0
+        assert metrics["inflight_scheduler_running_requests"] == 0
         assert stack.wait_idle().kv_blocks_free == stack.stats().kv_blocks_total
 
         # One gateway dies: the whole stack exits non-zero, so that its supervisor starts it again, and leaves

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -13,7 +12,7 @@ from grpc_health.v1 import health_pb2
 
 from inflight.v1 import common_pb2, generation_pb2
 from tests.certificates import make_pki
-from tests.stack import ServedStack, free_port, health_status
+from tests.stack import ServedStack, free_port, health_status, scrape_metrics
 
 G = generation_pb2.GenerateRequest
 SMALL = ("--num-kv-blocks", "64", "--max-num-batched-tokens", "256")
@@ -93,21 +92,12 @@ def test_health_needs_no_token_but_plaintext_is_refused(secure_stack):
 
 @pytest.mark.slow
 def test_metrics_count_the_traffic(secure_stack):
-    def scrape() -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{secure_stack.metrics_port}/metrics", timeout=10).read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
-
-    before = scrape()
+    before = scrape_metrics(secure_stack.metrics_port)
     results = [secure_stack.client.complete(chat(max_tokens=8, ignore_eos=True), timeout=60) for _ in range(3)]
     with pytest.raises(grpc.RpcError):
         secure_stack.client.complete(chat(top_p=2.0), timeout=30)
     time.sleep(1.5)  # the KV gauges are refreshed every second
-    after = scrape()
+    after = scrape_metrics(secure_stack.metrics_port)
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
