@@ -1,4 +1,7 @@
-"""Compare the greedy tokens and decode times of tp_decode.py reports (tp1_*.json vs tp2_*.json)."""
+"""Sum up gpu_tp.sh's reports: fp32 greedy tokens at TP=1 against TP=2, decode steps and speedups, all-reduce cost.
+
+    python benchmarks/compare_tp.py OUT_FOLDER     # writes OUT_FOLDER/summary.json and prints it
+"""
 
 from __future__ import annotations
 
@@ -11,22 +14,45 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
+def load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main(folder: str) -> None:
     out = Path(folder)
-    summary = {}
-    for dtype in ("fp32", "bf16"):
-        one, two = out / f"tp1_{dtype}.json", out / f"tp2_{dtype}.json"
-        if not (one.exists() and two.exists()):
-            continue
-        a, b = json.loads(one.read_text()), json.loads(two.read_text())
-        summary[dtype] = {
-            "greedy_tokens_identical": a["greedy_tokens"] == b["greedy_tokens"],
-            "first_difference_per_prompt": [first_difference(x, y) for x, y in zip(a["greedy_tokens"], b["greedy_tokens"])],
-            "tokens_per_prompt": len(a["greedy_tokens"][0]),
-            "weight_bytes_per_rank": {"tp1": a["weight_bytes_per_rank"], "tp2": b["weight_bytes_per_rank"]},
-            "decode_ms": {"tp1": a["decode"], "tp2": b["decode"]},
-            "gpu": a["gpu"], "torch": a["torch"],
-        }
+    summary: dict[str, object] = {}
+    one, two = load(out / "tp1_fp32.json"), load(out / "tp2_fp32.json")
+    if one and two:
+        summary["fp32_greedy_tokens_identical"] = one["greedy_tokens"] == two["greedy_tokens"]
+        summary["fp32_first_difference_per_prompt"] = [first_difference(a, b) for a, b in
+                                                       zip(one["greedy_tokens"], two["greedy_tokens"])]
+    runs = {name: load(out / f"{name}_bf16.json") for name in ("tp1", "tp2", "tp2nccl")}
+    if runs["tp1"]:
+        summary["gpu"], summary["torch"] = runs["tp1"]["gpu"], runs["tp1"]["torch"]
+        steps = []
+        for row in runs["tp1"]["decode"]:
+            key = (row["batch"], row["context"])
+            entry: dict[str, object] = {"batch": key[0], "context": key[1], "tp1_ms": round(row["median_ms"], 3)}
+            for name in ("tp2", "tp2nccl"):
+                match = [r for r in (runs[name] or {}).get("decode", []) if (r["batch"], r["context"]) == key]
+                if match:
+                    entry[f"{name}_ms"] = round(match[0]["median_ms"], 3)
+                    entry[f"{name}_speedup"] = round(row["median_ms"] / match[0]["median_ms"], 3)
+            steps.append(entry)
+        summary["bf16_decode"] = steps
+        summary["floor_ms_per_rank"] = {name: [f["floor_ms"] for f in run["floor_per_rank"]]
+                                        for name, run in runs.items() if run and run.get("floor_per_rank")}
+    reduce = load(out / "all_reduce.json")
+    if reduce:
+        layers = {"tokens": [], "nccl_us_per_layer": [], "peer_us_per_layer": []}
+        for row in reduce["sizes"]:  # two all-reduces per layer; the peer path takes the faster of its two kernels
+            peer = min(row.get(k, float("inf")) for k in ("one_shot_graph_us", "two_shot_graph_us"))
+            layers["tokens"].append(row["tokens"])
+            layers["nccl_us_per_layer"].append(round(2 * row["nccl_graph_us"], 1))
+            layers["peer_us_per_layer"].append(round(2 * peer, 1))
+        summary["all_reduce_per_layer_in_graphs"] = layers
+        summary["all_reduce_bit_for_bit_nccl"] = all(v for row in reduce["sizes"] for k, v in row.items()
+                                                     if k.endswith("_equals_nccl"))
     text = json.dumps(summary, indent=1)
     (out / "summary.json").write_text(text)
     print(text)

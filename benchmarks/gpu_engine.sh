@@ -18,7 +18,7 @@ PARTS=${PARTS:-kernels tokens steps mix alone reference}
 BATCHES=${BATCHES:-1,8,32,64,256}
 CONTEXTS=${CONTEXTS:-128,512,4096}
 TREES=${TREES:-". $BASE"}  # the trees that the timing parts run in
-cp "$ROOT"/inflight/v1/*_pb2*.py "$BASE"/inflight/v1/ 2>/dev/null
+# The base tree keeps its own generated protos (its contracts differ): generate them into it before carrying.
 # The same drivers for both trees.
 cp benchmarks/tp_decode.py "$BASE"/benchmarks/tp_decode_new.py
 cp benchmarks/tp_decode.py benchmarks/tp_decode_new.py

@@ -1,19 +1,48 @@
 #!/usr/bin/env bash
-# Tensor-parallel check and decode timings on a host with 2+ NVIDIA GPUs (run on the device
-# machine from the repository root; $OUT receives the JSON reports).
+# Tensor parallelism on a host with 2+ NVIDIA GPUs (run on the device machine from the repository
+# root; $OUT receives the JSON reports):
 #   bash benchmarks/gpu_tp.sh
+# Parts (PARTS="allreduce tests steps tokens profile"): all-reduce per call, NCCL against GPU peer
+# memory; the two-GPU tests; bf16 decode steps at TP=1, TP=2 with the peer all-reduce and TP=2 with
+# NCCL alone, each beside its own floor; fp32 greedy tokens at TP=1 and TP=2; where the decode step's
+# GPU time goes (profile_decode.py). compare_tp.py sums up all but the profiles.
 # Wheels in .carry/wheels (see gpu_env.sh) fill in what the host lacks.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD
 PY=${PY:-python3}
+PARTS=${PARTS:-allreduce tests steps tokens profile}
+has() { [[ " $PARTS " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+nvidia-smi topo -m | head -4
 source benchmarks/gpu_env.sh
 $PY -c "import torch, mpi4py; from mpi4py import MPI; print('torch', torch.__version__, 'mpi4py', mpi4py.__version__, MPI.Get_library_version().splitlines()[0])"
 MODEL=${MODEL:-random:llama-3-8b}
-for tp in 1 2; do
-  mpiexec -n $tp $PY benchmarks/tp_decode.py --model "$MODEL" --dtype bfloat16 --batches 1,32 --out "$OUT/tp${tp}_bf16.json" || echo "tp=$tp bf16 failed"
-  mpiexec -n $tp $PY benchmarks/tp_decode.py --model "$MODEL" --dtype float32 --batches "" --out "$OUT/tp${tp}_fp32.json" || echo "tp=$tp fp32 failed"
-done
+BATCHES=${BATCHES:-1,32,64}
+if has allreduce; then
+  echo "## all-reduce per call (us): graph / eager"
+  mpiexec -n 2 $PY benchmarks/all_reduce.py --out "$OUT/all_reduce.json" || echo "all_reduce failed"
+fi
+if has tests; then
+  echo "## two-GPU tests"
+  $PY -m pytest -q -p no:cacheprovider tests/test_peer_all_reduce.py 2>&1 | tail -3
+fi
+if has steps; then
+  mpiexec -n 1 $PY benchmarks/tp_decode.py --model "$MODEL" --dtype bfloat16 --batches "$BATCHES" --out "$OUT/tp1_bf16.json" | tail -1 | cut -c1-400
+  mpiexec -n 2 $PY benchmarks/tp_decode.py --model "$MODEL" --dtype bfloat16 --batches "$BATCHES" --out "$OUT/tp2_bf16.json" | tail -1 | cut -c1-400
+  mpiexec -n 2 $PY benchmarks/tp_decode.py --model "$MODEL" --dtype bfloat16 --batches "$BATCHES" --no-peer-all-reduce --out "$OUT/tp2nccl_bf16.json" | tail -1 | cut -c1-400
+fi
+if has tokens; then
+  for tp in 1 2; do
+    mpiexec -n $tp $PY benchmarks/tp_decode.py --model "$MODEL" --dtype float32 --batches "" --out "$OUT/tp${tp}_fp32.json" | tail -1 | cut -c1-200
+  done
+fi
+if has profile; then
+  echo "## decode step kernels (bf16, context 128)"
+  for batch in ${BATCHES//,/ }; do
+    mpiexec -n 1 $PY benchmarks/profile_decode.py --model "$MODEL" --batch $batch | grep '^{' | tee -a "$OUT/profiles.jsonl"
+    mpiexec -n 2 $PY benchmarks/profile_decode.py --model "$MODEL" --batch $batch | grep '^{' | tee -a "$OUT/profiles.jsonl"
+  done
+fi
 $PY benchmarks/compare_tp.py "$OUT"

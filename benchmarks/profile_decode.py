@@ -1,11 +1,20 @@
-"""Profile a few decode steps of the reference engine (one GPU): where does the step time go?
+"""Where a decode step's time goes on the GPU: kernels by kind, their busy time, and the gaps between them.
 
     python benchmarks/profile_decode.py --model random:llama-3-8b --batch 1
+    mpiexec -n 2 python benchmarks/profile_decode.py --batch 1      # tensor parallel; rank 0 reports
+
+Times plain decode steps (CUDA graphs, as served), then profiles a few of them with the torch
+profiler and prints one JSON line: the step's time, kernel launches per step, and GPU time per step
+by kind (GEMMs, attention, fused layer kernels, all-reduce, the rest). Step time minus busy time is
+the GPU idle inside the step: launch latency and dependency gaps between small kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,44 +22,80 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from mpi4py import MPI  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from benchmarks.profile_step import kind_of  # noqa: E402
 from benchmarks.tp_decode import Driver  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
 from worker.parallel import Collectives, ShardPlan  # noqa: E402
+from worker.peer_all_reduce import peer_all_reduce  # noqa: E402
 from worker.step import Admission  # noqa: E402
+from worker.torch_engine.distributed import init_distributed  # noqa: E402
 from worker.torch_engine.engine import TorchEngine  # noqa: E402
+
+PROFILED = 5
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random:llama-3-8b")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--peer-all-reduce", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
-    torch.cuda.set_device(0)
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    peer = None
+    if size > 1:
+        init_distributed(comm, "cuda", comm.allgather(MPI.Get_processor_name()))
+        if args.peer_all_reduce:
+            peer = peer_all_reduce(torch.device("cuda", torch.cuda.current_device()))
+    else:
+        torch.cuda.set_device(0)
     config = WorkerConfig(model=args.model, listen="", device="cuda", dtype=args.dtype, block_size=16,
-                          num_kv_blocks=1024, kv_cache_gb=0, max_num_batched_tokens=2048, max_num_seqs=64,
-                          max_model_len=4096, seed=0, log_level="warning")
-    engine = TorchEngine(config, ShardPlan(0, 1), Collectives(1))
+                          num_kv_blocks=4096, kv_cache_gb=0, max_num_batched_tokens=2048,
+                          max_num_seqs=max(64, args.batch), max_model_len=4096, seed=0, log_level="warning")
+    engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size, peer))
     engine.warmup()
     driver = Driver(engine)
     admissions = [Admission(f"b{i}", i, 0.0, 1.0, 0, 0) for i in range(args.batch)]
-    last = driver.run(admissions, {i: list(range(5, 133)) for i in range(args.batch)})
+    per_step = max(1, 2048 // args.context)
+    last: dict[int, int] = {}
+    for start in range(0, args.batch, per_step):
+        group = admissions[start : start + per_step]
+        last.update(driver.run(group, {a.slot_id: list(range(5, 5 + args.context)) for a in group}))
     for _ in range(5):
         last = driver.run([], {s: [t] for s, t in last.items()})
     torch.cuda.synchronize()
     began = time.perf_counter()
-    for _ in range(10):
+    for _ in range(20):
         last = driver.run([], {s: [t] for s, t in last.items()})
     torch.cuda.synchronize()
-    print(f"plain decode step: {(time.perf_counter() - began) * 100:.2f} ms")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+    step_ms = (time.perf_counter() - began) / 20 * 1000
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILED):
             last = driver.run([], {s: [t] for s, t in last.items()})
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=50))
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
+    counts: collections.Counter[str] = collections.Counter()
+    micros: collections.Counter[str] = collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kind = kind_of(event.name)
+            counts[kind] += 1
+            micros[kind] += event.time_range.elapsed_us()
+    if rank == 0:
+        busy = sum(micros.values()) / PROFILED / 1000
+        print(json.dumps({
+            "gpu": torch.cuda.get_device_name(), "model": args.model, "tp": size, "batch": args.batch,
+            "context": args.context, "peer_all_reduce": peer is not None, "step_ms": round(step_ms, 3),
+            "busy_ms": round(busy, 3), "idle_in_step_ms": round(step_ms - busy, 3),
+            "launches_per_step": {k: v / PROFILED for k, v in counts.items()},
+            "gpu_ms_per_step": {k: round(v / PROFILED / 1000, 3) for k, v in micros.items()}}), flush=True)
+    comm.Barrier()
+    MPI.Finalize()
+    os._exit(0)
 
 
 if __name__ == "__main__":

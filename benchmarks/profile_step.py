@@ -29,6 +29,7 @@ from worker.torch_engine.engine import TorchEngine  # noqa: E402
 KINDS = {  # kind: substrings of kernel names, tried in this order
     "attention": ("_prefill_kernel", "_decode_split_kernel", "_decode_merge_kernel"),
     "fused": ("_add_rms_norm_kernel", "_rope_cache_kernel", "_silu_mul_kernel"),
+    "all_reduce": ("all_reduce", "allreduce", "nccl"),
     "gemm_split_k_reduce": ("splitkreduce",),  # the second half of a split-K GEMM
     "gemm": ("gemm", "xmma", "cutlass", "nvjet", "cublas"),
 }

@@ -132,22 +132,30 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", required=True)
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--peer-all-reduce", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b]
     contexts = [int(c) for c in args.contexts.split(",") if c]
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    peer = None
     if size > 1:
         init_distributed(comm, args.device, comm.allgather(MPI.Get_processor_name()))
+        if args.device == "cuda" and args.peer_all_reduce:
+            from worker.peer_all_reduce import peer_all_reduce
+            peer = peer_all_reduce(torch.device("cuda", torch.cuda.current_device()))
     elif args.device == "cuda":
         torch.cuda.set_device(0)
     config = WorkerConfig(model=args.model, listen="", device=args.device, dtype=args.dtype, block_size=16,
                           num_kv_blocks=args.num_kv_blocks, kv_cache_gb=0, max_num_batched_tokens=2048,
                           max_num_seqs=args.max_num_seqs or max([64] + batches), max_model_len=4096 + 64, seed=0,
                           log_level="warning",
-                          cuda_graphs=args.cuda_graphs)
+                          cuda_graphs=args.cuda_graphs,
+                          # only when asked, so that this script still runs in older trees (gpu_engine.sh)
+                          **({"batch_invariant": True} if args.batch_invariant else {}))
     began = time.perf_counter()
-    engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size))
+    engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size, peer) if peer else Collectives(size))
     engine.warmup()
     load_seconds = time.perf_counter() - began
     sync = (lambda: torch.cuda.synchronize()) if args.device == "cuda" else (lambda: None)
@@ -159,13 +167,22 @@ def main() -> None:
     fits = [(b, c) for c in contexts for b in batches if b * -(-(c + args.steps + 4) // 16) < args.num_kv_blocks]
     timings = [decode_step_ms(driver, b, c, args.steps, sync) for b, c in fits]
     weight_bytes = comm.gather(engine.model.weight_bytes(), root=0)
+    floor = None
+    if args.device == "cuda":  # this run's own floor: the bytes a rank reads per step at its copy bandwidth
+        from benchmarks.serving import measure_bandwidth_gb_s
+        bandwidth = measure_bandwidth_gb_s()
+        floor = {"copy_bandwidth_gb_s": round(bandwidth, 1),
+                 "floor_ms": round(engine.model.weight_bytes() / (bandwidth * 1e9) * 1000, 3)}
+        floor = comm.gather(floor, root=0)
     if rank == 0:
         report = {
             "model": args.model, "tp": size, "device": args.device, "dtype": args.dtype,
             "cuda_graphs": engine.graphs is not None,
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "torch": torch.__version__, "load_seconds": round(load_seconds, 2),
-            "weight_bytes_per_rank": weight_bytes, "greedy_tokens": tokens, "decode": timings,
+            "peer_all_reduce": peer is not None, "batch_invariant": args.batch_invariant,
+            "weight_bytes_per_rank": weight_bytes, "floor_per_rank": floor,
+            "greedy_tokens": tokens, "decode": timings,
         }
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(json.dumps({k: v for k, v in report.items() if k != "greedy_tokens"}))

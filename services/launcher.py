@@ -62,6 +62,8 @@ class ServeConfig:
     mpiexec: str
     mpi_hosts: str
     cpu_threads: int
+    batch_invariant: bool  # CUDA: a sequence's tokens independent of its batch (worker/torch_engine/invariant_matmul.py)
+    peer_all_reduce: bool  # tp > 1 on CUDA: small all-reduces through GPU peer memory (worker/peer_all_reduce.py)
     log_level: str
     otlp_traces_endpoint: str  # both the gateway and the scheduler trace to it
     gateway_processes: int     # gateway processes sharing the port (SO_REUSEPORT), each with its own session
@@ -100,6 +102,12 @@ class ServeConfig:
         parser.add_argument("--cpu-threads", type=int, default=0,
                             help="on cpu, compute threads per rank (0: the host's usable CPUs shared by its ranks); "
                                  "set it when several stacks share one host")
+        parser.add_argument("--batch-invariant", action="store_true",
+                            help="on CUDA, compute each sequence the same whatever else is in its batch, so its "
+                                 "greedy tokens in bfloat16 do not depend on the traffic beside it; slower projections")
+        parser.add_argument("--peer-all-reduce", action=argparse.BooleanOptionalAction, default=True,
+                            help="with --tp above 1 on CUDA, all-reduce each layer's activations through GPU peer "
+                                 "memory (NVLink) in one kernel where the GPUs allow it; NCCL for the rest")
         parser.add_argument("--mpi-hosts", default="",
                             help="run the worker group's ranks across hosts: HOST[:SLOTS],... in rank order, this "
                                  "host first (rank 0 serves the scheduler here); given to mpiexec as -host. Every "
@@ -186,7 +194,8 @@ class Stack:
             "--kv-cache-gb", str(c.kv_cache_gb), "--max-num-batched-tokens", str(c.max_num_batched_tokens),
             "--max-num-seqs", str(c.max_num_seqs), "--max-model-len", str(c.max_model_len),
             "--keepalive-seconds", str(c.keepalive_seconds), "--log-level", c.log_level,
-            "--cpu-threads", str(c.cpu_threads),
+            "--cpu-threads", str(c.cpu_threads), "--peer-all-reduce" if c.peer_all_reduce else "--no-peer-all-reduce",
+            *(["--batch-invariant"] if c.batch_invariant else []),
         ])
 
     def start_scheduler(self) -> None:

@@ -24,6 +24,8 @@ class WorkerConfig:
     cuda_graphs: bool = True  # decode steps on CUDA replay captured graphs (with paged decode attention)
     engine: str = "torch"     # a name in worker.engine.ENGINES
     cpu_threads: int = 0      # on cpu, compute threads per rank; 0: this host's usable CPUs over its ranks
+    batch_invariant: bool = False  # CUDA: a row's result independent of the rest of its step (slower GEMMs)
+    peer_all_reduce: bool = True  # on CUDA with tp > 1, small all-reduces through GPU peer memory, not NCCL
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +46,12 @@ class WorkerConfig:
         parser.add_argument("--engine", default="torch", help="the engine every rank runs (worker/engine.py)")
         parser.add_argument("--cpu-threads", type=int, default=0,
                             help="on cpu, compute threads per rank (0: the host's usable CPUs shared by its ranks)")
+        parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False,
+                            help="on CUDA, compute every row of a step the same whatever else is in the step, so a "
+                                 "sequence's tokens do not depend on its batch (bfloat16); slower projections")
+        parser.add_argument("--peer-all-reduce", action=argparse.BooleanOptionalAction, default=True,
+                            help="on CUDA with several ranks, all-reduce a step's activations through GPU peer memory "
+                                 "(NVLink) in one kernel where the GPUs allow it; NCCL otherwise and for large tensors")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from worker.peer_all_reduce import PeerAllReduce
+
 
 @dataclass(frozen=True)
 class ShardPlan:
@@ -35,14 +37,23 @@ class ShardPlan:
 
 
 class Collectives:
-    """All-reduce and all-gather over torch.distributed; no-ops for a single rank."""
+    """All-reduce and all-gather over torch.distributed; no-ops for a single rank.
 
-    def __init__(self, tp_size: int) -> None:
+    peer: all-reduces that fit go through GPU peer memory in one kernel (worker/peer_all_reduce.py),
+    the rest through NCCL.
+    """
+
+    def __init__(self, tp_size: int, peer: PeerAllReduce | None = None) -> None:
         self.tp_size = tp_size
+        self.peer = peer
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.tp_size > 1:
-            dist.all_reduce(tensor)
+        """The sum over ranks: tensor itself, reduced in place, or a new tensor."""
+        if self.tp_size == 1:
+            return tensor
+        if self.peer is not None and self.peer.fits(tensor):
+            return self.peer(tensor)
+        dist.all_reduce(tensor)
         return tensor
 
     def all_gather_last_dim(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -82,6 +82,17 @@ class TorchEngine:
             if config.cuda_graphs and self.model.graph_safe:
                 max_tokens = min(config.max_num_batched_tokens, max(GRAPH_TOKENS, config.max_num_seqs))
                 self.graphs = StepGraphs(self.model, self.kv_cache, self.tables, self.last_tokens, max_tokens)
+        if config.batch_invariant:
+            self._make_batch_invariant()
+
+    def _make_batch_invariant(self) -> None:
+        """Every projection through invariant_matmul; attention is already per row (the paged kernels)."""
+        if self.tables is None:
+            raise ValueError("--batch-invariant needs CUDA with Triton and a model the paged kernels serve")
+        if self.model_config.num_experts:
+            raise ValueError("--batch-invariant covers dense models; this one routes tokens to experts")
+        for projection in self.model.projections():
+            projection.batch_invariant = True
 
     def _block_bytes(self) -> int:
         c = self.model_config

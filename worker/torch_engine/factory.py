@@ -9,6 +9,7 @@ from mpi4py import MPI
 from inflight.cpus import usable_cpus
 from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
+from worker.peer_all_reduce import peer_all_reduce
 from worker.torch_engine.distributed import init_distributed
 from worker.torch_engine.engine import TorchEngine
 
@@ -20,11 +21,14 @@ def create_torch_engine(config: WorkerConfig, comm: MPI.Comm) -> TorchEngine:
     hosts = comm.allgather(MPI.Get_processor_name())
     if config.device == "cpu":  # the ranks of one host share its cores, unless told how many each takes
         torch.set_num_threads(config.cpu_threads or max(1, usable_cpus() // hosts.count(hosts[rank])))
+    peer = None
     if size > 1:
         init_distributed(comm, config.device, hosts)
+        if config.device == "cuda" and config.peer_all_reduce:
+            peer = peer_all_reduce(torch.device("cuda", torch.cuda.current_device()))
     elif config.device == "cuda":
         torch.cuda.set_device(0)
-    engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size))
+    engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size, peer))
     log.info("engine_loaded", rank=rank, tp_size=size, kv_blocks=engine.num_kv_blocks, device=str(engine.device),
-             weight_bytes=engine.model.weight_bytes(), threads=torch.get_num_threads())
+             weight_bytes=engine.model.weight_bytes(), threads=torch.get_num_threads(), peer_all_reduce=peer is not None)
     return engine

@@ -122,6 +122,17 @@ class LlamaModel:
         # Experts run graph-safe only as fused_moe's kernels; the loop reads its token counts on the host.
         return not self.config.num_experts or fused_moe.available(self.device)
 
+    def projections(self) -> list[Projection]:
+        """Every dense projection: the layers' attention and MLP matrices, and the head."""
+        found = [self.lm_head]
+        for layer in self.layers:
+            found += [layer.qkv, layer.o]
+            if isinstance(layer.mlp, GatedMlp):
+                found += [layer.mlp.gate_up, layer.mlp.down]
+            elif isinstance(layer.mlp, GeluMlp):
+                found += [layer.mlp.up, layer.mlp.down]
+        return found
+
     def weight_bytes(self, experts_touched: int | None = None) -> int:
         """Bytes of weights this rank holds (as loaded, whatever layout a CPU adds beside them).
 

@@ -11,7 +11,8 @@ bfloat16 GEMM runs at about half the float32 rate (the CI machine: 184 against 3
 Wide steps (prompt chunks, big batches) are bound by arithmetic, not by reading weights, so
 there they upcast weights and rows to float32, multiply, and round back: the same accumulation
 in float32 that oneDNN's bfloat16 GEMM does, at the float32 rate. A probe at load decides.
-CUDA keeps plain weights.
+CUDA keeps plain weights. There a projection may be batch-invariant (invariant_matmul.py): each
+row's result the same whatever the other rows of the step.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from worker.torch_engine.invariant_matmul import invariant_matmul
 
 # Rows from which a step is bound by arithmetic rather than by reading the weights, on CPU.
 WIDE_ROWS = 32
@@ -56,11 +59,14 @@ class Projection:
         self.weight = weight  # [out, in]
         self.packed: torch.Tensor | None = None
         self.wide_in_float32 = False
+        self.batch_invariant = False  # CUDA: rows through invariant_matmul rather than cuBLAS
         if pack_for_cpu and weight.device.type == "cpu" and _onednn_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
             self.wide_in_float32 = weight.dtype != torch.float32 and float32_is_faster_than(weight.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return invariant_matmul(x, self.weight)
         if self.packed is None:
             return F.linear(x, self.weight)
         rows = x.shape[0]
