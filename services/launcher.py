@@ -138,6 +138,8 @@ class ServeConfig:
             raise SystemExit("inflight serve: --gateway-processes must be 0 (auto) or more")
         if args.gateway_processes > 1 and not args.port:
             raise SystemExit("inflight serve: --gateway-processes above 1 needs a fixed --port for them to share")
+        if args.batch_invariant and args.device != "cuda":
+            raise SystemExit("inflight serve: --batch-invariant needs --device cuda (its kernels are Triton's, on GPUs)")
         if not args.gateway_processes:  # auto: a GPU streams more tokens than one gateway process passes on
             args.gateway_processes = 2 if args.device == "cuda" and args.port else 1
         shared = ("model", "scheduler", "host", "port", "log_level", "keepalive_seconds", "exit_with_parent",

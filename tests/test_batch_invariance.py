@@ -8,6 +8,9 @@ up to 40 sequences that join before, with and after it) needs CUDA.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +69,11 @@ def test_batch_invariant_mode_is_refused_where_it_cannot_hold() -> None:
                           max_model_len=256, seed=0, log_level="warning", batch_invariant=True)
     with pytest.raises(ValueError, match="batch-invariant"):
         TorchEngine(config, ShardPlan(0, 1), Collectives(1))
+
+
+def test_inflight_serve_refuses_batch_invariant_without_a_gpu() -> None:
+    """The launcher says why before it starts any process."""
+    done = subprocess.run([sys.executable, "-m", "services.cli", "serve", "--batch-invariant"],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "--batch-invariant needs --device cuda" in done.stderr
