@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from inflight import sampling
 from inflight.v1 import common_pb2
 from scheduler.planned_step import PlannedStep
 from scheduler.planner import BatchPlanner, PlannerLimits
@@ -62,7 +63,7 @@ class InProcessEngine:
 
     def _request(self, index: int, spec: TokenizedRequest) -> Request:
         return Request(request_id=f"b{index}", prompt_token_ids=spec.prompt_ids, max_new_tokens=spec.output_tokens,
-                       sampling=common_pb2.SamplingParams(seed=index), stop_token_ids=frozenset(),
+                       sampling=sampling.resolved(seed=index), stop_token_ids=frozenset(),
                        arrival_order=index)
 
     def _run(self, planner: BatchPlanner, refill: Callable[[], None], pipelined: bool) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inflight.v1 import common_pb2, worker_pb2  # noqa: E402
+from inflight import sampling
+from inflight.v1 import worker_pb2  # noqa: E402
 from scheduler.planned_step import PlannedStep  # noqa: E402
 from scheduler.planner import BatchPlanner, PlannerLimits  # noqa: E402
 from scheduler.policy import FairSharePolicy, FcfsPolicy, Policy  # noqa: E402
@@ -27,7 +28,7 @@ from scheduler.worker_link import plan_to_proto  # noqa: E402
 
 def request(index: int, prompt_len: int, max_new: int, tenant: str = "") -> Request:
     return Request(request_id=f"r{index}", prompt_token_ids=[5 + (index * 31 + i) % 4000 for i in range(prompt_len)],
-                   max_new_tokens=max_new, sampling=common_pb2.SamplingParams(seed=index),
+                   max_new_tokens=max_new, sampling=sampling.resolved(seed=index),
                    stop_token_ids=frozenset({0}), arrival_order=index, tenant=tenant)
 
 

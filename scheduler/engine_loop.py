@@ -29,6 +29,7 @@ import grpc
 import structlog
 
 from inflight.connection import KeepalivePolicy
+from inflight.sampling import out_of_range
 from inflight.v1 import common_pb2, scheduler_pb2, worker_pb2
 from scheduler.config import SchedulerConfig
 from scheduler.kv_events import KvEventLog, restart_safe_first_sequence
@@ -184,6 +185,9 @@ class EngineLoop:
                                   f"prompt_token_ids: {len(prompt)} tokens leave no room in the context length {limits.max_model_len}")
         if submit.max_new_tokens == 0:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens: must be at least 1")
+        problem = out_of_range(submit.sampling)  # every field as sent: the gateway resolved them
+        if problem is not None:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "sampling.{}: {}".format(*problem))
         max_new_tokens = min(submit.max_new_tokens, limits.max_model_len - len(prompt))
         if planner.blocks_needed_alone(len(prompt), max_new_tokens) > planner.allocator.num_usable:
             raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED,

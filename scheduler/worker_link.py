@@ -26,7 +26,7 @@ class StepTimedOut(WorkerUnavailable):
 
 
 def needs_history(sampling: common_pb2.SamplingParams) -> bool:
-    return (sampling.repetition_penalty not in (0.0, 1.0) or sampling.presence_penalty != 0.0
+    return (sampling.repetition_penalty != 1.0 or sampling.presence_penalty != 0.0
             or sampling.frequency_penalty != 0.0)
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
+from inflight import sampling
 from inflight.step_contract import PREVIOUS_TOKEN
 from inflight.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.config import SchedulerConfig
@@ -92,7 +93,7 @@ class Harness:
         queue: asyncio.Queue = asyncio.Queue()
         self.loop.submit(scheduler_pb2.SubmitRequest(
             request_id=request_id, prompt_token_ids=[5, 6, 7, 8, 9], max_new_tokens=max_new_tokens,
-            sampling=common_pb2.SamplingParams(seed=1), tenant=tenant, ignore_eos=True), queue)
+            sampling=sampling.resolved(seed=1), tenant=tenant, ignore_eos=True), queue)
         return queue
 
     async def until_ready(self) -> None:

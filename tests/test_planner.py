@@ -13,6 +13,7 @@ from collections import deque
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from inflight import sampling
 from inflight.step_contract import PREVIOUS_TOKEN
 from inflight.v1 import common_pb2
 from scheduler.planned_step import PlannedStep, StepOutputs
@@ -33,7 +34,7 @@ def make_request(index: int, prompt_len: int, max_new: int, priority: int = 0, s
     unique = [5 + (index * 13 + i) % 97 for i in range(prompt_len - len(prefix))]
     return Request(
         request_id=f"r{index}", prompt_token_ids=prefix + unique,
-        max_new_tokens=max_new, sampling=common_pb2.SamplingParams(seed=index),
+        max_new_tokens=max_new, sampling=sampling.resolved(seed=index),
         stop_token_ids=frozenset({EOS}), arrival_order=index, priority=priority, tenant=tenant,
     )
 

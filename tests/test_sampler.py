@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from worker.step import Admission
@@ -88,9 +89,13 @@ def test_a_row_of_non_finite_logits_fails_that_sequence_alone():
     assert [result.logprobs[0], result.logprobs[2]] == healthy.logprobs
 
 
-def test_parameters_that_leave_nothing_to_sample_fail_that_sequence_alone():
+@pytest.mark.parametrize("fields", [{"temperature": float("nan")}, {"top_p": 0.0}, {"repetition_penalty": 0.0},
+                                    {"min_p": 1.5}, {"presence_penalty": float("inf")}])
+def test_parameters_out_of_range_fail_that_sequence_alone(fields):
+    """The gateway's rules (inflight.sampling); a top_p or repetition penalty of 0 is never read as unset."""
     logits = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
-    poisoned = SequenceSampling(params(temperature=float("nan"), seed=1))
+    poisoned = SequenceSampling(params(seed=1, **fields))
     result = sample(logits, [SequenceSampling(params()), poisoned], [4, 4]).result()
     assert result.token_ids[0] == 1
     assert set(result.failures) == {1} and result.failures[1].invalid_argument
+    assert next(iter(fields)) in result.failures[1].message

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from inflight import sampling
 from inflight.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.service import SchedulerService
 from tests.test_engine_loop import EXPECTED, Harness, honest, run_with
@@ -21,7 +22,7 @@ def submit(request_id: str, max_new_tokens: int = 6, prompt: tuple[int, ...] = (
            ) -> scheduler_pb2.SessionRequest:
     return scheduler_pb2.SessionRequest(submit=scheduler_pb2.SubmitRequest(
         request_id=request_id, prompt_token_ids=prompt, max_new_tokens=max_new_tokens,
-        sampling=common_pb2.SamplingParams(seed=1), ignore_eos=True))
+        sampling=sampling.resolved(seed=1), ignore_eos=True))
 
 
 def with_session(body, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -112,6 +113,28 @@ def test_a_rejected_submit_is_a_status_for_that_request_and_the_session_serves_o
         code, message = received.statuses["empty"]
         assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "prompt_token_ids" in message
         assert received.tokens == {"fine": EXPECTED} and received.finished == {"fine": common_pb2.FINISH_REASON_LENGTH}
+        call.cancel()
+
+    with_session(body, tmp_path)
+
+
+def test_sampling_left_at_proto3_zeros_is_refused_not_read_as_defaults(tmp_path):
+    """The gateway resolves every default (inflight.sampling); a top_p or repetition penalty of 0 is a
+    caller's mistake, named in the status, and the session serves on."""
+    async def body(h: Harness, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+        call = stub.Session()
+        unresolved = submit("unresolved")
+        unresolved.submit.sampling.CopyFrom(common_pb2.SamplingParams(seed=1))
+        no_penalty = submit("no-penalty")
+        no_penalty.submit.sampling.repetition_penalty = 0.0
+        for request in (unresolved, no_penalty, submit("fine")):
+            await call.write(request)
+        received = await receive(call, 3)
+        assert received.statuses["unresolved"] == (grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                                   "sampling.top_p: must lie in (0, 1]")
+        assert received.statuses["no-penalty"] == (grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                                   "sampling.repetition_penalty: must lie in (0, 10]")
+        assert received.tokens == {"fine": EXPECTED}
         call.cancel()
 
     with_session(body, tmp_path)

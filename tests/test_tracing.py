@@ -19,8 +19,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode, Tracer
 
+from inflight import sampling
 from inflight.tracing import TRACING_OFF, start_tracing
-from inflight.v1 import common_pb2, generation_pb2, worker_pb2
+from inflight.v1 import generation_pb2, worker_pb2
 from scheduler.engine_loop import Failure
 from scheduler.planned_step import PlannedStep
 from scheduler.request import Request
@@ -238,7 +239,7 @@ def test_a_step_links_at_most_64_of_its_requests(tmp_path: Path) -> None:
     requests = []
     for number in range(100):
         request = Request(request_id=f"r{number}", prompt_token_ids=[1, 2], max_new_tokens=4,
-                          sampling=common_pb2.SamplingParams(), stop_token_ids=frozenset(), arrival_order=number,
+                          sampling=sampling.resolved(), stop_token_ids=frozenset(), arrival_order=number,
                           span=tracer.start_span(f"Submit {number}"))
         requests.append(request)
     step = PlannedStep(step_id=7, released_slot_ids=[], admitted=[], requests=requests,

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from inflight.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from inflight import sampling
+from inflight.v1 import worker_pb2, worker_pb2_grpc
 from tests.stack import REPO
 from tests.steps import Row, make_step, same_step
 from worker.fanout import decode_step, encode_step
@@ -88,7 +89,7 @@ def prefill(slot: int, tokens: list[int], blocks: list[int], step_id: int) -> wo
     return worker_pb2.StepPlan(
         step_id=step_id,
         new_sequences=[worker_pb2.NewSequence(request_id=f"r{slot}", slot_id=slot,
-                                              sampling=common_pb2.SamplingParams(seed=1))],
+                                              sampling=sampling.resolved(seed=1))],
         sequences=one_sequence(slot, tokens, 0, blocks, True))
 
 
@@ -134,7 +135,7 @@ def test_prefill_in_chunks_gives_the_same_token_as_in_one_piece(worker):
     try:
         whole = stream.send(prefill(0, prompt, [1, 2], 1)).sampled.token_ids[0]
         first = worker_pb2.StepPlan(step_id=2, released_slot_ids=[0], new_sequences=[worker_pb2.NewSequence(
-            request_id="c", slot_id=1, sampling=common_pb2.SamplingParams(seed=1))],
+            request_id="c", slot_id=1, sampling=sampling.resolved(seed=1))],
             sequences=one_sequence(1, prompt[:7], 0, [3], False))
         assert not stream.send(first).sampled.slot_ids
         second = worker_pb2.StepPlan(step_id=3, sequences=one_sequence(1, prompt[7:], 7, [4], True))
@@ -168,7 +169,7 @@ def test_a_sequence_the_sampler_cannot_serve_fails_alone_and_the_worker_serves_o
         alone = stream.send(prefill(0, prompt, [1], 1)).sampled.token_ids[0]
         plan = prefill(1, prompt, [2], 2)
         plan.released_slot_ids.append(0)
-        plan.new_sequences.add(request_id="poison", slot_id=2, sampling=common_pb2.SamplingParams(
+        plan.new_sequences.add(request_id="poison", slot_id=2, sampling=sampling.resolved(
             temperature=float("nan"), seed=1))
         add_sequence(plan.sequences, 2, prompt, 0, [3], True)
         mixed = stream.send(plan)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from inflight import sampling
 from inflight.v1 import common_pb2, generation_pb2
 from services.text.codec import Message
 
@@ -13,7 +13,10 @@ DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_INPUT_CHARS = 1_000_000
-MAX_TOP_LOGPROBS = 20
+# GenerateRequest's sampling fields: those a client may leave unset (proto3 optional), and those whose
+# zero is their default.
+UNSET_ABLE = ("temperature", "top_p", "min_p", "repetition_penalty", "seed")
+ZERO_IS_DEFAULT = ("top_k", "presence_penalty", "frequency_penalty", "min_tokens", "top_logprobs")
 MAX_MESSAGES = 1024
 
 
@@ -66,20 +69,9 @@ def check_token_ids(prompt_ids: list[int], vocab_size: int) -> None:
 
 def check_sampling(request: generation_pb2.GenerateRequest) -> None:
     """The sampling, stopping and id fields, whatever the input."""
-    if request.HasField("temperature") and not (math.isfinite(request.temperature) and request.temperature >= 0):
-        raise InvalidField("temperature", "must be a finite number >= 0")
-    if request.HasField("top_p") and not (0 < request.top_p <= 1):
-        raise InvalidField("top_p", "must lie in (0, 1]")
-    if request.HasField("min_p") and not (0 <= request.min_p <= 1):
-        raise InvalidField("min_p", "must lie in [0, 1]")
-    if request.HasField("repetition_penalty") and not (0 < request.repetition_penalty <= 10):
-        raise InvalidField("repetition_penalty", "must lie in (0, 10]")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(request, name)
-        if math.isnan(value) or not -2 <= value <= 2:
-            raise InvalidField(name, "must lie in [-2, 2]")
-    if request.top_logprobs > MAX_TOP_LOGPROBS:
-        raise InvalidField("top_logprobs", f"at most {MAX_TOP_LOGPROBS}")
+    problem = sampling.out_of_range(sampling_params(request))
+    if problem is not None:
+        raise InvalidField(*problem)
     if request.max_tokens and request.min_tokens > request.max_tokens:
         raise InvalidField("min_tokens", "must not exceed max_tokens")
     if len(request.request_id) > 128:
@@ -115,17 +107,6 @@ def max_new_tokens(request: generation_pb2.GenerateRequest, num_prompt_tokens: i
 
 
 def sampling_params(request: generation_pb2.GenerateRequest) -> common_pb2.SamplingParams:
-    params = common_pb2.SamplingParams(
-        temperature=request.temperature if request.HasField("temperature") else 0.0,
-        top_p=request.top_p if request.HasField("top_p") else 1.0,
-        top_k=request.top_k,
-        min_p=request.min_p if request.HasField("min_p") else 0.0,
-        repetition_penalty=request.repetition_penalty if request.HasField("repetition_penalty") else 1.0,
-        presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty,
-        min_tokens=request.min_tokens,
-        top_logprobs=request.top_logprobs,
-    )
-    if request.HasField("seed"):
-        params.seed = request.seed
-    return params
+    """The request's sampling fields, each one it leaves unset at its default (inflight.sampling)."""
+    given = {name: getattr(request, name) for name in UNSET_ABLE if request.HasField(name)}
+    return sampling.resolved(**{name: getattr(request, name) for name in ZERO_IS_DEFAULT}, **given)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inflight.sampling import out_of_range
 from worker.step import Admission
 from worker.torch_engine.transfer import to_device
 
@@ -144,11 +145,10 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
 
 
 def _parameter_problem(params: Admission) -> str | None:
-    """Why these parameters cannot be sampled with (the gateway refuses them; a direct caller may not)."""
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-        if not math.isfinite(getattr(params, name)):
-            return f"{name} is not a finite number"
-    return None
+    """Why these parameters cannot be sampled with (the gateway and the scheduler refuse them; a direct
+    caller of the worker may not)."""
+    problem = out_of_range(params)
+    return None if problem is None else "{}: {}".format(*problem)
 
 
 def _adjusts(params: Admission) -> bool:
