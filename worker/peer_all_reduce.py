@@ -2,8 +2,8 @@
 
 A decode step at tensor parallelism does two all-reduces per layer on a few KB to a few MB. NCCL
 takes 18 us or more for each whatever the size: on a Llama-3-8B step at batch 1, over a millisecond
-of the 2 ms that a second GPU saves. Here each rank's partial sum goes into a buffer that every rank maps (torch's symmetric
-memory), and one kernel per call:
+of the 2 ms that a second GPU saves. Here each rank's partial sum goes into a buffer that every rank
+maps (torch's symmetric memory), and one kernel per call:
 - one-shot (small tensors): copies the local partial in, waits for every rank at a barrier on the
   buffers' signal pads, then reads all ranks' partials and adds them in rank order. Every rank adds
   the same numbers in the same order, so all ranks hold the same bits.
