@@ -119,6 +119,23 @@ def decode_step_ms(driver: Driver, batch: int, context: int, steps: int, sync: c
             "mean_ms": statistics.fmean(times)}
 
 
+def prefill_ms(driver: Driver, tokens: int, sync: callable, repeats: int = 3) -> dict[str, float]:
+    """One prompt of `tokens` tokens in one step (the step's budget must hold it), median of repeats."""
+    rng = np.random.default_rng(2)
+    vocab = driver.engine.model_config.vocab_size
+    times = []
+    for i in range(repeats + 1):
+        prompt = rng.integers(3, vocab, tokens).tolist()
+        sync()
+        began = time.perf_counter()
+        driver.run([Admission(f"prefill{i}", 0, 0.0, 1.0, 0, 0)], {0: prompt})
+        sync()
+        if i:  # the first compiles and warms up this shape
+            times.append((time.perf_counter() - began) * 1000)
+        driver.reset()
+    return {"tokens": tokens, "median_ms": statistics.median(times), "min_ms": min(times)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="random:llama-3-8b")
@@ -134,6 +151,7 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--peer-all-reduce", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--prefill-tokens", type=int, default=0, help="also time one prompt of this many tokens")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b]
     contexts = [int(c) for c in args.contexts.split(",") if c]
@@ -166,6 +184,7 @@ def main() -> None:
     tokens = greedy(driver, prompts, args.new_tokens)
     fits = [(b, c) for c in contexts for b in batches if b * -(-(c + args.steps + 4) // 16) < args.num_kv_blocks]
     timings = [decode_step_ms(driver, b, c, args.steps, sync) for b, c in fits]
+    prefill = prefill_ms(driver, args.prefill_tokens, sync) if args.prefill_tokens else None
     weight_bytes = comm.gather(engine.model.weight_bytes(), root=0)
     floor = None
     if args.device == "cuda":  # this run's own floor: the bytes a rank reads per step at its copy bandwidth
@@ -182,7 +201,7 @@ def main() -> None:
             "torch": torch.__version__, "load_seconds": round(load_seconds, 2),
             "peer_all_reduce": peer is not None, "batch_invariant": args.batch_invariant,
             "weight_bytes_per_rank": weight_bytes, "floor_per_rank": floor,
-            "greedy_tokens": tokens, "decode": timings,
+            "greedy_tokens": tokens, "decode": timings, "prefill": prefill,
         }
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(json.dumps({k: v for k, v in report.items() if k != "greedy_tokens"}))
