@@ -22,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from inflight.v1 import generation_pb2  # noqa: E402
 from tests.stack import ServedStack  # noqa: E402
 
-def req(i: int) -> generation_pb2.GenerateRequest:
-    r = generation_pb2.GenerateRequest(prompt=f"Tell me about topic number {i} in detail.", max_tokens=24,
-                                       ignore_eos=True)
-    kind = i % 4
+def req(i: int, prompt: str = "Tell me about topic number {} in detail.", max_tokens: int = 24,
+        greedy: bool = False) -> generation_pb2.GenerateRequest:
+    """Request i of a mix: greedy, seeded top-p, seeded with penalties, logprobs with min_tokens and a stop id."""
+    r = generation_pb2.GenerateRequest(prompt=prompt.format(i), max_tokens=max_tokens, ignore_eos=True)
+    kind = 0 if greedy else i % 4
     if kind == 1:
         r.temperature, r.seed, r.top_p = 0.9, 100 + i, 0.9
     elif kind == 2:

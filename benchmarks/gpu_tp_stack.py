@@ -17,23 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.gpu_overlap_smoke import req  # noqa: E402
 from inflight.v1 import generation_pb2  # noqa: E402
 from tests.stack import ServedStack  # noqa: E402
 
 
 def request(i: int, greedy: bool = False) -> generation_pb2.GenerateRequest:
-    r = generation_pb2.GenerateRequest(prompt=f"Tell me about topic number {i} in detail, please.", max_tokens=32,
-                                       ignore_eos=True)
-    kind = 0 if greedy else i % 4
-    if kind == 1:
-        r.temperature, r.seed, r.top_p = 0.9, 100 + i, 0.9
-    elif kind == 2:
-        r.temperature, r.seed = 0.7, 200 + i
-        r.repetition_penalty, r.presence_penalty, r.frequency_penalty = 1.3, 0.4, 0.2
-    elif kind == 3:
-        r.top_logprobs, r.min_tokens = 3, 4
-        r.stop_token_ids.extend([13])
-    return r
+    return req(i, "Tell me about topic number {} in detail, please.", 32, greedy)
 
 
 def serve(*flags: str) -> ServedStack:
