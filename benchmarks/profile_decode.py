@@ -28,11 +28,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from benchmarks.profile_step import kind_of  # noqa: E402
 from benchmarks.tp_decode import Driver  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
-from worker.parallel import Collectives, ShardPlan  # noqa: E402
-from worker.peer_all_reduce import peer_all_reduce  # noqa: E402
 from worker.step import Admission  # noqa: E402
-from worker.torch_engine.distributed import init_distributed  # noqa: E402
-from worker.torch_engine.engine import TorchEngine  # noqa: E402
+from worker.torch_engine.factory import create_torch_engine  # noqa: E402
 
 PROFILED = 5
 
@@ -47,17 +44,11 @@ def main() -> None:
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    peer = None
-    if size > 1:
-        init_distributed(comm, "cuda", comm.allgather(MPI.Get_processor_name()))
-        if args.peer_all_reduce:
-            peer = peer_all_reduce(torch.device("cuda", torch.cuda.current_device()))
-    else:
-        torch.cuda.set_device(0)
     config = WorkerConfig(model=args.model, listen="", device="cuda", dtype=args.dtype, block_size=16,
                           num_kv_blocks=4096, kv_cache_gb=0, max_num_batched_tokens=2048,
-                          max_num_seqs=max(64, args.batch), max_model_len=4096, seed=0, log_level="warning")
-    engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size, peer))
+                          max_num_seqs=max(64, args.batch), max_model_len=4096, seed=0, log_level="warning",
+                          peer_all_reduce=args.peer_all_reduce)
+    engine = create_torch_engine(config, comm)  # the worker's own setup: devices, torch.distributed, all-reduce
     engine.warmup()
     driver = Driver(engine)
     admissions = [Admission(f"b{i}", i, 0.0, 1.0, 0, 0) for i in range(args.batch)]
@@ -89,7 +80,7 @@ def main() -> None:
         busy = sum(micros.values()) / PROFILED / 1000
         print(json.dumps({
             "gpu": torch.cuda.get_device_name(), "model": args.model, "tp": size, "batch": args.batch,
-            "context": args.context, "peer_all_reduce": peer is not None, "step_ms": round(step_ms, 3),
+            "context": args.context, "peer_all_reduce": engine.model.collectives.peer is not None, "step_ms": round(step_ms, 3),
             "busy_ms": round(busy, 3), "idle_in_step_ms": round(step_ms - busy, 3),
             "launches_per_step": {k: v / PROFILED for k, v in counts.items()},
             "gpu_ms_per_step": {k: round(v / PROFILED / 1000, 3) for k, v in micros.items()}}), flush=True)

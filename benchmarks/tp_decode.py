@@ -23,11 +23,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from worker.torch_engine.distributed import init_distributed  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
-from worker.parallel import Collectives, ShardPlan  # noqa: E402
 from worker.step import Admission, Step  # noqa: E402
 from worker.torch_engine.engine import TorchEngine  # noqa: E402
+from worker.torch_engine.factory import create_torch_engine  # noqa: E402
 
 
 class Driver:
@@ -157,23 +156,15 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",") if c]
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    peer = None
-    if size > 1:
-        init_distributed(comm, args.device, comm.allgather(MPI.Get_processor_name()))
-        if args.device == "cuda" and args.peer_all_reduce:
-            from worker.peer_all_reduce import peer_all_reduce
-            peer = peer_all_reduce(torch.device("cuda", torch.cuda.current_device()))
-    elif args.device == "cuda":
-        torch.cuda.set_device(0)
+    # Flags away from their defaults only, so that this script still runs in older trees (gpu_engine.sh).
+    changed = {**({"batch_invariant": True} if args.batch_invariant else {}),
+               **({} if args.peer_all_reduce else {"peer_all_reduce": False})}
     config = WorkerConfig(model=args.model, listen="", device=args.device, dtype=args.dtype, block_size=16,
                           num_kv_blocks=args.num_kv_blocks, kv_cache_gb=0, max_num_batched_tokens=2048,
                           max_num_seqs=args.max_num_seqs or max([64] + batches), max_model_len=4096 + 64, seed=0,
-                          log_level="warning",
-                          cuda_graphs=args.cuda_graphs,
-                          # only when asked, so that this script still runs in older trees (gpu_engine.sh)
-                          **({"batch_invariant": True} if args.batch_invariant else {}))
+                          log_level="warning", cuda_graphs=args.cuda_graphs, **changed)
     began = time.perf_counter()
-    engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size, peer) if peer else Collectives(size))
+    engine = create_torch_engine(config, comm)  # the worker's own setup: devices, torch.distributed, all-reduce
     engine.warmup()
     load_seconds = time.perf_counter() - began
     sync = (lambda: torch.cuda.synchronize()) if args.device == "cuda" else (lambda: None)
@@ -185,13 +176,14 @@ def main() -> None:
     fits = [(b, c) for c in contexts for b in batches if b * -(-(c + args.steps + 4) // 16) < args.num_kv_blocks]
     timings = [decode_step_ms(driver, b, c, args.steps, sync) for b, c in fits]
     prefill = prefill_ms(driver, args.prefill_tokens, sync) if args.prefill_tokens else None
-    weight_bytes = comm.gather(engine.model.weight_bytes(), root=0)
+    rank_weight_bytes = engine.model.weight_bytes()
+    weight_bytes = comm.gather(rank_weight_bytes, root=0)
     floor = None
     if args.device == "cuda":  # this run's own floor: the bytes a rank reads per step at its copy bandwidth
         from benchmarks.serving import measure_bandwidth_gb_s
         bandwidth = measure_bandwidth_gb_s()
         floor = {"copy_bandwidth_gb_s": round(bandwidth, 1),
-                 "floor_ms": round(engine.model.weight_bytes() / (bandwidth * 1e9) * 1000, 3)}
+                 "floor_ms": round(rank_weight_bytes / (bandwidth * 1e9) * 1000, 3)}
         floor = comm.gather(floor, root=0)
     if rank == 0:
         report = {
@@ -199,7 +191,7 @@ def main() -> None:
             "cuda_graphs": engine.graphs is not None,
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "torch": torch.__version__, "load_seconds": round(load_seconds, 2),
-            "peer_all_reduce": peer is not None, "batch_invariant": args.batch_invariant,
+            "peer_all_reduce": getattr(engine.model.collectives, "peer", None) is not None, "batch_invariant": args.batch_invariant,
             "weight_bytes_per_rank": weight_bytes, "floor_per_rank": floor,
             "greedy_tokens": tokens, "decode": timings, "prefill": prefill,
         }
