@@ -55,8 +55,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             await reader  # its error, if it failed
         finally:
             reader.cancel()
-            for key in outbox.live:  # the gateway went away, or the stream broke
-                self.loop.abort(key)
+            for key in list(outbox.live):  # the gateway went away, or the stream broke
+                self.loop.abort(key)  # which ends the request in the outbox: a copy is iterated
 
     async def _read_session(self, requests: AsyncIterator[scheduler_pb2.SessionRequest], outbox: SessionOutbox) -> None:
         try:

@@ -15,7 +15,8 @@ import grpc
 from inflight import sampling
 from inflight.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.service import SchedulerService
-from tests.test_engine_loop import EXPECTED, Harness, honest, run_with
+from services.gateway.scheduler_session import SchedulerSession, SessionBroken
+from tests.test_engine_loop import EXPECTED, Answer, Harness, honest, run_with
 
 
 def submit(request_id: str, max_new_tokens: int = 6, prompt: tuple[int, ...] = (5, 6, 7, 8, 9)
@@ -25,7 +26,13 @@ def submit(request_id: str, max_new_tokens: int = 6, prompt: tuple[int, ...] = (
         sampling=sampling.resolved(seed=1), ignore_eos=True))
 
 
-def with_session(body, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def paced(plan, context):  # type: ignore[no-untyped-def]
+    """honest, 20 ms a step: long requests stay running while a test acts on them."""
+    await asyncio.sleep(0.02)
+    return await honest(plan, context)
+
+
+def with_session(body, tmp_path: Path, answer: Answer = honest) -> None:  # type: ignore[no-untyped-def]
     """body(harness, session stub) with the scheduler's service served on a unix socket."""
     async def served(h: Harness) -> None:
         server = grpc.aio.server()
@@ -39,7 +46,7 @@ def with_session(body, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
         finally:
             await server.stop(None)
 
-    run_with(honest, served, tmp_path)
+    run_with(answer, served, tmp_path)
 
 
 @dataclass
@@ -152,3 +159,46 @@ def test_requests_still_running_when_the_session_goes_away_are_aborted(tmp_path)
         assert h.loop.streams == {}
 
     with_session(body, tmp_path)
+
+
+def test_every_request_live_when_the_session_ends_is_aborted_at_once(tmp_path):
+    async def body(h: Harness, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+        call = stub.Session()
+        for name in ("x", "y", "z"):
+            await call.write(submit(name, max_new_tokens=100))  # 2 s each at 20 ms a step
+        await asyncio.wait_for(call.read(), 10)
+        call.cancel()
+        assert h.loop.planner is not None
+        await until(lambda: not h.loop.planner.requests and h.all_blocks_free(), timeout=1.0)
+
+    with_session(body, tmp_path, answer=paced)
+
+
+def test_clients_that_go_away_mid_submit_end_their_own_requests_and_no_other(tmp_path):
+    """The gateway's side: a request handler cancelled while its submit is being written (its client went
+    away) must not cancel the shared stream; its request is aborted, and the others keep their tokens."""
+    async def body(h: Harness, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+        session = SchedulerSession(stub)
+        bystander = await session.submit(submit("bystander", max_new_tokens=40).submit)
+        for attempt in range(48):
+            leaving = asyncio.get_running_loop().create_task(session.submit(submit(f"gone-{attempt}", 100).submit))
+            for _ in range(attempt % 8):  # cancel at each point of the submit: before, during, after the write
+                await asyncio.sleep(0)
+            leaving.cancel()
+            await asyncio.gather(leaving, return_exceptions=True)
+            if leaving.cancelled():
+                continue
+            session.abort("", f"gone-{attempt}")  # the submit finished first: its handler's own cleanup
+        tokens: list[int] = []
+        while True:
+            item = await asyncio.wait_for(bystander.get(), 10)
+            assert not isinstance(item, SessionBroken), item
+            tokens += item.event.token_ids
+            if item.event.finish_reason:
+                break
+        assert item.event.finish_reason == common_pb2.FINISH_REASON_LENGTH and len(tokens) == 40
+        assert h.loop.planner is not None  # and none of the 48 was left to run its 100 tokens (2 s)
+        await until(lambda: not h.loop.planner.requests and h.all_blocks_free(), timeout=1.5)
+        await session.close()
+
+    with_session(body, tmp_path, answer=paced)

@@ -43,18 +43,19 @@ class SchedulerSession:
         call = self._open()
         queue: asyncio.Queue[SessionItem] = asyncio.Queue()
         self._queues[(submit.tenant, submit.request_id)] = queue
-        await self._write(call, scheduler_pb2.SessionRequest(submit=submit))
+        try:
+            await asyncio.shield(self._send(call, scheduler_pb2.SessionRequest(submit=submit)))
+        except asyncio.CancelledError:  # the client went away while its submit was being written
+            self.abort(submit.tenant, submit.request_id)  # written after the submit: writes keep their order
+            raise
         return queue
 
     def abort(self, tenant: str, request_id: str) -> None:
         """Stop a request (its client went away, or a stop string ended it); its later events are dropped."""
         if self._queues.pop((tenant, request_id), None) is None or self._call is None or self._call.done():
             return
-        abort = scheduler_pb2.SessionRequest(abort=scheduler_pb2.SchedulerAbortRequest(tenant=tenant,
-                                                                                       request_id=request_id))
-        task = asyncio.get_running_loop().create_task(self._write(self._call, abort))
-        self._tasks.add(task)  # held until done, as a task must be
-        task.add_done_callback(self._tasks.discard)
+        self._send(self._call, scheduler_pb2.SessionRequest(
+            abort=scheduler_pb2.SchedulerAbortRequest(tenant=tenant, request_id=request_id)))
 
     def _open(self) -> grpc.aio.StreamStreamCall:
         if self._call is None or self._call.done():
@@ -63,6 +64,15 @@ class SchedulerSession:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return self._call
+
+    def _send(self, call: grpc.aio.StreamStreamCall, message: scheduler_pb2.SessionRequest) -> asyncio.Task[None]:
+        """Write on a task of its own. grpc.aio cancels a whole call when a write on it is cancelled, so a
+        request's handler, cancelled when its client goes away, must never be the one awaiting the write:
+        that would end the stream, and every other request on it, UNAVAILABLE."""
+        task = asyncio.get_running_loop().create_task(self._write(call, message))
+        self._tasks.add(task)  # held until done, as a task must be
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _write(self, call: grpc.aio.StreamStreamCall, message: scheduler_pb2.SessionRequest) -> None:
         try:
