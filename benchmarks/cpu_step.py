@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -34,18 +35,22 @@ def make_engine(model: str, dtype: str) -> TorchEngine:
     return engine
 
 
-def decode_steps(engine: TorchEngine, batch: int, context: int, steps: int) -> tuple[list[float], float]:
-    """Per-step seconds of `steps` decode steps after a prefill of `context` tokens, and the prefill's."""
+def decode_steps(engine: TorchEngine, batch: int, context: int, steps: int,
+                 watch: contextlib.AbstractContextManager[object] | None = None) -> tuple[list[float], float]:
+    """Per-step seconds of `steps` decode steps after a prefill of `context` tokens, and the prefill's.
+
+    watch: entered around the decode steps alone (a profiler), not the prefill."""
     driver = Driver(engine)
     admissions = [Admission(f"b{i}", i, 0.0, 1.0, 0, 0) for i in range(batch)]
     start = time.perf_counter()
     last = driver.run(admissions, {i: [(7 * i + j) % 1000 + 5 for j in range(context)] for i in range(batch)})
     prefill = time.perf_counter() - start
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        last = driver.run([], {slot: [token] for slot, token in last.items()})
-        times.append(time.perf_counter() - start)
+    with watch or contextlib.nullcontext():
+        for _ in range(steps):
+            start = time.perf_counter()
+            last = driver.run([], {slot: [token] for slot, token in last.items()})
+            times.append(time.perf_counter() - start)
     driver.reset()
     return times, prefill
 
@@ -73,8 +78,9 @@ def main() -> None:
               f" {batch / median * 1000:6.1f} tok/s; prefill {batch}x{args.context} {prefill * 1000:.0f} ms")
     if args.profile:
         decode_steps(engine, args.profile, args.context, 4)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            decode_steps(engine, args.profile, args.context, 8)
+        prof = profile(activities=[ProfilerActivity.CPU])
+        decode_steps(engine, args.profile, args.context, 8, watch=prof)
+        print(f"decode steps only: 8 steps at batch {args.profile}")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
