@@ -177,25 +177,25 @@ def test_a_flood_is_shed_with_resource_exhausted_and_admitted_requests_keep_thei
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,frozen_rank", [(1, 0), (3, 1)])
-def test_a_frozen_rank_ends_every_stream_unavailable_and_the_group_is_replaced(tp, frozen_rank):
+@pytest.mark.parametrize("tp,rank,sig", [(1, 0, signal.SIGSTOP), (3, 1, signal.SIGSTOP), (3, 2, signal.SIGKILL)])
+def test_a_frozen_or_killed_rank_ends_every_stream_unavailable_and_the_group_is_replaced(tp, rank, sig):
     bound, liveness = 3.0, 5.0
     served = ServedStack("--tp", str(tp), "--num-kv-blocks", "512", "--step-timeout", str(bound),
                          "--step-timeout-per-token", "0", "--liveness-timeout", str(liveness)).wait_ready()
     try:
         ranks = worker_ranks(served.process.pid)
         streams = Streams(served, 24)
-        frozen_at = time.monotonic()
-        os.kill(ranks[frozen_rank], signal.SIGSTOP)
+        struck_at = time.monotonic()
+        os.kill(ranks[rank], sig)
         streams.join(60)
         assert len(streams.ended) == 24
         assert {code for code, _ in streams.ended} == {grpc.StatusCode.UNAVAILABLE}
         last_end = max(at for _, at in streams.ended)
-        assert last_end - frozen_at <= bound + 5, f"streams ended {last_end - frozen_at:.1f} s after the freeze"
+        assert last_end - struck_at <= bound + 5, f"streams ended {last_end - struck_at:.1f} s after the fault"
         back = serve_again_within(served, 60)
-        print(f"tp={tp}: streams ended {last_end - frozen_at:.1f} s after the freeze; serving again "
+        print(f"tp={tp}: streams ended {last_end - struck_at:.1f} s after the fault ({sig.name}); serving again "
               f"{time.monotonic() - last_end:.1f} s after that ({back:.1f} s of retries)")
-        assert not any(alive(pid) for pid in ranks.values()), "a rank of the frozen group survived"
+        assert not any(alive(pid) for pid in ranks.values()), "a rank of the struck group survived"
         stats = served.wait_idle()
         assert stats.kv_blocks_free == stats.kv_blocks_total and stats.worker_restarts == 1
     finally:
