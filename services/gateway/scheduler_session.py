@@ -9,6 +9,7 @@ opens a new session.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
 
 import grpc
@@ -60,16 +61,17 @@ class SchedulerSession:
     def _open(self) -> grpc.aio.StreamStreamCall:
         if self._call is None or self._call.done():
             self._call, self._queues = self.stub.Session(), {}
-            task = asyncio.get_running_loop().create_task(self._read(self._call, self._queues))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._read(self._call, self._queues))
         return self._call
 
     def _send(self, call: grpc.aio.StreamStreamCall, message: scheduler_pb2.SessionRequest) -> asyncio.Task[None]:
         """Write on a task of its own. grpc.aio cancels a whole call when a write on it is cancelled, so a
         request's handler, cancelled when its client goes away, must never be the one awaiting the write:
         that would end the stream, and every other request on it, UNAVAILABLE."""
-        task = asyncio.get_running_loop().create_task(self._write(call, message))
+        return self._spawn(self._write(call, message))
+
+    def _spawn(self, work: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)  # held until done, as a task must be
         task.add_done_callback(self._tasks.discard)
         return task
