@@ -10,8 +10,8 @@ read); the stack is `inflight serve` (gateway, scheduler, MPI worker) driven ove
 benchmarks/loadgen.py from --client-processes processes (1 by default; more rule the client out as the limit),
 with each stack process's CPU use, the steps per second and the mean sequences per step recorded per workload.
 Before it is measured, each stack serves the first workload's requests twice over at concurrency 64, from the
-same client processes, with rank 0's steps 250..350 under the torch profiler and steps 360..460 timed by CUDA
-events, and reports how much of that time the GPU ran nothing (worker/step_profiler.py); their cost stays out
+same client processes, with rank 0's steps 250..350 under the torch profiler (or, --tracer cupti, CUPTI tracing
+each CUDA graph launch as one activity, as Nsight Systems does) and steps 360..460 timed by CUDA events, and reports how much of that time the GPU ran nothing (worker/step_profiler.py); their cost stays out
 of the measured runs. The stacks: overlap scheduling with two steps in flight (the default), with three, off,
 and the default with one gateway process instead of two. Each part
 (--parts alone,overlap,overlap-3,no-overlap,overlap-1-gateway) is saved as it finishes (OUT/<part>.json), so a
@@ -73,7 +73,7 @@ STACKS = {"overlap": [], "overlap-3": ["--steps-in-flight", "3"], "no-overlap": 
           "overlap-1-gateway": ["--gateway-processes", "1"]}
 
 
-def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profile: Path,
+def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profile: Path, tracer: str,
           client_processes: int, client_channels: int) -> tuple[list[float], list[dict[str, float]], dict]:
     """Each workload's throughput through one stack, the CPUs each of its processes used meanwhile, and the
     profiled pass's GPU timeline."""
@@ -81,7 +81,8 @@ def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profi
              "--max-num-batched-tokens", str(BUDGET), "--max-num-seqs", str(MAX_SEQS), "--no-prefix-caching",
              "--max-inflight-per-client", "1024", "--log-level", "warning", *STACKS[part]]
     first, last = PROFILED_STEPS
-    served = ServedStack(*flags, env={"INFLIGHT_PROFILE_STEPS": f"{first}:{last}:{profile}"}).wait_ready(timeout=900)
+    served = ServedStack(*flags, env={"INFLIGHT_PROFILE_STEPS": f"{first}:{last}:{profile}",
+                                        "INFLIGHT_PROFILE_TRACER": tracer}).wait_ready(timeout=900)
     results, cpus = [], []
     try:
         processes = stack_processes(served.process.pid)
@@ -115,6 +116,9 @@ def main() -> None:
     parser.add_argument("--parts", default="alone,overlap,overlap-3,no-overlap")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="load generator processes, each with its own channels and share of the load")
+    parser.add_argument("--tracer", choices=("torch", "cupti"), default="torch",
+                        help="what traces the profiled steps: the torch profiler (every kernel of every CUDA graph) "
+                             "or CUPTI at graph granularity, as Nsight Systems does (needs cupti-python)")
     parser.add_argument("--scale", type=int, default=1,
                         help="requests per workload times this (longer runs, steadier figures)")
     parser.add_argument("--client-channels", type=int, default=1,
@@ -130,7 +134,7 @@ def main() -> None:
             result: dict = engine_alone(args.model, tokenizer, runs)
         else:
             tok_s, cpus, timeline = stack(args.model, args.tokenizer, runs, part, out / f"profile_{part}.json",
-                                          args.client_processes, args.client_channels)
+                                          args.tracer, args.client_processes, args.client_channels)
             result = {"tok_s": tok_s, "cpus": cpus, "client_processes": args.client_processes,
                       "client_channels": args.client_channels, "gpu_timeline": timeline}
         (out / f"{part}.json").write_text(json.dumps(result))

@@ -1,13 +1,14 @@
 """An optional look at the device's timeline over rank 0's steps, for benchmarks: INFLIGHT_PROFILE_STEPS=FIRST:LAST:FILE.
 
-Steps FIRST..LAST (counted from the first step this process launches) run under torch.profiler,
-recording the device's activity only; as many steps again, starting EVENTS_AFTER steps after LAST (so
+Steps FIRST..LAST (counted from the first step this process launches) run under a tracer of the
+device's activity: torch.profiler (the default), or with INFLIGHT_PROFILE_TRACER=cupti, CUPTI at CUDA-graph
+granularity (worker/cupti_timeline.py, one record per graph launch, as Nsight Systems traces graphs); as many steps again, starting EVENTS_AFTER steps after LAST (so
 that the profiler's own wind-down, which stalls the steps in flight, stays out), are timed with CUDA
 events alone (one before and one after each step's work), which costs the host nothing. When both windows
 are done, FILE gets a JSON summary of each: the span, the time the device was busy, and how much of the
 span it ran nothing (between any two kernels, or between steps), and how much of the time from the end of
 one decode-only step to the end of the next decode-only step after it it sat idle between the two (under the
-profiler also: in all, with the gaps between the later step's kernels). Under the profiler, each step's
+profiler also: in all, with the gaps between the later step's kernels). Under the tracer, each step's
 work is preceded on the device by a marker kernel (a one-cycle spin) that splits the timeline into steps.
 """
 
@@ -16,9 +17,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
+
+if TYPE_CHECKING:
+    from worker.cupti_timeline import CuptiTimeline
 
 log = structlog.get_logger()
 
@@ -27,13 +32,18 @@ MARKER_KERNEL = "spin_kernel"  # what torch.cuda._sleep launches
 
 
 class StepProfiler:
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, tracer: str = "torch") -> None:
         first, last, path = spec.split(":", 2)
         self.first, self.last, self.path = int(first), int(last), Path(path)
         self.events_first = self.last + EVENTS_AFTER
         self.events_last = self.events_first + self.last - self.first
         self.launched = 0
         self._profile: torch.profiler.profile | None = None
+        self._cupti: CuptiTimeline | None = None
+        if tracer == "cupti":  # made before the engine captures its graphs; cupti-python only where asked for
+            from worker.cupti_timeline import CuptiTimeline
+            self._cupti = CuptiTimeline()
+        self._tracing = False
         self._profile_summary: dict[str, float] = {}
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]] = []  # start, end, decode-only
         self._profiled_decode_only: list[bool] = []  # each marked step under the profiler, in launch order
@@ -41,16 +51,20 @@ class StepProfiler:
     @staticmethod
     def from_environment() -> StepProfiler | None:
         spec = os.environ.get("INFLIGHT_PROFILE_STEPS", "")
-        return StepProfiler(spec) if spec and torch.cuda.is_available() else None
+        tracer = os.environ.get("INFLIGHT_PROFILE_TRACER", "torch")
+        return StepProfiler(spec, tracer) if spec and torch.cuda.is_available() else None
 
     def launching(self, decode_only: bool) -> None:
         """Before a step's work is queued (on the engine's thread)."""
         self.launched += 1
         if self.launched == self.first:
-            # The device's activity only: recording every host-side op would slow the very steps it times.
-            self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-            self._profile.__enter__()
-        if self._profile is not None:
+            self._tracing = True
+            if self._cupti is not None:
+                self._cupti.start()
+            else:  # the device's activity only: recording every host-side op would slow the very steps it times
+                self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                self._profile.__enter__()
+        if self._tracing:
             torch.cuda._sleep(1)  # the step's first work on the device: where its part of the timeline begins
             self._profiled_decode_only.append(decode_only)
         if self.events_first <= self.launched <= self.events_last:
@@ -64,10 +78,16 @@ class StepProfiler:
 
     def finished(self) -> None:
         """A step's result was read (so its device work is done)."""
-        if self._profile is not None and self.launched >= self.last:
-            profile, self._profile = self._profile, None
-            profile.__exit__(None, None, None)
-            self._profile_summary = kernel_timeline(profile, self._profiled_decode_only)
+        if self._tracing and self.launched >= self.last:
+            self._tracing = False
+            if self._cupti is not None:
+                activity, tracer = self._cupti.stop(), "cupti-graph"
+            else:
+                profile, self._profile = self._profile, None
+                assert profile is not None
+                profile.__exit__(None, None, None)
+                activity, tracer = torch_activity(profile), "torch"
+            self._profile_summary = {"tracer": tracer, **kernel_timeline(activity, self._profiled_decode_only)}
         if self._events and self.launched >= self.events_last:
             events, self._events = self._events, []
             torch.cuda.synchronize()
@@ -98,15 +118,20 @@ def _idle(spans: list[tuple[float, float]]) -> dict[str, float]:
             "idle_us_by_gap_size": idle_by_gap_size}
 
 
-def kernel_timeline(profile: torch.profiler.profile, decode_only: list[bool]) -> dict[str, float]:
-    """From the profiler: the device's kernels and copies; and, split into steps at the markers (the k-th
-    marker begins the k-th step of decode_only), the idle share between decode-only steps."""
-    activity = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    spans = sorted((e.time_range.start, e.time_range.end) for e in activity)
+def torch_activity(profile: torch.profiler.profile) -> list[tuple[float, float, str]]:
+    """The profiler's device activities: (start, end, name), in microseconds."""
+    return [(e.time_range.start, e.time_range.end, e.name) for e in profile.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def kernel_timeline(activity: list[tuple[float, float, str]], decode_only: list[bool]) -> dict[str, float]:
+    """From a tracer's (start, end, name) activities: the device's work; and, split into steps at the markers
+    (the k-th marker begins the k-th step of decode_only), the idle share between decode-only steps."""
+    spans = sorted((start, end) for start, end, _ in activity)
     if not spans:
         return {"intervals": 0}
     summary = _idle(spans)
-    markers = sorted(e.time_range.start for e in activity if MARKER_KERNEL in e.name)
+    markers = sorted(start for start, _, name in activity if MARKER_KERNEL in name)
     summary.update(decode_pair_idle(spans, markers, decode_only))
     return summary
 
