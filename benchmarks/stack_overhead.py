@@ -11,8 +11,9 @@ benchmarks/loadgen.py from --client-processes processes (1 by default; more rule
 with each stack process's CPU use, the steps per second and the mean sequences per step recorded per workload.
 Before it is measured, each stack serves the first workload's requests twice over at concurrency 64, from the
 same client processes, with rank 0's steps 250..350 under the torch profiler (or, --tracer cupti, CUPTI tracing
-each CUDA graph launch as one activity, as Nsight Systems does) and steps 360..460 timed by CUDA events, and reports how much of that time the GPU ran nothing (worker/step_profiler.py); their cost stays out
-of the measured runs. The stacks: overlap scheduling with two steps in flight (the default), with three, off,
+each CUDA graph launch as one activity, as Nsight Systems does) and steps 360..460 timed by CUDA events, and
+reports how much of that time the GPU ran nothing (worker/step_profiler.py); their cost stays out of the
+measured runs. The stacks: overlap scheduling with two steps in flight (the default), with three, off,
 and the default with one gateway process instead of two. Each part
 (--parts alone,overlap,overlap-3,no-overlap,overlap-1-gateway) is saved as it finishes (OUT/<part>.json), so a
 long run may be split across calls on the same machine; OUT/report.json has those present beside the engine
