@@ -1,15 +1,16 @@
 """An optional look at the device's timeline over rank 0's steps, for benchmarks: INFLIGHT_PROFILE_STEPS=FIRST:LAST:FILE.
 
-Steps FIRST..LAST (counted from the first step this process launches) run under a tracer of the
-device's activity: torch.profiler (the default), or with INFLIGHT_PROFILE_TRACER=cupti, CUPTI at CUDA-graph
-granularity (worker/cupti_timeline.py, one record per graph launch, as Nsight Systems traces graphs). As many
-steps again, starting EVENTS_AFTER steps after LAST (so that the tracer's own wind-down, which stalls the steps
-in flight, stays out), are timed with CUDA events alone (one before and one after each step's work), which
-costs the host nothing. When both windows are done, FILE gets a JSON summary of each: the span, the time the device was busy, and how much of the
-span it ran nothing (between any two kernels, or between steps), and how much of the time from the end of
-one decode-only step to the end of the next decode-only step after it it sat idle between the two (under the
-tracer also: in all, with the gaps between the later step's kernels). Under the tracer, each step's
-work is preceded on the device by a marker kernel (a one-cycle spin) that splits the timeline into steps.
+Steps FIRST..LAST (counted from the first step this process launches) run under a tracer of the device's
+activity: torch.profiler (the default), or with INFLIGHT_PROFILE_TRACER=cupti, CUPTI at CUDA-graph granularity
+(worker/cupti_timeline.py, one record per graph launch, as Nsight Systems traces graphs). As many steps again,
+starting EVENTS_AFTER steps after LAST (so that the tracer's own wind-down, which stalls the steps in flight,
+stays out), are timed with CUDA events alone (one before and one after each step's work), which costs the host
+nothing. When both windows are done, FILE gets a JSON summary of each: the span, the time the device was busy,
+and how much of the span it ran nothing (between any two kernels, or between steps), and how much of the time
+from the end of one decode-only step to the end of the next decode-only step after it it sat idle between the
+two (under the tracer also: in all, with the gaps between the later step's kernels). Under the tracer, each
+step's work is preceded on the device by a marker kernel (a one-cycle spin) that splits the timeline into
+steps.
 """
 
 from __future__ import annotations
