@@ -130,6 +130,7 @@ def main() -> None:
                         help="open loop: Poisson arrivals at this many requests/s instead of a fixed concurrency")
     parser.add_argument("--num-kv-blocks", type=int, default=241)
     parser.add_argument("--cpu-threads", type=int, default=1, help="per replica: the replicas share this host's cores")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024, help="per replica: a step's token budget")
     parser.add_argument("--workloads", nargs="+", default=["shared-prefix", "unique"],
                         choices=["shared-prefix", "unique"])
     parser.add_argument("--repeat", type=int, default=1, help="runs of each workload under each policy")
@@ -143,7 +144,8 @@ def main() -> None:
     model_dir = resolve_model("smollm2-135m-instruct")
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 
-    replicas = [ServedStack("--num-kv-blocks", str(args.num_kv_blocks), "--max-num-batched-tokens", "1024",
+    replicas = [ServedStack("--num-kv-blocks", str(args.num_kv_blocks),
+                            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                             "--cpu-threads", str(args.cpu_threads),
                             log_path=args.out / f"replica-{i}.log") for i in range(args.replicas)]
     results = []
