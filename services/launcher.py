@@ -17,11 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+import structlog
+
 
 from inflight.log import configure_logging
 from inflight.model_config import ModelConfig, UnsupportedModel
@@ -29,6 +30,7 @@ from inflight.model_shapes import SHAPES
 from inflight.model_store import DEFAULT_MODEL, resolve_model
 from inflight.tracing import add_otlp_traces_endpoint
 from scheduler.config import OVERLAP_MODES
+from services.child_health import FirstServing, LivenessProbe
 from services.gateway.config import GatewayConfig
 
 
@@ -279,69 +281,6 @@ class RestartBudget:
         return len(self._times) <= self.limit
 
 
-class LivenessProbe:
-    """A process's health service, asked over its socket. Any answer, SERVING or not, proves it alive; a
-    process that answered once and then stays silent past the timeout is frozen (SIGSTOP, a hung GPU, a
-    deadlock) and must be replaced: it will not exit by itself."""
-
-    def __init__(self, address: str, liveness_timeout: float) -> None:
-        self.address, self.liveness_timeout = address, liveness_timeout
-        self._channel: grpc.Channel | None = None
-        self._last_ok: float | None = None  # None until the process first answered
-        self._next_check = 0.0
-
-    def reset(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        self._channel, self._last_ok = None, None
-
-    @property
-    def has_answered(self) -> bool:
-        return self._last_ok is not None
-
-    def answered(self) -> None:
-        """The process is known to have answered by other means (the stack just turned ready)."""
-        self._last_ok = time.monotonic()
-
-    def frozen(self) -> bool:
-        """Asks at most once a second; True once an answering process has been silent past the timeout."""
-        now = time.monotonic()
-        if self.liveness_timeout <= 0 or now < self._next_check:
-            return False
-        self._next_check = now + 1.0
-        if self._channel is None:
-            # A process still loading refuses connections; gRPC's default backoff after that (1 s, then
-            # growing) could keep the first answer from arriving until after the process froze.
-            self._channel = grpc.insecure_channel(self.address, options=[
-                ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
-                ("grpc.max_reconnect_backoff_ms", 1000)])
-        try:
-            health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-            self._last_ok = time.monotonic()
-        except grpc.RpcError:
-            pass
-        return self._last_ok is not None and time.monotonic() - self._last_ok > self.liveness_timeout
-
-
-def wait_until_serving(stack: Stack, timeout: float) -> bool:
-    """The scheduler's health (on its private socket): SERVING once the worker group is ready."""
-    channel = grpc.insecure_channel(stack.scheduler_address)
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and not stack.exited():
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return True
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-        return False
-    finally:
-        channel.close()
-
-
 def check_tensor_parallel(model_path: str, tp: int) -> None:
     """Fail before starting anything if the model's heads cannot be split across tp ranks."""
     if model_path.startswith("random:"):
@@ -418,7 +357,8 @@ def serve(config: ServeConfig) -> int:
             log.info("launcher_stopped")
 
 
-def _supervise(stack: Stack, config: ServeConfig, log: object, stopping: object) -> int:
+def _supervise(stack: Stack, config: ServeConfig, log: structlog.stdlib.BoundLogger,
+               stopping: Callable[[], bool]) -> int:
     """Restart a dead or frozen worker group or scheduler; a dead gateway ends the stack (exit 1).
 
     The gateway is the stack's face: if it (or any of several) dies, whatever supervises `inflight serve`
@@ -428,34 +368,38 @@ def _supervise(stack: Stack, config: ServeConfig, log: object, stopping: object)
     budgets = {"worker": RestartBudget(), "scheduler": RestartBudget()}
     probes = {"worker": LivenessProbe(stack.worker_address, config.liveness_timeout),
               "scheduler": LivenessProbe(stack.scheduler_address, config.liveness_timeout)}
-    while not stopping():  # type: ignore[operator]
-        exited = stack.exited()
-        gone = [name for name in stack.gateways if name in exited]
-        if gone:
-            log.error("gateway_exited", process=gone[0], exit_code=exited[gone[0]])  # type: ignore[attr-defined]
-            return 1
-        if "worker" in exited and not announced:
-            log.error("worker_group_failed_to_start", exit_code=exited["worker"])  # type: ignore[attr-defined]
-            return 1
-        for name, probe in probes.items():
-            frozen = name not in exited and probe.frozen()
-            if name not in exited and not frozen:
-                continue
-            if not budgets[name].spend():
-                log.error("keeps_failing", process=name, exit_code=exited.get(name))  # type: ignore[attr-defined]
+    first_serving = FirstServing(stack.scheduler_address)
+    try:
+        while not stopping():
+            exited = stack.exited()
+            gone = [name for name in stack.gateways if name in exited]
+            if gone:
+                log.error("gateway_exited", process=gone[0], exit_code=exited[gone[0]])
                 return 1
-            log.error("restarting", process=name, exit_code=exited.get(name), frozen=frozen)  # type: ignore[attr-defined]
-            stack.stop_one(name, 0.5 if frozen else 1.0)
-            probe.reset()
-            if name == "worker":
-                stack.start_worker_group()
-            else:
-                stack.start_scheduler()
-        if not announced and wait_until_serving(stack, timeout=0.5):
-            announced = True
-            for probe in probes.values():  # both have answered: the scheduler, and the worker's warmup
-                probe.answered()
-            log.info("inflight_ready", port=config.port)  # type: ignore[attr-defined]
-            print(f"inflight is serving on port {config.port}", file=sys.stderr, flush=True)
-        time.sleep(0.2)
-    return 0
+            if not announced and first_serving.is_set():
+                announced = True
+                for probe in probes.values():  # both have answered: the scheduler, and the worker's warmup
+                    probe.answered()
+                log.info("inflight_ready", port=config.port)
+                print(f"inflight is serving on port {config.port}", file=sys.stderr, flush=True)
+            if "worker" in exited and not announced:
+                log.error("worker_group_failed_to_start", exit_code=exited["worker"])
+                return 1
+            for name, probe in probes.items():
+                frozen = name not in exited and probe.frozen()
+                if name not in exited and not frozen:
+                    continue
+                if not budgets[name].spend():
+                    log.error("keeps_failing", process=name, exit_code=exited.get(name))
+                    return 1
+                log.error("restarting", process=name, exit_code=exited.get(name), frozen=frozen)
+                stack.stop_one(name, 0.5 if frozen else 1.0)
+                probe.reset()
+                if name == "worker":
+                    stack.start_worker_group()
+                else:
+                    stack.start_scheduler()
+            time.sleep(0.2)
+        return 0
+    finally:
+        first_serving.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from services.launcher import LivenessProbe
+from services.child_health import LivenessProbe
 
 
 def wait_frozen(probe: LivenessProbe, seconds: float) -> bool:

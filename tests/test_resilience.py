@@ -15,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from inflight.v1 import generation_pb2
 from tests.processes import alive, descendants, stack_processes, worker_ranks
-from tests.stack import ServedStack
+from tests.stack import ServedStack, health_status
 
 G = generation_pb2.GenerateRequest
 PROMPTS = ["What is the capital of France?", "Name three rivers.", "Write a haiku about rain.", "Count to five."]
@@ -46,6 +47,7 @@ def serve_again_within(stack: ServedStack, seconds: float) -> float:
     """Seconds until a new request is served (UNAVAILABLE answers meanwhile are expected)."""
     start = time.monotonic()
     while time.monotonic() - start < seconds:
+        assert stack.process.poll() is None, f"the stack exited:\n{stack.log_tail()}"
         try:
             if stack.client.complete(greedy(PROMPTS[0], 2), timeout=10).finish_reason:
                 return time.monotonic() - start
@@ -200,6 +202,34 @@ def test_a_frozen_or_killed_rank_ends_every_stream_unavailable_and_the_group_is_
         assert stats.kv_blocks_free == stats.kv_blocks_total and stats.worker_restarts == 1
     finally:
         assert served.stop() == 0, served.log_tail()
+
+
+@pytest.mark.slow
+def test_a_group_killed_the_moment_the_stack_turns_ready_is_replaced_not_taken_for_a_failed_start():
+    # The launcher exits at once if the worker group dies before it ever came up (a model that cannot
+    # load); a group that did come up must be replaced, however soon after readiness it dies.
+    served = ServedStack("--num-kv-blocks", "64")
+    try:
+        while True:  # no pause between checks: the kill follows readiness as closely as a client can
+            assert served.process.poll() is None, served.log_tail()
+            try:
+                if health_status(served.port, timeout=1.0) == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+        os.kill(worker_ranks(served.process.pid)[0], signal.SIGKILL)
+        serve_again_within(served, 120)
+        assert served.stats().worker_restarts == 1
+    finally:
+        assert served.stop() == 0, served.log_tail()
+
+
+@pytest.mark.slow
+def test_a_worker_group_that_cannot_start_ends_the_stack_nonzero_saying_so():
+    served = ServedStack("--num-kv-blocks", "64", "--mpiexec", "/bin/false")
+    code = served.process.wait(60)
+    assert code == 1 and "worker_group_failed_to_start" in served.log_tail()
+    served.stop()
 
 
 @pytest.mark.slow
