@@ -1,5 +1,5 @@
 """How the launcher learns about its children through their gRPC health services: whether a process is
-frozen, and whether the scheduler has ever turned SERVING."""
+frozen, and how many times the scheduler has turned SERVING."""
 
 from __future__ import annotations
 
@@ -55,36 +55,41 @@ class LivenessProbe:
         return self._last_ok is not None and time.monotonic() - self._last_ok > self.liveness_timeout
 
 
-class FirstServing:
-    """Whether the scheduler has read SERVING at least once, that is, whether its worker group ever came up.
+class ServingWatch:
+    """How many times the scheduler's health has turned SERVING: a worker group came up (or a new scheduler
+    reached the running one).
 
-    A health Watch stream on its own thread hears of readiness the moment it changes, before any client can
-    have been served. Polling from the supervising loop, behind the liveness probes' own calls, could miss a
-    short ready spell, and a group killed right after turning ready would be taken for one that never
-    started (and the whole stack would exit instead of restarting it).
+    A health Watch stream on its own thread hears of each change the moment it happens, before any client
+    can have been served. Polling from the supervising loop, behind the liveness probes' own calls, could
+    miss a short ready spell: a group killed right after turning ready would be taken for one that never
+    came up (and the whole stack would exit instead of replacing it).
     """
 
     def __init__(self, address: str) -> None:
-        self._seen = threading.Event()
+        self._times_ready = 0
         self._closed = False
         self._channel = grpc.insecure_channel(address, options=FAST_RECONNECT)
         self._call: grpc.Future | None = None
-        self._thread = threading.Thread(target=self._watch, name="first-serving", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="serving-watch", daemon=True)
         self._thread.start()
 
-    def is_set(self) -> bool:
-        return self._seen.is_set()
+    @property
+    def times_ready(self) -> int:
+        return self._times_ready
 
     def _watch(self) -> None:
         stub = health_pb2_grpc.HealthStub(self._channel)
+        serving = False
         while not self._closed:
             try:
                 self._call = stub.Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True)
                 for reply in self._call:
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        self._seen.set()
-                        return
+                    now_serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+                    if now_serving and not serving:
+                        self._times_ready += 1
+                    serving = now_serving
             except (grpc.RpcError, ValueError):  # the scheduler restarting; ValueError: the channel closed
+                serving = False  # a new scheduler starts NOT_SERVING, and tells its own story
                 time.sleep(0.2)
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from inflight.model_shapes import SHAPES
 from inflight.model_store import DEFAULT_MODEL, resolve_model
 from inflight.tracing import add_otlp_traces_endpoint
 from scheduler.config import OVERLAP_MODES
-from services.child_health import FirstServing, LivenessProbe
+from services.child_health import LivenessProbe, ServingWatch
 from services.gateway.config import GatewayConfig
 
 
@@ -268,6 +268,9 @@ class Stack:
                 self.stop_one(name, 3.0)
 
 
+MAX_FAILED_STARTS = 3  # replaced worker groups in a row that never came up: the stack exits 1
+
+
 class RestartBudget:
     """At most `limit` restarts within `window` seconds: past that, restarting is not helping."""
 
@@ -362,13 +365,17 @@ def _supervise(stack: Stack, config: ServeConfig, log: structlog.stdlib.BoundLog
     """Restart a dead or frozen worker group or scheduler; a dead gateway ends the stack (exit 1).
 
     The gateway is the stack's face: if it (or any of several) dies, whatever supervises `inflight serve`
-    (systemd, Kubernetes) must see the whole stack exit and start it again.
+    (systemd, Kubernetes) must see the whole stack exit and start it again. So must a worker group that
+    cannot come up (the first one, or MAX_FAILED_STARTS replacements in a row): restarting it here would
+    leave a stack that answers UNAVAILABLE for ever.
     """
-    announced = False
     budgets = {"worker": RestartBudget(), "scheduler": RestartBudget()}
     probes = {"worker": LivenessProbe(stack.worker_address, config.liveness_timeout),
               "scheduler": LivenessProbe(stack.scheduler_address, config.liveness_timeout)}
-    first_serving = FirstServing(stack.scheduler_address)
+    serving = ServingWatch(stack.scheduler_address)
+    announced = False
+    ready_before_group = 0  # serving.times_ready when the running worker group started
+    failed_starts = 0  # groups in a row replaced before they came up
     try:
         while not stopping():
             exited = stack.exited()
@@ -376,7 +383,7 @@ def _supervise(stack: Stack, config: ServeConfig, log: structlog.stdlib.BoundLog
             if gone:
                 log.error("gateway_exited", process=gone[0], exit_code=exited[gone[0]])
                 return 1
-            if not announced and first_serving.is_set():
+            if not announced and serving.times_ready:
                 announced = True
                 for probe in probes.values():  # both have answered: the scheduler, and the worker's warmup
                     probe.answered()
@@ -389,6 +396,12 @@ def _supervise(stack: Stack, config: ServeConfig, log: structlog.stdlib.BoundLog
                 frozen = name not in exited and probe.frozen()
                 if name not in exited and not frozen:
                     continue
+                if name == "worker":
+                    failed_starts = 0 if serving.times_ready > ready_before_group else failed_starts + 1
+                    if failed_starts >= MAX_FAILED_STARTS:  # each start may take minutes: the budget misses it
+                        log.error("worker_group_keeps_failing_to_start", attempts=failed_starts,
+                                  exit_code=exited.get(name))
+                        return 1
                 if not budgets[name].spend():
                     log.error("keeps_failing", process=name, exit_code=exited.get(name))
                     return 1
@@ -396,10 +409,11 @@ def _supervise(stack: Stack, config: ServeConfig, log: structlog.stdlib.BoundLog
                 stack.stop_one(name, 0.5 if frozen else 1.0)
                 probe.reset()
                 if name == "worker":
+                    ready_before_group = serving.times_ready
                     stack.start_worker_group()
                 else:
                     stack.start_scheduler()
             time.sleep(0.2)
         return 0
     finally:
-        first_serving.close()
+        serving.close()

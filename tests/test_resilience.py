@@ -8,6 +8,7 @@ Timers (keepalive, step watchdog, liveness) are shortened by flags so each case 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -20,6 +21,7 @@ from grpc_health.v1 import health_pb2
 from inflight.v1 import generation_pb2
 from tests.processes import alive, descendants, stack_processes, worker_ranks
 from tests.stack import ServedStack, health_status
+from worker.torch_engine.random_models import save_random_model
 
 G = generation_pb2.GenerateRequest
 PROMPTS = ["What is the capital of France?", "Name three rivers.", "Write a haiku about rain.", "Count to five."]
@@ -222,6 +224,24 @@ def test_a_group_killed_the_moment_the_stack_turns_ready_is_replaced_not_taken_f
         assert served.stats().worker_restarts == 1
     finally:
         assert served.stop() == 0, served.log_tail()
+
+
+@pytest.mark.slow
+def test_a_worker_group_that_cannot_come_back_ends_the_stack_nonzero_after_three_tries(model_dir, tmp_path):
+    # The model vanishes after the first group came up: every replacement dies while loading. The restart
+    # budget (5 in 60 s) would miss replacements that each load for minutes; three in a row end the stack.
+    folder = tmp_path / "model"
+    save_random_model("tiny-gqa", folder, seed=7, vocab_size=49152, eos_token_ids=(2,))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, folder / name)
+    served = ServedStack("--model", str(folder), "--num-kv-blocks", "64").wait_ready()
+    folder.rename(tmp_path / "gone")
+    os.kill(worker_ranks(served.process.pid)[0], signal.SIGKILL)
+    code = served.process.wait(120)
+    log = served.log_path.read_text()
+    assert code == 1 and "worker_group_keeps_failing_to_start" in log, served.log_tail()
+    assert log.count('"event": "restarting"') == 3  # the killed group's replacement, and two more
+    served.stop()
 
 
 @pytest.mark.slow
