@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from worker.torch_engine import fused_moe
-from worker.torch_engine.fused import silu_mul
 from worker.torch_engine.projection import Projection
 from worker.torch_engine.triton_support import triton
 
@@ -24,7 +23,7 @@ class GatedMlp:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)
         if gate_up.is_cuda and triton is not None:
-            return self.down(silu_mul(gate_up))
+            return self.down.after_silu_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate).mul_(up))
 

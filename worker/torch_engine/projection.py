@@ -11,8 +11,9 @@ bfloat16 GEMM runs at about half the float32 rate (the CI machine: 184 against 3
 Wide steps (prompt chunks, big batches) are bound by arithmetic, not by reading weights, so
 there they upcast weights and rows to float32, multiply, and round back: the same accumulation
 in float32 that oneDNN's bfloat16 GEMM does, at the float32 rate. A probe at load decides.
-CUDA keeps plain weights. There a projection may be batch-invariant (invariant_matmul.py): each
-row's result the same whatever the other rows of the step.
+CUDA keeps plain weights. There a single half-precision row goes through one Triton matrix-vector
+kernel (one_row_matvec.py), and a projection may be batch-invariant (invariant_matmul.py): each row's
+result the same whatever the other rows of the step.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from worker.torch_engine.fused import silu_mul
 from worker.torch_engine.invariant_matmul import invariant_matmul
+from worker.torch_engine.one_row_matvec import applies as matvec_applies
+from worker.torch_engine.one_row_matvec import one_row_matvec
 
 # Rows from which a step is bound by arithmetic rather than by reading the weights, on CPU.
 WIDE_ROWS = 32
@@ -60,6 +64,7 @@ class Projection:
         self.packed: torch.Tensor | None = None
         self.wide_in_float32 = False
         self.batch_invariant = False  # CUDA: rows through invariant_matmul rather than cuBLAS
+        self.one_row_kernel = matvec_applies(weight)  # CUDA, half precision: a single row through one_row_matvec
         if pack_for_cpu and weight.device.type == "cpu" and _onednn_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
             self.wide_in_float32 = weight.dtype != torch.float32 and float32_is_faster_than(weight.dtype)
@@ -67,6 +72,8 @@ class Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant:
             return invariant_matmul(x, self.weight)
+        if self.one_row_kernel and x.shape[0] == 1:
+            return one_row_matvec(x, self.weight)
         if self.packed is None:
             return F.linear(x, self.weight)
         rows = x.shape[0]
@@ -75,6 +82,12 @@ class Projection:
         if rows >= WIDE_ROWS and self.wide_in_float32:
             return F.linear(x.float(), self.weight.float()).to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise.default(x, self.packed, None, "none", [], "")
+
+    def after_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) of a gate-up projection's CUDA output: one kernel for a single row."""
+        if self.one_row_kernel and not self.batch_invariant and gate_up.shape[0] == 1:
+            return one_row_matvec(gate_up, self.weight, silu_mul=True)
+        return self(silu_mul(gate_up))
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,147 @@
+"""Batch-1 projections on a GPU: cuBLAS against a Triton matrix-vector kernel, per Llama-3-8B shape.
+
+A batch-1 decode step reads every weight once; its GEMMs already run near the copy floor, and what is
+left is ~420 launches of small kernels and the gaps between them. cuBLAS runs two of the four
+projections per layer as split-K (a GEMM plus a reduce kernel). This asks whether one Triton kernel per
+projection, with no split, reads the weights as fast: if so, the reduce launches go, and the kernel's
+prologue can take the small ops before it (SiLU-mul before the down projection, `--fused` times that).
+
+Each case is timed as the decode step runs it: the projection over enough copies of its weight to
+defeat the L2 cache, one after the other, inside a CUDA graph; a figure is microseconds per call.
+
+    python benchmarks/gemv_m1.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# (name, out features N, in features K) of random Llama-3-8B at TP=1
+SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
+          ("lm_head", 128256, 4096)]
+CONFIGS = [dict(block_n=n, block_k=k, num_warps=w, num_stages=s)
+           for n, k, w, s in itertools.product((4, 8, 16), (512, 1024), (4, 8), (2, 4))]
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr):
+    """y[N] = W[N, K] @ x[K]; with SILU_MUL, x = silu(v[:K]) * v[K:] computed on the fly (v has 2K)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = rows < N
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=in_range[:, None], other=0.0)
+        if SILU_MUL:
+            gate = tl.load(x_ptr + cols).to(tl.float32)
+            up = tl.load(x_ptr + K + cols).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as eager
+            x = (silu * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + cols).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=in_range)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, config: dict, silu_mul: bool = False) -> torch.Tensor:
+    n, k = w.shape
+    y = torch.empty(n, device=w.device, dtype=w.dtype)
+    gemv_kernel[(triton.cdiv(n, config["block_n"]),)](x, w, y, n, k, BLOCK_N=config["block_n"],
+                                                     BLOCK_K=config["block_k"], SILU_MUL=silu_mul,
+                                                     num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return y
+
+
+def per_call_us(calls: list, replays: int = 20) -> float:
+    """Microseconds per call, the calls captured back to back in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm up (and compile) outside the capture
+            call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * len(calls))
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy of 1 GiB (read plus write)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    us = per_call_us([lambda: b.copy_(a)] * 4)
+    return 2 * a.numel() / (us * 1e-6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare results against F.linear")
+    parser.add_argument("--out", default="", help="write the figures as JSON here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dtype, device = torch.bfloat16, "cuda"
+    if args.check:
+        for name, n, k in SHAPES:
+            w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
+            x = torch.randn(k, device=device, dtype=dtype)
+            want = F.linear(x.float(), w.float())
+            got = gemv(x, w, CONFIGS[0]).float()
+            print(name, "max abs error against fp32:", (got - want).abs().max().item(),
+                  "cuBLAS's:", (F.linear(x[None], w)[0].float() - want).abs().max().item())
+        return
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s")
+    report: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "copy_gb_s": round(bandwidth / 1e9, 1),
+                                 "shapes": {}}
+    for name, n, k in SHAPES:
+        copies = max(2, math.ceil((256 << 20) / (n * k * 2)))
+        weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+        floor_us = n * k * 2 / bandwidth * 1e6
+        x = torch.randn(1, k, device=device, dtype=dtype)
+        cublas = per_call_us([lambda w=w: F.linear(x, w) for w in weights])
+        best = None
+        for config in CONFIGS:
+            us = per_call_us([lambda w=w, c=config: gemv(x[0], w, c) for w in weights])
+            if best is None or us < best[0]:
+                best = (us, config)
+        assert best is not None
+        row = {"floor_us": round(floor_us, 2), "cublas_us": round(cublas, 2), "triton_us": round(best[0], 2),
+               "triton_config": best[1]}
+        if name == "down":  # with SiLU-mul before it, which today is a kernel of its own
+            v = torch.randn(2 * k, device=device, dtype=dtype)
+            silu_mul = lambda: F.silu(v[:k]) * v[k:]  # noqa: E731
+            row["cublas_with_silu_mul_us"] = round(per_call_us(
+                [lambda w=w: F.linear(silu_mul()[None], w) for w in weights]), 2)
+            row["triton_fused_silu_mul_us"] = round(per_call_us(
+                [lambda w=w: gemv(v, w, best[1], silu_mul=True) for w in weights]), 2)
+        report["shapes"][name] = row  # type: ignore[index]
+        print(f"{name:8s} N={n:6d} K={k:5d}: floor {floor_us:7.2f} us, cuBLAS {cublas:7.2f} "
+              f"({floor_us / cublas:.0%}), Triton {best[0]:7.2f} ({floor_us / best[0]:.0%}) {best[1]}"
+              + (f"; with SiLU-mul: cuBLAS {row['cublas_with_silu_mul_us']}, fused {row['triton_fused_silu_mul_us']}"
+                 if name == "down" else ""))
+        del weights
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""One row times a weight matrix on CUDA, in one Triton kernel: the projections of batch-1 decode steps.
+
+A batch-1 step reads every weight once, and its cost is that read plus every launch around it. At one row
+cuBLAS runs some projections as split-K (a GEMM, then a reduce kernel), and SiLU-mul before the down
+projection is a kernel of its own. Here each program reads BLOCK_N whole rows of the weight, so one launch
+per projection, and the down projection can compute SiLU-mul from the gate-up output as it reads it
+(rounded where eager rounds). On one H200, random Llama-3-8B shapes in bf16, one call each inside a CUDA
+graph (`benchmarks/gemv_m1.py`): qkv 14.4 against cuBLAS's 16.8 us, o 10.3 against 13.5, gate-up 56.2
+against 61.3, down 29.4 against 32.0 (with SiLU-mul 31.5 against 36.1), the head 236.6 against 250.7.
+
+Half precision only: float32 keeps cuBLAS, whose sums the fp32 token checks compare against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.torch_engine.triton_support import tl, triton
+
+if triton is not None:
+
+    @triton.jit
+    def _matvec_kernel(x_ptr, w_ptr, y_ptr, n, k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_range = rows < n
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for start in range(0, k, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * k + cols[None, :]
+            col_mask = cols < k  # all true when EVEN_K: the loads below then need no column mask
+            if EVEN_K:
+                w = tl.load(w_ptrs, mask=in_range[:, None], other=0.0)
+                first = tl.load(x_ptr + cols).to(tl.float32)
+                second = tl.load(x_ptr + k + cols).to(tl.float32) if SILU_MUL else first
+            else:
+                w = tl.load(w_ptrs, mask=in_range[:, None] & col_mask[None, :], other=0.0)
+                first = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                second = tl.load(x_ptr + k + cols, mask=col_mask, other=0.0).to(tl.float32) if SILU_MUL else first
+            if SILU_MUL:  # x is [gate | up], 2k wide: silu(gate) * up, each product rounded as eager rounds it
+                activated = (first / (1.0 + tl.exp(-first))).to(x_ptr.dtype.element_ty).to(tl.float32)
+                x = (activated * second).to(x_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                x = first
+            acc += w.to(tl.float32) * x[None, :]
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=in_range)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def tiling(n: int, k: int) -> Tiling:
+    """Fixed by the weight's shape alone (never tuned at run time, so a row's sum is the same every start).
+    From a sweep on an H200 (`benchmarks/gemv_m1.py`): narrow outputs want long rows per program, wide ones
+    more programs."""
+    if n <= 4096:
+        return Tiling(16, 1024, 8, 4 if k > 8192 else 2)
+    if n > 65536:
+        return Tiling(16, 512, 4, 4)
+    return Tiling(8, 512, 4, 2)
+
+
+def applies(weight: torch.Tensor) -> bool:
+    """Whether rows of one token through this weight take the kernel."""
+    return (triton is not None and weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+            and weight.dim() == 2 and weight.is_contiguous())
+
+
+def one_row_matvec(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+    """x [1, k] @ weight [n, k].T as [1, n]; with silu_mul, x is [1, 2k] = [gate | up] and the product is
+    taken with silu(gate) * up."""
+    n, k = weight.shape
+    assert x.shape == (1, 2 * k if silu_mul else k) and x.dtype == weight.dtype
+    x = x if x.is_contiguous() else x.contiguous()
+    out = x.new_empty(1, n)
+    t = tiling(n, k)
+    _matvec_kernel[(triton.cdiv(n, t.block_n),)](x, weight, out, n, k, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                                                  EVEN_K=k % t.block_k == 0, SILU_MUL=silu_mul,
+                                                  num_warps=t.num_warps, num_stages=t.num_stages)
+    return out
