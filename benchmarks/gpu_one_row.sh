@@ -2,8 +2,9 @@
 # Batch-1 projections through one Triton matrix-vector kernel (worker/torch_engine/one_row_matvec.py),
 # against the base tree, same card, same session. Run from the repo root on the device machine:
 #   BASE=.carry/base OUT=out bash benchmarks/gpu_one_row.sh     # BASE: a `git archive` of the base commit
-# Prints the CUDA kernel tests, the projection kernel against cuBLAS per shape, bf16 greedy tokens with
-# graphs and eagerly, decode steps beside this run's floor for both trees, and where a batch-1 step's
+# Prints the CUDA kernel tests, the projection kernel against cuBLAS per shape (GEMV=1), bf16 greedy tokens with
+# graphs and eagerly, decode steps beside this run's floor for both trees (one at a time, and pipelined two
+# in flight as overlap scheduling runs them), and where a batch-1 step's
 # time goes (kernels by kind, launches, idle) for both trees.
 set -uo pipefail
 BASE=${BASE:-.carry/base}
@@ -17,7 +18,7 @@ cp benchmarks/tp_decode.py benchmarks/profile_decode.py benchmarks/profile_step.
 
 echo "## kernels"
 $PY -m pytest -q tests/test_one_row_matvec.py tests/test_fused_kernels.py tests/test_paged_engine.py 2>&1 | tail -3
-$PY benchmarks/gemv_m1.py --out "$OUT/gemv_m1.json" 2>&1 | tail -7
+[ -n "${GEMV:-}" ] && $PY benchmarks/gemv_m1.py --out "$OUT/gemv_m1.json" 2>&1 | tail -7
 
 echo "## bf16 greedy tokens, CUDA graphs against eager"
 mpiexec -n 1 $PY benchmarks/tp_decode.py --model "$MODEL" --batches "" --out "$OUT/graphs_bf16.json" >/dev/null 2>&1
@@ -40,7 +41,8 @@ floor = r["floor_per_rank"][0]
 print(r["gpu"], "floor", floor)
 for t in r["decode"]:
     print(f"  batch {t['batch']:3d} context {t['context']:5d}: {t['median_ms']:6.2f} ms"
-          f" ({t['median_ms'] / floor['floor_ms']:.3f}x the floor)")
+          f" ({t['median_ms'] / floor['floor_ms']:.3f}x the floor), pipelined {t.get('pipelined_ms', 0):6.2f} ms"
+          f" ({t.get('pipelined_ms', 0) / floor['floor_ms']:.3f}x)")
 PYEOF
   (cd "$tree" && mpiexec -n 1 $PY benchmarks/profile_decode.py --model "$MODEL" --batch 1 2>/dev/null | grep '^{' \
      | tee "$OUT/profile_b1_$name.json")

@@ -11,9 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.steps import make_step
+from worker.config import WorkerConfig
+from worker.parallel import Collectives, ShardPlan
+from worker.step import Admission
+from worker.torch_engine import engine as engine_module
+from worker.torch_engine import projection as projection_module
+from worker.torch_engine.engine import TorchEngine
 from worker.torch_engine.fused import silu_mul
 from worker.torch_engine.one_row_matvec import one_row_matvec
 from worker.torch_engine.projection import Projection
+from worker.torch_engine.sampler import sample
 from worker.torch_engine.triton_support import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -60,3 +68,42 @@ def test_a_half_precision_projection_takes_it_for_one_row_only():
         assert torch.equal(projection.after_silu_mul(v), one_row_matvec(silu_mul(v), w))
     assert not Projection(w.float(), pack_for_cpu=False).one_row_kernel  # float32 keeps cuBLAS
 
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the engine's one-row path runs compiled, on CUDA")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_one_sequence_decode_keeps_the_logits_of_the_unfused_layers(graphs, monkeypatch):
+    """bf16 decode of one sequence, the same tokens fed to both: through the one-row kernel (SiLU-mul read
+    inside the down projection), the sampler's logits are cuBLAS's and the separate SiLU-mul's, to bf16
+    rounding."""
+
+    def logits_of_a_decode(fused: bool) -> list[torch.Tensor]:
+        recorded: list[torch.Tensor] = []
+
+        def recording_sample(step_logits: torch.Tensor, *args: object) -> object:
+            recorded.append(step_logits.float().cpu())
+            return sample(step_logits, *args)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(engine_module, "sample", recording_sample)
+            if not fused:
+                patch.setattr(projection_module, "matvec_applies", lambda weight: False)
+            config = WorkerConfig(model="random:tiny-gqa", listen="", device="cuda", dtype="bfloat16",
+                                  block_size=16, num_kv_blocks=32, kv_cache_gb=0, max_num_batched_tokens=64,
+                                  max_num_seqs=4, max_model_len=0, seed=3, log_level="warning", cuda_graphs=graphs)
+            engine = TorchEngine(config, ShardPlan(0, 1), Collectives(1))
+            engine.warmup()
+            assert engine.model.layers[0].qkv.one_row_kernel == fused
+            tokens = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+            engine.step(make_step(1, [(0, tokens[:20], 0, [1, 2], True)],
+                                  admissions=[Admission("r0", 0, 0.0, 1.0, 0, 0)]))
+            for position in range(20, 40):
+                blocks = [3] if position == 32 else []
+                engine.step(make_step(position, [(0, [tokens[position]], position, blocks, True)]))
+            engine.shutdown()
+        return recorded
+
+    fused, plain = logits_of_a_decode(True), logits_of_a_decode(False)
+    assert len(fused) == len(plain) == 21
+    for got, want in zip(fused, plain):
+        assert (got - want).abs().max() <= 0.03 * want.abs().max(), (got - want).abs().max()
