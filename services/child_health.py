@@ -79,8 +79,10 @@ class ServingWatch:
 
     def _watch(self) -> None:
         stub = health_pb2_grpc.HealthStub(self._channel)
-        serving = False
         while not self._closed:
+            # Each stream may reach a new scheduler, whose first answer is its status now: SERVING there
+            # counts (counting the same spell twice only says a group was up, which it was).
+            serving = False
             try:
                 self._call = stub.Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True)
                 for reply in self._call:
@@ -89,7 +91,6 @@ class ServingWatch:
                         self._times_ready += 1
                     serving = now_serving
             except (grpc.RpcError, ValueError):  # the scheduler restarting; ValueError: the channel closed
-                serving = False  # a new scheduler starts NOT_SERVING, and tells its own story
                 time.sleep(0.2)
 
     def close(self) -> None:
