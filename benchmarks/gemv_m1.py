@@ -3,8 +3,9 @@
 A batch-1 decode step reads every weight once; its GEMMs already run near the copy floor, and what is
 left is ~420 launches of small kernels and the gaps between them. cuBLAS runs two of the four
 projections per layer as split-K (a GEMM plus a reduce kernel). This asks whether one Triton kernel per
-projection, with no split, reads the weights as fast: if so, the reduce launches go, and the kernel's
-prologue can take the small ops before it (SiLU-mul before the down projection, `--fused` times that).
+projection, with no split, reads the weights as fast: if so, the reduce launches go, and the kernel can
+take the small op before it (SiLU-mul before the down projection, timed both ways). The kernel is the
+engine's (worker/torch_engine/one_row_matvec.py): its own tiling per shape, and the best of a sweep.
 
 Each case is timed as the decode step runs it: the projection over enough copies of its weight to
 defeat the L2 cache, one after the other, inside a CUDA graph; a figure is microseconds per call.
@@ -15,49 +16,24 @@ defeat the L2 cache, one after the other, inside a CUDA graph; a figure is micro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-import triton
-import triton.language as tl
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from worker.torch_engine.one_row_matvec import Tiling, one_row_matvec, tiling  # noqa: E402
 
 # (name, out features N, in features K) of random Llama-3-8B at TP=1
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
           ("lm_head", 128256, 4096)]
-CONFIGS = [dict(block_n=n, block_k=k, num_warps=w, num_stages=s)
-           for n, k, w, s in itertools.product((4, 8, 16), (512, 1024), (4, 8), (2, 4))]
-
-
-@triton.jit
-def gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr):
-    """y[N] = W[N, K] @ x[K]; with SILU_MUL, x = silu(v[:K]) * v[K:] computed on the fly (v has 2K)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_range = rows < N
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=in_range[:, None], other=0.0)
-        if SILU_MUL:
-            gate = tl.load(x_ptr + cols).to(tl.float32)
-            up = tl.load(x_ptr + K + cols).to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as eager
-            x = (silu * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + cols).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
-    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=in_range)
-
-
-def gemv(x: torch.Tensor, w: torch.Tensor, config: dict, silu_mul: bool = False) -> torch.Tensor:
-    n, k = w.shape
-    y = torch.empty(n, device=w.device, dtype=w.dtype)
-    gemv_kernel[(triton.cdiv(n, config["block_n"]),)](x, w, y, n, k, BLOCK_N=config["block_n"],
-                                                     BLOCK_K=config["block_k"], SILU_MUL=silu_mul,
-                                                     num_warps=config["num_warps"], num_stages=config["num_stages"])
-    return y
+CONFIGS = [Tiling(n, k, w, s) for n, k, w, s in itertools.product((4, 8, 16), (512, 1024), (4, 8), (2, 4))]
 
 
 def per_call_us(calls: list, replays: int = 20) -> float:
@@ -102,7 +78,7 @@ def main() -> None:
             w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
             x = torch.randn(k, device=device, dtype=dtype)
             want = F.linear(x.float(), w.float())
-            got = gemv(x, w, CONFIGS[0]).float()
+            got = one_row_matvec(x[None], w)[0].float()
             print(name, "max abs error against fp32:", (got - want).abs().max().item(),
                   "cuBLAS's:", (F.linear(x[None], w)[0].float() - want).abs().max().item())
         return
@@ -118,22 +94,25 @@ def main() -> None:
         cublas = per_call_us([lambda w=w: F.linear(x, w) for w in weights])
         best = None
         for config in CONFIGS:
-            us = per_call_us([lambda w=w, c=config: gemv(x[0], w, c) for w in weights])
+            us = per_call_us([lambda w=w, c=config: one_row_matvec(x, w, tiles=c) for w in weights])
             if best is None or us < best[0]:
                 best = (us, config)
         assert best is not None
+        own = per_call_us([lambda w=w: one_row_matvec(x, w) for w in weights])
         row = {"floor_us": round(floor_us, 2), "cublas_us": round(cublas, 2), "triton_us": round(best[0], 2),
-               "triton_config": best[1]}
+               "triton_config": dataclasses.asdict(best[1]), "own_tiling": dataclasses.asdict(tiling(n, k)),
+               "own_tiling_us": round(own, 2)}
         if name == "down":  # with SiLU-mul before it, which today is a kernel of its own
-            v = torch.randn(2 * k, device=device, dtype=dtype)
-            silu_mul = lambda: F.silu(v[:k]) * v[k:]  # noqa: E731
+            v = torch.randn(1, 2 * k, device=device, dtype=dtype)
+            silu_mul = lambda: F.silu(v[:, :k]) * v[:, k:]  # noqa: E731
             row["cublas_with_silu_mul_us"] = round(per_call_us(
-                [lambda w=w: F.linear(silu_mul()[None], w) for w in weights]), 2)
+                [lambda w=w: F.linear(silu_mul(), w) for w in weights]), 2)
             row["triton_fused_silu_mul_us"] = round(per_call_us(
-                [lambda w=w: gemv(v, w, best[1], silu_mul=True) for w in weights]), 2)
+                [lambda w=w: one_row_matvec(v, w, silu_mul=True) for w in weights]), 2)
         report["shapes"][name] = row  # type: ignore[index]
         print(f"{name:8s} N={n:6d} K={k:5d}: floor {floor_us:7.2f} us, cuBLAS {cublas:7.2f} "
-              f"({floor_us / cublas:.0%}), Triton {best[0]:7.2f} ({floor_us / best[0]:.0%}) {best[1]}"
+              f"({floor_us / cublas:.0%}), Triton {best[0]:7.2f} ({floor_us / best[0]:.0%}) {best[1]}, "
+              f"own tiling {own:7.2f}"
               + (f"; with SiLU-mul: cuBLAS {row['cublas_with_silu_mul_us']}, fused {row['triton_fused_silu_mul_us']}"
                  if name == "down" else ""))
         del weights

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import structlog
 
-
 from inflight.log import configure_logging
 from inflight.model_config import ModelConfig, UnsupportedModel
 from inflight.model_shapes import SHAPES

@@ -73,14 +73,15 @@ def applies(weight: torch.Tensor) -> bool:
             and weight.dim() == 2 and weight.is_contiguous())
 
 
-def one_row_matvec(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+def one_row_matvec(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
+                   tiles: Tiling | None = None) -> torch.Tensor:
     """x [1, k] @ weight [n, k].T as [1, n]; with silu_mul, x is [1, 2k] = [gate | up] and the product is
-    taken with silu(gate) * up."""
+    taken with silu(gate) * up. tiles: the shape's own tiling unless given (the sweep gives others)."""
     n, k = weight.shape
     assert x.shape == (1, 2 * k if silu_mul else k) and x.dtype == weight.dtype
     x = x if x.is_contiguous() else x.contiguous()
     out = x.new_empty(1, n)
-    t = tiling(n, k)
+    t = tiles or tiling(n, k)
     _matvec_kernel[(triton.cdiv(n, t.block_n),)](x, weight, out, n, k, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
                                                   EVEN_K=k % t.block_k == 0, SILU_MUL=silu_mul,
                                                   num_warps=t.num_warps, num_stages=t.num_stages)
