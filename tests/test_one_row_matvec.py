@@ -69,7 +69,6 @@ def test_a_half_precision_projection_takes_it_for_one_row_only():
     assert not Projection(w.float(), pack_for_cpu=False).one_row_kernel  # float32 keeps cuBLAS
 
 
-
 @pytest.mark.skipif(DEVICE != "cuda", reason="the engine's one-row path runs compiled, on CUDA")
 @pytest.mark.parametrize("graphs", [False, True])
 def test_a_one_sequence_decode_keeps_the_logits_of_the_unfused_layers(graphs, monkeypatch):
