@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 if "--interpret" in sys.argv:  # must be set before triton is imported
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmarks.graph_timing import graphed_us
 from tests.test_attention_kernels import (
     BLOCK_SIZE,
     DEVICE,
@@ -69,24 +69,6 @@ def check_accuracy(interpret: bool) -> dict[str, float]:
     bad = {k: e for k, e in worst.items() if not e <= (1e-4 if "float32" in k else 3e-2)}
     assert not bad, bad
     return worst
-
-
-def graphed_us(fn: Callable[[], object], calls: int = 20, replays: int = 10) -> float:
-    """GPU microseconds per call: `calls` calls captured in one CUDA graph, replayed."""
-    fn()  # compiles outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (calls * replays)
 
 
 def wide_cache(lens: list[int], heads: Heads, max_model_len: int) -> PagedCache:

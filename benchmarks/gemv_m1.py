@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -28,42 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.graph_timing import graphed_calls_us  # noqa: E402
+from benchmarks.serving import measure_bandwidth_gb_s  # noqa: E402
 from worker.torch_engine.one_row_matvec import Tiling, one_row_matvec, tiling  # noqa: E402
 
+per_call_us = functools.partial(graphed_calls_us, replays=20)  # the calls in one graph, replayed 20 times
 # (name, out features N, in features K) of random Llama-3-8B at TP=1
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
           ("lm_head", 128256, 4096)]
 CONFIGS = [Tiling(n, k, w, s) for n, k, w, s in itertools.product((4, 8, 16), (512, 1024), (4, 8), (2, 4))]
-
-
-def per_call_us(calls: list, replays: int = 20) -> float:
-    """Microseconds per call, the calls captured back to back in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for call in calls:  # warm up (and compile) outside the capture
-            call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / (replays * len(calls))
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a device-to-device copy of 1 GiB (read plus write)."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    us = per_call_us([lambda: b.copy_(a)] * 4)
-    return 2 * a.numel() / (us * 1e-6)
 
 
 def main() -> None:
@@ -82,7 +56,7 @@ def main() -> None:
             print(name, "max abs error against fp32:", (got - want).abs().max().item(),
                   "cuBLAS's:", (F.linear(x[None], w)[0].float() - want).abs().max().item())
         return
-    bandwidth = copy_bandwidth()
+    bandwidth = measure_bandwidth_gb_s() * 1e9  # bytes per second, as the engine's floors use it
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s")
     report: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "copy_gb_s": round(bandwidth / 1e9, 1),
                                  "shapes": {}}

@@ -8,7 +8,6 @@ Timers (keepalive, step watchdog, liveness) are shortened by flags so each case 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ from grpc_health.v1 import health_pb2
 from inflight.v1 import generation_pb2
 from tests.processes import alive, descendants, stack_processes, worker_ranks
 from tests.stack import ServedStack, health_status
-from worker.torch_engine.random_models import save_random_model
+from tests.tiny_models import save_tiny_gqa
 
 G = generation_pb2.GenerateRequest
 PROMPTS = ["What is the capital of France?", "Name three rivers.", "Write a haiku about rain.", "Count to five."]
@@ -230,10 +229,7 @@ def test_a_group_killed_the_moment_the_stack_turns_ready_is_replaced_not_taken_f
 def test_a_worker_group_that_cannot_come_back_ends_the_stack_nonzero_after_three_tries(model_dir, tmp_path):
     # The model vanishes after the first group came up: every replacement dies while loading. The restart
     # budget (5 in 60 s) would miss replacements that each load for minutes; three in a row end the stack.
-    folder = tmp_path / "model"
-    save_random_model("tiny-gqa", folder, seed=7, vocab_size=49152, eos_token_ids=(2,))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(model_dir / name, folder / name)
+    folder = save_tiny_gqa(tmp_path / "model", model_dir)
     served = ServedStack("--model", str(folder), "--num-kv-blocks", "64").wait_ready()
     folder.rename(tmp_path / "gone")
     os.kill(worker_ranks(served.process.pid)[0], signal.SIGKILL)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -16,7 +15,7 @@ import pytest
 from inflight.v1 import generation_pb2
 from tests.processes import alive, worker_ranks
 from tests.stack import ServedStack
-from worker.torch_engine.random_models import save_random_model
+from tests.tiny_models import save_tiny_gqa
 
 PROMPTS = [
     "What is the capital of France?",
@@ -39,11 +38,7 @@ def greedy(stack: ServedStack, prompts: list[str], max_tokens: int = 32) -> list
 @pytest.fixture(scope="module")
 def random_gqa_model(model_dir, tmp_path_factory):
     """A 2-layer Llama with 8 heads and 2 KV heads (replicated at tp=4), with SmolLM2's tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-gqa")
-    save_random_model("tiny-gqa", folder, seed=7, vocab_size=49152, eos_token_ids=(2,))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(model_dir / name, folder / name)
-    return folder
+    return save_tiny_gqa(tmp_path_factory.mktemp("tiny-gqa"), model_dir)
 
 
 @pytest.mark.slow

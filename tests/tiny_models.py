@@ -1,7 +1,7 @@
-"""Tiny MPT and Mixtral checkpoints written by transformers itself, for tests of the model families.
+"""Tiny checkpoints with SmolLM2's tokenizer beside them (their vocabulary is SmolLM2's size).
 
-Built with transformers' own config classes and `save_pretrained`, with SmolLM2's tokenizer beside
-them (their vocabulary is SmolLM2's size). The weights are scaled up from transformers' small
+MPT and Mixtral, for tests of the model families, are built with transformers' own config classes and
+`save_pretrained`; a Llama of random:tiny-gqa's shape is written by the engine's own random-model writer. The weights are scaled up from transformers' small
 initialisation so that greedy tokens vary from step to step: a model that repeats one token proves
 nothing.
 """
@@ -44,6 +44,18 @@ def save_tiny(family: str, folder: Path, tokenizer_from: Path, seed: int = 0) ->
     else:
         raise ValueError(family)
     _scaled(model).save_pretrained(folder)
+    return _with_tokenizer(folder, tokenizer_from)
+
+
+def save_tiny_gqa(folder: Path, tokenizer_from: Path) -> Path:
+    """A 2-layer Llama with 8 heads and 2 KV heads (replicated at tp=4), random weights; returns folder."""
+    from worker.torch_engine.random_models import save_random_model
+
+    save_random_model("tiny-gqa", folder, seed=7, vocab_size=VOCAB_SIZE, eos_token_ids=(2,))
+    return _with_tokenizer(folder, tokenizer_from)
+
+
+def _with_tokenizer(folder: Path, tokenizer_from: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_from / name, folder / name)
     return folder
