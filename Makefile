@@ -8,11 +8,12 @@ TORCH_SPEC ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard proto/inflight/v1/*.proto)
 GENERATED := inflight/v1/.generated
+CPU_KERNEL := $(VENV)/.cpu_attention
 ARGS ?=
 
 .PHONY: setup proto run test bench clean
 
-setup: $(INSTALLED) $(GENERATED)
+setup: $(INSTALLED) $(GENERATED) $(CPU_KERNEL)
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,11 @@ $(GENERATED): $(PROTOS) $(INSTALLED)
 	touch $@
 
 proto: $(GENERATED)
+
+# The CPU decode-attention kernel, built once for this CPU (the engine gathers K/V blocks where it cannot be).
+$(CPU_KERNEL): worker/torch_engine/cpu_attention.cpp $(INSTALLED)
+	$(PY) -m worker.torch_engine.cpu_attention
+	touch $@
 
 # Starts gateway, scheduler and an MPI worker group on the embedded SmolLM2, in the foreground.
 run: setup

@@ -1,26 +1,31 @@
-"""Decode attention on CPU: today's gather + SDPA against the same attention compiled with its gather fused.
+"""Decode attention on CPU: the engine's kernel (worker/torch_engine/cpu_attention.cpp) against the gather +
+SDPA it replaced, and against that attention compiled with its gather fused.
 
     .venv/bin/python benchmarks/cpu_decode_attention.py
 
 SmolLM2-135M's heads (9 query, 3 KV, dim 64), 16 decode rows of 129-192 keys in 16-token blocks,
-fp32, 2 threads, under inference mode. The engine copies each row's K/V blocks into a padded tensor
-(index_select) and runs SDPA over it. The other form reads K/V through the block table inside one
-reduction, which torch.compile (inductor) turns into loops that never write the gathered copy.
+fp32, 2 threads, under inference mode. gather + SDPA copies each row's K/V blocks into a padded tensor
+(index_select) and runs SDPA over it. The compiled form reads K/V through the block table inside one
+reduction, which torch.compile (inductor) turns into loops that never write the gathered copy. The
+kernel reads the blocks where they lie, one sequence per task on torch's threads.
 
-It times both twice: over one small cache (a single layer's, which stays in the CPU's caches) and over a
+It times each over one small cache (a single layer's, which stays in the CPU's caches) and over a
 30-layer cache read one layer after the other, as a decode step reads it. Prints microseconds per call,
 the compile time and the largest difference from SDPA.
 
-Outcome on the 2-core CI VM (2026-11-30): one small cache, 393 us gather + SDPA against 385 compiled;
-the 30-layer cache, the engine's case, 495 against 586 (compile 7.9 s). An earlier version of this
-probe timed one small cache outside inference mode and showed the compiled form 1.5-2x faster; that
-did not hold where it matters, so the engine keeps gather + SDPA (README, "Where a CPU step's
-milliseconds go").
+Outcomes on the 2-core CI VM: 2026-11-30, one small cache, 393 us gather + SDPA against 385 compiled; the
+30-layer cache, the engine's case, 495 against 586 (compile 7.9 s). 2026-12-01 (a slower day for this VM),
+the 30-layer cache: gather + SDPA 700-1040 us, the kernel 378-420 us.
 """
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from worker.torch_engine import cpu_attention  # noqa: E402
 
 torch.set_num_threads(2)
 torch.manual_seed(0)
@@ -52,6 +57,10 @@ def fused(q, kc, vc, tables, mask):
     return out.reshape(B, H * D)
 
 
+def kernel(q, kc, vc, tables, mask):
+    return cpu_attention.paged_decode_attention(q, kc, vc, tables, lens, BS, scale).view(B, H * D)
+
+
 def per_call_us(fn, caches, n=60) -> float:
     fn(*caches[0])
     start = time.perf_counter()
@@ -65,11 +74,13 @@ with torch.inference_mode():
     compiled = torch.compile(fused, dynamic=True)
     small = [(torch.randn(NUM_BLOCKS * BS, HKV, D), torch.randn(NUM_BLOCKS * BS, HKV, D))]
     out = compiled(q, *small[0], tables, mask)
-    print(f"compile {time.perf_counter() - began:.1f} s, largest difference from SDPA "
-          f"{(out - gathered(q, *small[0], tables, mask)).abs().max().item():.1e}")
+    want = gathered(q, *small[0], tables, mask)
+    print(f"compile {time.perf_counter() - began:.1f} s, largest difference from SDPA: compiled "
+          f"{(out - want).abs().max().item():.1e}, kernel {(kernel(q, *small[0], tables, mask) - want).abs().max().item():.1e}")
     cache = torch.randn(LAYERS, 2, NUM_BLOCKS * BS, HKV, D)
     layered = [(cache[i, 0], cache[i, 1]) for i in range(LAYERS)]
     for name, caches in (("one small cache", small), (f"{LAYERS}-layer cache", layered)):
         g = per_call_us(lambda kc, vc: gathered(q, kc, vc, tables, mask), caches)
         c = per_call_us(lambda kc, vc: compiled(q, kc, vc, tables, mask), caches)
-        print(f"{name}: gather + SDPA {g:.0f} us, compiled {c:.0f} us per call")
+        k = per_call_us(lambda kc, vc: kernel(q, kc, vc, tables, mask), caches)
+        print(f"{name}: gather + SDPA {g:.0f} us, compiled {c:.0f} us, kernel {k:.0f} us per call")

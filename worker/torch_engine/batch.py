@@ -30,6 +30,8 @@ class AttentionGroup:
     key_blocks: torch.Tensor    # [Bg, max_blocks] cache block of each sequence's keys, in order (padding: 0)
     attn_mask: torch.Tensor     # [Bg, 1, Qmax, max_blocks * block_size] 0 where query i may attend key j, else -inf
     output_index: torch.Tensor  # [Tg] row in the flattened [Bg*Qmax] output for each of token_index
+    context_lens: torch.Tensor  # [Bg] keys each sequence attends to: its computed tokens plus this step's
+    one_query_each: bool = False  # decodes: one query per sequence
     all_decodes: bool = False   # the step's tokens are all decodes, in order: no query or output indexing
 
 
@@ -76,7 +78,7 @@ def _group(members: np.ndarray, q_lens: np.ndarray, computed: np.ndarray, starts
     additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
     all_decodes = max_q == 1 and len(members) == len(q_lens)
     return AttentionGroup(_tensor(token_index, device), _tensor(query_index, device), _tensor(key_blocks, device),
-                          additive, _tensor(output_index, device), all_decodes)
+                          additive, _tensor(output_index, device), _tensor(ctx, device), max_q == 1, all_decodes)
 
 
 def build_batch(step: Step, tables: np.ndarray, block_size: int, device: torch.device,

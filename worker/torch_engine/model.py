@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from inflight.model_config import ModelConfig
 from worker.parallel import Collectives, ShardPlan
-from worker.torch_engine import fused_moe
+from worker.torch_engine import cpu_attention, fused_moe
 from worker.torch_engine.batch import AttentionGroup, BatchInput
 from worker.torch_engine.fused import add_rms_norm, rope_and_cache
 from worker.torch_engine.mlp import GatedMlp, GeluMlp, MixtureOfExperts
@@ -256,11 +256,18 @@ class LlamaModel:
 
     def _gathered_attention(self, q: torch.Tensor, cache: torch.Tensor, group: AttentionGroup,
                             mask: torch.Tensor) -> torch.Tensor:
-        """Attention for one group: keys gathered from the cache into a padded [Bg, H, Lmax, d] view."""
+        """Attention for one group: keys gathered from the cache into a padded [Bg, H, Lmax, d] view (decodes
+        in float32 on CPU: read where they lie, by cpu_attention's kernel)."""
+        uniform_heads = self._kv_of_q is None and self.alibi_slopes is None
+        if group.one_query_each and uniform_heads and cpu_attention.applies(q):
+            rows = q if group.all_decodes else q.index_select(0, group.token_index)
+            out = cpu_attention.paged_decode_attention(rows, cache[0], cache[1], group.key_blocks, group.context_lens,
+                                                       self.block_size, self.softmax_scale or q.shape[-1] ** -0.5)
+            return out.view(rows.shape[0], -1)
         keys = self._gather_blocks(cache[0], group.key_blocks)    # [Bg, Hkv, Lmax, d]
         values = self._gather_blocks(cache[1], group.key_blocks)
         scale = self.softmax_scale
-        if group.all_decodes and self._kv_of_q is None and self.alibi_slopes is None:
+        if group.all_decodes and uniform_heads:
             # One query per sequence: the query heads sharing a KV head become that head's query rows
             # ([Bg, Hkv, group, d]), so SDPA reads each gathered key once per KV head, not per query head.
             grouped = q.view(q.shape[0], self.num_kv_heads, -1, q.shape[-1])

@@ -1,0 +1,77 @@
+"""The CPU decode-attention kernel (worker/torch_engine/cpu_attention.cpp) against SDPA, and in the engine.
+
+Cache slots that no sequence has written hold NaN, so a kernel that reads past a context (or a wrong
+block) shows NaN. The kernel is built with g++; where no C++ compiler is installed these tests skip,
+and wherever one is, the kernel must build.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests.test_attention_kernels import BLOCK_SIZE, Heads, PagedCache, paged_cache, reference
+from tests.test_paged_engine import make_engine, run_scenario
+from worker.torch_engine import cpu_attention
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel with")
+
+HEADS = [Heads(9, 3, 64), Heads(32, 8, 128), Heads(8, 8, 64, scale=0.05), Heads(4, 2, 80)]
+LENS = [1, 15, 16, 17, 100, 255, 257, 1030]
+
+
+def kernel(q: torch.Tensor, cache: PagedCache, heads: Heads) -> torch.Tensor:
+    scale = heads.scale or heads.dim ** -0.5
+    return cpu_attention.paged_decode_attention(q, cache.k, cache.v, cache.tables.long(), cache.lens.long(), BLOCK_SIZE,
+                                                scale)
+
+
+def test_the_kernel_builds_wherever_a_compiler_is() -> None:
+    assert cpu_attention.available()
+    assert cpu_attention.applies(torch.zeros(1, 1, 1))
+    assert not cpu_attention.applies(torch.zeros(1, 1, 1, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+def test_decode_matches_sdpa_across_block_boundaries(heads: Heads) -> None:
+    torch.manual_seed(0)
+    cache = paged_cache(LENS, heads, torch.float32)
+    # q as the engine holds it: the query heads of a [tokens, q heads + kv heads, dim] rotary output
+    q = torch.randn(len(LENS), heads.q + heads.kv, heads.dim)[:, : heads.q]
+    got = kernel(q, cache, heads)
+    assert torch.isfinite(got).all(), "non-finite output: the kernel read a slot outside a sequence's context"
+    torch.testing.assert_close(got, reference(q, cache, [1] * len(LENS), heads), atol=1e-5, rtol=1e-5)
+
+
+def test_a_rows_output_is_bitwise_the_same_alone_and_inside_a_batch() -> None:
+    heads = Heads(9, 3, 64)
+    torch.manual_seed(1)
+    cache = paged_cache(LENS, heads, torch.float32)
+    q = torch.randn(len(LENS), heads.q, heads.dim)
+    full = kernel(q, cache, heads)
+    for row in range(len(LENS)):
+        alone = PagedCache(cache.k, cache.v, cache.tables[row : row + 1], cache.lens[row : row + 1])
+        assert torch.equal(kernel(q[row : row + 1], alone, heads), full[row : row + 1])
+
+
+@pytest.mark.parametrize("model", ["tiny-gqa", "tiny-mpt"])
+def test_the_engine_gives_the_tokens_of_gather_and_sdpa(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompt chunks, a prefix hit, mixed steps and decode-only steps, with the kernel and without it (MPT's
+    ALiBi keeps the gather: its tokens are the same either way)."""
+    calls = []
+    real = cpu_attention.paged_decode_attention
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(args[0].shape[0])
+        return real(*args)
+
+    monkeypatch.setattr(cpu_attention, "paged_decode_attention", counted)
+    with_kernel = run_scenario(make_engine(model, "gathered"), monkeypatch)
+    assert bool(calls) == (model == "tiny-gqa"), calls
+    monkeypatch.setattr(cpu_attention, "applies", lambda q: False)
+    without = run_scenario(make_engine(model, "gathered"), monkeypatch)
+    assert with_kernel[0] == without[0]
+    worst = max(float((g - w).abs().max()) for s in without[1] for g, w in zip(with_kernel[1][s], without[1][s]))
+    assert worst < 1e-4, worst
