@@ -1,8 +1,8 @@
 """The CPU decode-attention kernel (worker/torch_engine/cpu_attention.cpp) against SDPA, and in the engine.
 
 Cache slots that no sequence has written hold NaN, so a kernel that reads past a context (or a wrong
-block) shows NaN. The kernel is built with g++; where no C++ compiler is installed these tests skip,
-and wherever one is, the kernel must build.
+block) shows NaN. The kernel is built with g++ (`make setup` builds it; these tests build it if it is
+not); where no C++ compiler is installed they skip, and wherever one is, the kernel must build.
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ def kernel(q: torch.Tensor, cache: PagedCache, heads: Heads) -> torch.Tensor:
     scale = heads.scale or heads.dim ** -0.5
     return cpu_attention.paged_decode_attention(q, cache.k, cache.v, cache.tables.long(), cache.lens.long(), BLOCK_SIZE,
                                                 scale)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_kernel() -> None:
+    cpu_attention.build()
+    cpu_attention._kernel.cache_clear()  # an engine of another test may have looked before the build
 
 
 def test_the_kernel_builds_wherever_a_compiler_is() -> None:
@@ -56,6 +62,7 @@ def test_a_rows_output_is_bitwise_the_same_alone_and_inside_a_batch() -> None:
         assert torch.equal(kernel(q[row : row + 1], alone, heads), full[row : row + 1])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the engine test's CPU engine is a CUDA one where a GPU is")
 @pytest.mark.parametrize("model", ["tiny-gqa", "tiny-mpt"])
 def test_the_engine_gives_the_tokens_of_gather_and_sdpa(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prompt chunks, a prefix hit, mixed steps and decode-only steps, with the kernel and without it (MPT's

@@ -1,24 +1,30 @@
 """Decode attention on CPU straight from the paged KV cache: one C++ kernel (cpu_attention.cpp).
 
 Without it, a CPU decode step copies every sequence's K/V blocks into a padded tensor (index_select) in each
-layer and runs SDPA over the copy. SmolLM2 fp32, 16 decode rows of ~160 keys on the 2-core CI VM: that took
-about a fifth of the step; the kernel reads the blocks where they lie and takes half as long.
+layer and runs SDPA over the copy. SmolLM2 fp32, 16 decode rows of ~160 keys on the 2-core CI VM: the kernel
+takes half as long per layer, and decode steps are 4-9% faster.
 
-The kernel is built once per machine with torch's cpp_extension (g++ and ninja; about 30 s), for the CPU it
-runs on (-march=native; the build's name carries a digest of the CPU's model and flags, so a home directory
-shared by different CPUs keeps one build each), and cached under torch's extensions directory
-(TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). `make setup` builds it:
+The kernel is compiled by torch's cpp_extension (g++ and ninja, about 30 s) for the CPU it runs on
+(-march=native), once, by `make setup`:
 
     python -m worker.torch_engine.cpu_attention
 
-Where it cannot be built (no compiler), the engine keeps the gather and SDPA, and says so once in its log.
+The build lives in $XDG_CACHE_HOME/inflight/kernels (default ~/.cache), under a name that digests the
+source, the flags, torch's and Python's versions and the CPU's model and flags, so a change to any of them
+(or a home directory shared by different CPUs) gets a build of its own. The worker only loads a finished
+build and never compiles: a compile at serving time would stall the start, and torch's build lock, left
+behind by a process killed mid-build, would hold every later start for ever. Where no build is found (no
+compiler, or setup not run), the engine keeps the gather and SDPA and says so once in its log.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
+import os
 import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,34 +34,64 @@ import torch
 log = structlog.get_logger()
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+BUILD_COMMAND = "python -m worker.torch_engine.cpu_attention"
 
 
-def _cpu_digest() -> str:
-    """A digest of what -march=native compiles for: the machine, the CPU model and its flags."""
-    described = platform.machine()
+def _cpu_description() -> str:
+    """What -march=native compiles for: the machine, the CPU model and its flags."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        described += "".join(line for line in lines if line.startswith(("model name", "flags")))[:8192]
     except OSError:
-        pass
-    return hashlib.sha256(described.encode()).hexdigest()[:12]
+        lines = []
+    first = {line.split(":")[0].strip(): line for line in lines if line.startswith(("model name", "flags"))}
+    return platform.machine() + "".join(first.values())
+
+
+@functools.cache
+def _build_name() -> str:
+    described = "\n".join([_SOURCE.read_text(), " ".join(_FLAGS), torch.__version__, sys.version, _cpu_description()])
+    return "inflight_cpu_attention_" + hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
+def _build_directory() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "inflight" / "kernels" / _build_name()
+
+
+def _module_path() -> Path:
+    return _build_directory() / f"{_build_name()}.so"
+
+
+def build() -> Path:
+    """Compile the kernel for this machine unless it is built already; the built module's path."""
+    from torch.utils.cpp_extension import load
+
+    directory = _build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    load(name=_build_name(), sources=[str(_SOURCE)], extra_cflags=_FLAGS, build_directory=str(directory))
+    return _module_path()
 
 
 @functools.cache
 def _kernel() -> Callable[..., torch.Tensor] | None:
+    path = _module_path()
+    if not path.exists():
+        log.warning("cpu_attention_kernel_not_built", fallback="gather + SDPA", build=BUILD_COMMAND)
+        return None
     try:
-        from torch.utils.cpp_extension import load
-
-        module = load(name=f"inflight_cpu_attention_{_cpu_digest()}", sources=[str(_SOURCE)],
-                      extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
-    except Exception as error:  # no compiler, no ninja, a failed build: the engine keeps gather + SDPA
-        log.warning("cpu_attention_kernel_unavailable", error=str(error).strip().splitlines()[-1:])
+        spec = importlib.util.spec_from_file_location(_build_name(), path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as error:  # a build that does not load here: gather + SDPA
+        log.warning("cpu_attention_kernel_unusable", path=str(path), error=str(error))
         return None
     return module.paged_decode
 
 
 def available() -> bool:
-    """Whether the kernel is built (building it on the first call)."""
+    """Whether the kernel is built and loads (loading it on the first call)."""
     return _kernel() is not None
 
 
@@ -76,4 +112,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 if __name__ == "__main__":
-    print("CPU paged decode attention kernel:", "built" if available() else "unavailable (see the log)")
+    try:
+        print(f"CPU decode-attention kernel built: {build()}")
+    except Exception as error:  # no compiler or no ninja: the engine gathers K/V blocks instead
+        print(f"CPU decode-attention kernel not built ({error}); CPU decode steps gather K/V blocks instead")

@@ -147,7 +147,7 @@ class TorchEngine:
         if self.graphs is not None:
             self.graphs.capture()
         if self.device.type == "cpu" and self.dtype == torch.float32:
-            cpu_attention.available()  # built now (once per machine), not inside the first decode step
+            cpu_attention.available()  # loaded now, not in the first decode step (and logged if not built)
         self.kv_cache.zero_()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
