@@ -82,3 +82,16 @@ def test_the_engine_gives_the_tokens_of_gather_and_sdpa(model: str, monkeypatch:
     assert with_kernel[0] == without[0]
     worst = max(float((g - w).abs().max()) for s in without[1] for g, w in zip(with_kernel[1][s], without[1][s]))
     assert worst < 1e-4, worst
+
+
+def test_a_context_past_its_table_or_a_block_past_the_cache_raises_instead_of_reading_outside() -> None:
+    heads = Heads(9, 3, 64)
+    cache = paged_cache([20, 5], heads, torch.float32)
+    q = torch.randn(2, heads.q, heads.dim)
+    too_long = PagedCache(cache.k, cache.v, cache.tables, torch.tensor([20, cache.tables.shape[1] * BLOCK_SIZE + 1]))
+    with pytest.raises(RuntimeError, match="longer than its block table"):
+        kernel(q, too_long, heads)
+    outside = cache.tables.clone()
+    outside[0, 1] = cache.k.shape[0] // BLOCK_SIZE
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernel(q, PagedCache(cache.k, cache.v, outside, cache.lens), heads)

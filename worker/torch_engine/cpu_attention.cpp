@@ -53,6 +53,18 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
   const int64_t q_seq = q.stride(0), q_head = q.stride(1), k_slot = k_cache.stride(0), v_slot = v_cache.stride(0);
   const int64_t table_row = block_tables.stride(0), row_bytes = kv_heads * dim * static_cast<int64_t>(sizeof(float));
   const float softmax_scale = static_cast<float>(scale);
+  // Every key a sequence reads lies inside its table and the cache: a wrong plan raises, it never reads
+  // memory that is not the cache.
+  const int64_t width = block_tables.size(1), blocks = k_cache.size(0) / block_size;
+  TORCH_CHECK(block_tables.size(0) == batch && context_lens.size(0) == batch && v_cache.size(0) == k_cache.size(0),
+              "paged_decode: batch and cache sizes");
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= width * block_size, "paged_decode: a context longer than its block table");
+    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i) {
+      const int64_t block = tables[b * table_row + i];
+      TORCH_CHECK(block >= 0 && block < blocks, "paged_decode: a block outside the cache");
+    }
+  }
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
