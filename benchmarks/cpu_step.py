@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_step.py                      # embedded SmolLM2, fp32, batch 1/4/16, context 128
     python benchmarks/cpu_step.py --dtype bfloat16 --profile 16
+    python benchmarks/cpu_step.py --attention-ab 5     # decode attention: the kernel against gather + SDPA
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from inflight.model_store import DEFAULT_MODEL, resolve_model  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
 from worker.parallel import Collectives, ShardPlan  # noqa: E402
 from worker.step import Admission  # noqa: E402
+from worker.torch_engine import cpu_attention  # noqa: E402
 from worker.torch_engine.engine import TorchEngine  # noqa: E402
 
 
@@ -55,6 +57,27 @@ def decode_steps(engine: TorchEngine, batch: int, context: int, steps: int,
     return times, prefill
 
 
+def attention_ab(engine: TorchEngine, batches: list[int], context: int, steps: int, rounds: int) -> None:
+    """Decode steps with cpu_attention's kernel and with gather + SDPA, alternating in this process (so both
+    see the same machine), the median of each side's per-round medians."""
+    if not cpu_attention.available():
+        print(f"no attention kernel built (build it: {cpu_attention.BUILD_COMMAND}); nothing to compare")
+        return
+    kernel = cpu_attention.applies
+    try:
+        for batch in batches:
+            medians: dict[str, list[float]] = {"kernel": [], "gather": []}
+            for _ in range(rounds):
+                for side, applies in (("kernel", kernel), ("gather", lambda q: False)):
+                    cpu_attention.applies = applies
+                    medians[side].append(statistics.median(decode_steps(engine, batch, context, steps)[0]) * 1000)
+            with_kernel, gathered = (statistics.median(medians[side]) for side in ("kernel", "gather"))
+            print(f"batch {batch:3d}: kernel {with_kernel:6.1f} ms, gather + SDPA {gathered:6.1f} ms per decode step "
+                  f"({gathered / with_kernel:.3f}x)")
+    finally:
+        cpu_attention.applies = kernel
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -64,6 +87,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--profile", type=int, default=0, help="profile decode steps at this batch size")
+    parser.add_argument("--attention-ab", type=int, default=0, metavar="ROUNDS",
+                        help="per batch, alternate decode attention by the kernel and by gather + SDPA for ROUNDS rounds")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +101,8 @@ def main() -> None:
         median = statistics.median(times) * 1000
         print(f"batch {batch:3d}: decode step {median:6.1f} ms (p90 {sorted(times)[int(0.9 * len(times))] * 1000:.1f}),"
               f" {batch / median * 1000:6.1f} tok/s; prefill {batch}x{args.context} {prefill * 1000:.0f} ms")
+    if args.attention_ab:
+        attention_ab(engine, [int(b) for b in args.batches.split(",")], args.context, args.steps, args.attention_ab)
     if args.profile:
         decode_steps(engine, args.profile, args.context, 4)
         prof = profile(activities=[ProfilerActivity.CPU])
