@@ -44,8 +44,8 @@ def _cpu_description() -> str:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         lines = []
-    first = {line.split(":")[0].strip(): line for line in lines if line.startswith(("model name", "flags"))}
-    return platform.machine() + "".join(first.values())
+    fields = {line.split(":")[0].strip(): line for line in lines if line.startswith(("model name", "flags"))}
+    return platform.machine() + "".join(fields.values())
 
 
 @functools.cache
