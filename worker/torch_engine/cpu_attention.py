@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import os
 import platform
 import sys
 from collections.abc import Callable
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import structlog
 import torch
+
+from inflight.model_store import default_cache_dir
 
 log = structlog.get_logger()
 
@@ -55,8 +56,7 @@ def _build_name() -> str:
 
 
 def _build_directory() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "inflight" / "kernels" / _build_name()
+    return default_cache_dir().parent / "kernels" / _build_name()  # beside the converted models
 
 
 def _module_path() -> Path:
