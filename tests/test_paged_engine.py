@@ -34,8 +34,8 @@ BLOCK = 16
 NEW_TOKENS = 6
 
 
-def make_engine(model: str, path: str) -> TorchEngine:
-    config = WorkerConfig(model=f"random:{model}", listen="", device="cuda" if CUDA else "cpu", dtype="float32",
+def make_engine(model: str, path: str, dtype: str = "float32") -> TorchEngine:
+    config = WorkerConfig(model=f"random:{model}", listen="", device="cuda" if CUDA else "cpu", dtype=dtype,
                           block_size=BLOCK, num_kv_blocks=96, kv_cache_gb=0, max_num_batched_tokens=128,
                           max_num_seqs=8, max_model_len=0, seed=3, log_level="warning", cuda_graphs=path == "graphs")
     engine = TorchEngine(config, ShardPlan(0, 1), Collectives(1))
@@ -88,9 +88,9 @@ def run_scenario(engine: TorchEngine, monkeypatch: pytest.MonkeyPatch, separatel
     def run_step(admissions: list[int], chunks: list[tuple[int, list[int], int, bool]]) -> None:
         step_id = next(steps)
         scheduled = []
-        for slot, chunk_tokens, computed, sample in chunks:
+        for slot, chunk_tokens, computed, sampled in chunks:
             need = -(-(computed + len(chunk_tokens)) // BLOCK)
-            scheduled.append((slot, chunk_tokens, computed, tables[slot][given[slot] : need], sample))
+            scheduled.append((slot, chunk_tokens, computed, tables[slot][given[slot] : need], sampled))
             given[slot] = need
         admitted = [Admission(f"r{s}", s, 0.0, 1.0, 0, 0) for s in admissions]
         output = engine.step(make_step(step_id, scheduled, admissions=admitted))

@@ -1,8 +1,9 @@
 """Decode attention on CPU straight from the paged KV cache: one C++ kernel (cpu_attention.cpp).
 
 Without it, a CPU decode step copies every sequence's K/V blocks into a padded tensor (index_select) in each
-layer and runs SDPA over the copy. SmolLM2 fp32, 16 decode rows of ~160 keys on the 2-core CI VM: the kernel
-takes half as long per layer, and decode steps are 4-9% faster.
+layer and runs SDPA over the copy. float32 and bfloat16 caches (bfloat16 is widened to float32 as it is read;
+only the output is rounded). SmolLM2, 16 decode rows of ~160 keys on the 2-core CI VM: decode steps are 8% faster
+in float32 and 13% in bfloat16 (`benchmarks/cpu_step.py --attention-ab 5`).
 
 The kernel is compiled by torch's cpp_extension (g++ and ninja, about 30 s) for the CPU it runs on
 (-march=native), once, by `make setup`:
@@ -96,8 +97,8 @@ def available() -> bool:
 
 
 def applies(q: torch.Tensor) -> bool:
-    """Whether decode rows like q go through the kernel (float32 on CPU, the kernel built)."""
-    return q.device.type == "cpu" and q.dtype == torch.float32 and available()
+    """Whether decode rows like q go through the kernel (float32 or bfloat16 on CPU, the kernel built)."""
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and available()
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

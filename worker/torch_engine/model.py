@@ -257,7 +257,7 @@ class LlamaModel:
     def _gathered_attention(self, q: torch.Tensor, cache: torch.Tensor, group: AttentionGroup,
                             mask: torch.Tensor) -> torch.Tensor:
         """Attention for one group: keys gathered from the cache into a padded [Bg, H, Lmax, d] view (decodes
-        in float32 on CPU: read where they lie, by cpu_attention's kernel)."""
+        in float32 or bfloat16 on CPU: read where they lie, by cpu_attention's kernel)."""
         uniform_heads = self._kv_of_q is None and self.alibi_slopes is None
         if group.one_query_each and uniform_heads and cpu_attention.applies(q):
             rows = q if group.all_decodes else q.index_select(0, group.token_index)
