@@ -111,7 +111,9 @@ def sample(logits: torch.Tensor, sequences: list[SequenceSampling], positions: l
     for row, (sequence, position) in enumerate(zip(sequences, positions)):
         if row not in failures:
             _apply_penalties(adjusted[row], sequence, position)
-    tokens = torch.argmax(adjusted, dim=-1)
+    # max's indices, like argmax's, are each row's first largest column; on CPU max takes a third of
+    # argmax's time (16 x 49152 float32 logits: 168 against 520 us on the 2-core VM).
+    tokens = adjusted.max(dim=-1).indices
     random_rows = [row for row, sequence in enumerate(sequences)
                    if row not in failures and sequence.params.temperature >= GREEDY_TEMPERATURE
                    and sequence.params.top_k != 1]
