@@ -8,12 +8,12 @@ TORCH_SPEC ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard proto/inflight/v1/*.proto)
 GENERATED := inflight/v1/.generated
-CPU_KERNEL := $(VENV)/.cpu_attention
+CPU_KERNELS := $(VENV)/.cpu_kernels
 ARGS ?=
 
 .PHONY: setup proto run test bench clean
 
-setup: $(INSTALLED) $(GENERATED) $(CPU_KERNEL)
+setup: $(INSTALLED) $(GENERATED) $(CPU_KERNELS)
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,8 @@ $(GENERATED): $(PROTOS) $(INSTALLED)
 proto: $(GENERATED)
 
 # The CPU decode-attention kernel, built once for this CPU (the engine gathers K/V blocks where it cannot be).
-$(CPU_KERNEL): worker/torch_engine/cpu_attention.cpp $(INSTALLED)
-	$(PY) -m worker.torch_engine.cpu_attention
+$(CPU_KERNELS): $(wildcard worker/torch_engine/cpu_*.cpp worker/torch_engine/cpu_*.h) $(INSTALLED)
+	$(PY) -m worker.torch_engine.cpu_kernels
 	touch $@
 
 # Starts gateway, scheduler and an MPI worker group on the embedded SmolLM2, in the foreground.

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from worker.torch_engine import cpu_attention  # noqa: E402
+from worker.torch_engine import cpu_kernels  # noqa: E402
 
 torch.set_num_threads(2)
 torch.manual_seed(0)
@@ -58,7 +58,7 @@ def fused(q, kc, vc, tables, mask):
 
 
 def kernel(q, kc, vc, tables, mask):
-    return cpu_attention.paged_decode_attention(q, kc, vc, tables, lens, BS, scale).view(B, H * D)
+    return cpu_kernels.paged_decode_attention(q, kc, vc, tables, lens, BS, scale).view(B, H * D)
 
 
 def per_call_us(fn, caches, n=60) -> float:

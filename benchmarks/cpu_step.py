@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_step.py                      # embedded SmolLM2, fp32, batch 1/4/16, context 128
     python benchmarks/cpu_step.py --dtype bfloat16 --profile 16
-    python benchmarks/cpu_step.py --attention-ab 5     # decode attention: the kernel against gather + SDPA
+    python benchmarks/cpu_step.py --kernels-ab 5       # the CPU kernels against torch's ops
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from inflight.model_store import DEFAULT_MODEL, resolve_model  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
 from worker.parallel import Collectives, ShardPlan  # noqa: E402
 from worker.step import Admission  # noqa: E402
-from worker.torch_engine import cpu_attention  # noqa: E402
+from worker.torch_engine import cpu_kernels  # noqa: E402
 from worker.torch_engine.engine import TorchEngine  # noqa: E402
 
 
@@ -57,25 +57,33 @@ def decode_steps(engine: TorchEngine, batch: int, context: int, steps: int,
     return times, prefill
 
 
-def attention_ab(engine: TorchEngine, batches: list[int], context: int, steps: int, rounds: int) -> None:
-    """Decode steps with cpu_attention's kernel and with gather + SDPA, alternating in this process (so both
-    see the same machine), the median of each side's per-round medians."""
-    if not cpu_attention.available():
-        print(f"no attention kernel built (build it: {cpu_attention.BUILD_COMMAND}); nothing to compare")
+def kernels_ab(engine: TorchEngine, batches: list[int], context: int, steps: int, rounds: int) -> None:
+    """Decode steps and prefills with all of cpu_kernels' kernels, with the attention kernel alone, and with
+    torch's ops (gather + SDPA), alternating in this process (so all see the same machine): the median of each
+    side's per-round medians. The elementwise kernels apply in bfloat16 only."""
+    if not cpu_kernels.available():
+        print(f"no CPU kernels built (build them: {cpu_kernels.BUILD_COMMAND}); nothing to compare")
         return
-    kernel = cpu_attention.applies
+    real = cpu_kernels.attention_applies, cpu_kernels.elementwise_applies
+    never = lambda x: False  # noqa: E731
+    sides = {"kernels": real, "attention kernel only": (real[0], never), "torch's ops": (never, never)}
     try:
         for batch in batches:
-            medians: dict[str, list[float]] = {"kernel": [], "gather": []}
+            decode: dict[str, list[float]] = {side: [] for side in sides}
+            prefill: dict[str, list[float]] = {side: [] for side in sides}
             for _ in range(rounds):
-                for side, applies in (("kernel", kernel), ("gather", lambda q: False)):
-                    cpu_attention.applies = applies
-                    medians[side].append(statistics.median(decode_steps(engine, batch, context, steps)[0]) * 1000)
-            with_kernel, gathered = (statistics.median(medians[side]) for side in ("kernel", "gather"))
-            print(f"batch {batch:3d}: kernel {with_kernel:6.1f} ms, gather + SDPA {gathered:6.1f} ms per decode step "
-                  f"({gathered / with_kernel:.3f}x)")
+                for side, (attention, elementwise) in sides.items():
+                    cpu_kernels.attention_applies, cpu_kernels.elementwise_applies = attention, elementwise
+                    times, prefill_seconds = decode_steps(engine, batch, context, steps)
+                    decode[side].append(statistics.median(times) * 1000)
+                    prefill[side].append(prefill_seconds * 1000)
+            base_decode, base_prefill = statistics.median(decode["torch's ops"]), statistics.median(prefill["torch's ops"])
+            for side in sides:
+                step, whole = statistics.median(decode[side]), statistics.median(prefill[side])
+                print(f"batch {batch:3d}, {side:22s}: decode step {step:6.1f} ms ({base_decode / step:.3f}x), "
+                      f"prefill {batch}x{context} {whole:6.0f} ms ({base_prefill / whole:.3f}x)")
     finally:
-        cpu_attention.applies = kernel
+        cpu_kernels.attention_applies, cpu_kernels.elementwise_applies = real
 
 
 def main() -> None:
@@ -87,8 +95,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--profile", type=int, default=0, help="profile decode steps at this batch size")
-    parser.add_argument("--attention-ab", type=int, default=0, metavar="ROUNDS",
-                        help="per batch, alternate decode attention by the kernel and by gather + SDPA for ROUNDS rounds")
+    parser.add_argument("--kernels-ab", type=int, default=0, metavar="ROUNDS",
+                        help="per batch, alternate the CPU kernels, the attention kernel alone and torch's ops "
+                             "for ROUNDS rounds")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,8 +110,8 @@ def main() -> None:
         median = statistics.median(times) * 1000
         print(f"batch {batch:3d}: decode step {median:6.1f} ms (p90 {sorted(times)[int(0.9 * len(times))] * 1000:.1f}),"
               f" {batch / median * 1000:6.1f} tok/s; prefill {batch}x{args.context} {prefill * 1000:.0f} ms")
-    if args.attention_ab:
-        attention_ab(engine, [int(b) for b in args.batches.split(",")], args.context, args.steps, args.attention_ab)
+    if args.kernels_ab:
+        kernels_ab(engine, [int(b) for b in args.batches.split(",")], args.context, args.steps, args.kernels_ab)
     if args.profile:
         decode_steps(engine, args.profile, args.context, 4)
         prof = profile(activities=[ProfilerActivity.CPU])

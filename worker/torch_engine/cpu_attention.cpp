@@ -1,4 +1,4 @@
-// Decode attention on the CPU, read straight from the paged KV cache (see cpu_attention.py).
+// Decode attention on the CPU, read straight from the paged KV cache (see cpu_kernels.py).
 //
 // One query token per sequence. Each sequence is one task: its keys are read block by block through its
 // block table, every KV head of a slot at once (one contiguous row of the cache), then its values the same
@@ -10,28 +10,24 @@
 // resolve to the libgomp that libtorch_cpu loaded. (ATen's at::parallel_for, inlined into an extension,
 // slowed torch's own kernels that ran after it several times over on the CI machine.)
 
-#include <torch/extension.h>
+#include "cpu_kernels.h"
+
 #include <ATen/Parallel.h>
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
+using inflight::narrow;
+using inflight::widen;
+
 void prefetch_row(const void* row, int64_t bytes) {
   const char* start = static_cast<const char*>(row);
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(start + offset);
-}
-
-inline float widen(float x) { return x; }
-
-inline float widen(at::BFloat16 x) {  // a bfloat16 is the high half of a float32
-  return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16);
 }
 
 // Where a sequence's keys lie and how the tensors are laid out (strides in elements).
@@ -49,7 +45,7 @@ void decode_rows(const T* qp, const T* kp, const T* vp, const int64_t* tables, c
   const int64_t row_bytes = kv_heads * dim * static_cast<int64_t>(sizeof(T));
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<float> query(heads * dim), scores, acc(heads * dim), maxes(heads), sums(heads), widened(4 * dim);
+    std::vector<float> query(heads * dim), scores, acc(heads * dim), sums(heads), widened(4 * dim);
     std::vector<int64_t> slots;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < layout.batch; ++b) {
@@ -124,7 +120,7 @@ void decode_rows(const T* qp, const T* kp, const T* vp, const int64_t* tables, c
         const float* a = acc.data() + j * dim;
         T* o = op + (b * heads + j) * dim;
 #pragma omp simd
-        for (int64_t i = 0; i < dim; ++i) o[i] = static_cast<T>(a[i] * inv);
+        for (int64_t i = 0; i < dim; ++i) o[i] = narrow<T>(a[i] * inv);
       }
     }
   }
@@ -180,8 +176,4 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
   if (q.scalar_type() == torch::kFloat) run(float{});
   else run(at::BFloat16{});
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (float32 or bfloat16, CPU)");
 }

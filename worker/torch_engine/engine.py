@@ -15,7 +15,7 @@ from inflight.step_contract import PREVIOUS_TOKEN
 from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
 from worker.step import Admission, EngineDescription, PendingStep, SequenceFailure, Step, StepOutput
-from worker.torch_engine import cpu_attention, paged_attention
+from worker.torch_engine import cpu_kernels, paged_attention
 from worker.torch_engine.batch import BatchInput, build_batch
 from worker.torch_engine.block_tables import DeviceBlockTables, HostBlockTables
 from worker.torch_engine.cuda_graphs import StepGraphs
@@ -146,8 +146,8 @@ class TorchEngine:
             self.model.logits(self.model.forward(batch, self.kv_cache)[batch.sample_index])
         if self.graphs is not None:
             self.graphs.capture()
-        if self.device.type == "cpu" and self.dtype == torch.float32:
-            cpu_attention.available()  # loaded now, not in the first decode step (and logged if not built)
+        if self.device.type == "cpu":
+            cpu_kernels.available()  # loaded now, not in the first decode step (and logged if not built)
         self.kv_cache.zero_()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

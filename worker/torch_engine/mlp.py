@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from worker.torch_engine import fused_moe
+from worker.torch_engine import cpu_kernels, fused_moe
 from worker.torch_engine.projection import Projection
 from worker.torch_engine.triton_support import triton
 
@@ -24,6 +24,8 @@ class GatedMlp:
         gate_up = self.gate_up(x)
         if gate_up.is_cuda and triton is not None:
             return self.down.after_silu_mul(gate_up)
+        if cpu_kernels.elementwise_applies(gate_up):  # bfloat16 on CPU: one pass (cpu_elementwise.cpp)
+            return self.down(cpu_kernels.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate).mul_(up))
 

@@ -8,6 +8,7 @@ attention with ALiBi in place of rotary positions.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from inflight.model_config import ModelConfig
 from worker.parallel import Collectives, ShardPlan
-from worker.torch_engine import cpu_attention, fused_moe
+from worker.torch_engine import cpu_kernels, fused_moe
 from worker.torch_engine.batch import AttentionGroup, BatchInput
 from worker.torch_engine.fused import add_rms_norm, rope_and_cache
 from worker.torch_engine.mlp import GatedMlp, GeluMlp, MixtureOfExperts
@@ -34,6 +35,12 @@ class LayerWeights:
     qkv: Projection  # [q_local + 2 * kv_local rows, hidden]: one matmul for q, k and v
     o: Projection    # [hidden, q_local] row-parallel
     mlp: GatedMlp | GeluMlp | MixtureOfExperts  # this rank's partial sum; the model all-reduces it
+
+
+# One layer's attention block: (normed rows, the layer, its cache) -> its output, all-reduced.
+LayerAttention = Callable[[torch.Tensor, "LayerWeights", torch.Tensor], torch.Tensor]
+# A residual add fused with the RMSNorm after it: (x or None, residual (updated in place), weight, eps) -> normed.
+AddNorm = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -151,35 +158,36 @@ class LlamaModel:
 
     def forward(self, batch: BatchInput, kv_cache: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] for the batch's tokens; writes their K/V into kv_cache."""
-        if batch.paged is not None:
-            return self._forward_paged(batch, kv_cache)
         hidden = F.embedding(batch.token_ids, self.embed_tokens)
+        llama_norm = type(self)._norm is LlamaModel._norm  # not a family with its own norm (MPT's LayerNorm)
+        if batch.paged is not None:  # fused kernels (worker/torch_engine/fused.py) around the paged ones
+            attention: LayerAttention = functools.partial(self._paged_layer_attention, batch=batch)
+            return self._layers(hidden, kv_cache, attention, add_rms_norm if llama_norm else None)
         angles = self.rope.at(batch.positions) if self.rope is not None else None
         masks = self._attention_masks(batch)
-        for layer, layer_cache in zip(self.layers, kv_cache):
-            attn = self._attention(self._norm(hidden, layer.input_norm), layer, layer_cache, batch, angles, masks)
-            hidden = hidden + attn
-            hidden = hidden + self.collectives.all_reduce(layer.mlp(self._norm(hidden, layer.post_attention_norm)))
-        return self._norm(hidden, self.norm)
 
-    def _forward_paged(self, batch: BatchInput, kv_cache: torch.Tensor) -> torch.Tensor:
-        """forward() over the paged cache, with fused kernels (worker/torch_engine/fused.py): each residual
-        add is fused with the norm that follows it, as is the rotary embedding with the cache write."""
-        hidden = F.embedding(batch.token_ids, self.embed_tokens)
-        if type(self)._norm is not LlamaModel._norm:  # a family with its own norm (MPT's LayerNorm)
+        def attention(x: torch.Tensor, layer: LayerWeights, cache: torch.Tensor) -> torch.Tensor:
+            return self._attention(x, layer, cache, batch, angles, masks)
+
+        fused = llama_norm and cpu_kernels.elementwise_applies(hidden)  # bfloat16 on CPU: cpu_elementwise.cpp
+        return self._layers(hidden, kv_cache, attention, cpu_kernels.add_rms_norm if fused else None)
+
+    def _layers(self, hidden: torch.Tensor, kv_cache: torch.Tensor, attention: LayerAttention,
+                add_norm: AddNorm | None) -> torch.Tensor:
+        """The decoder layers and the final norm over hidden [T, hidden]. add_norm: a residual add fused with
+        the RMSNorm that follows it (hidden, the residual, updated in place), or None for torch's ops."""
+        if add_norm is None:
             for layer, layer_cache in zip(self.layers, kv_cache):
-                hidden = hidden + self._paged_layer_attention(self._norm(hidden, layer.input_norm), layer,
-                                                              layer_cache, batch)
+                hidden = hidden + attention(self._norm(hidden, layer.input_norm), layer, layer_cache)
                 hidden = hidden + self.collectives.all_reduce(layer.mlp(self._norm(hidden, layer.post_attention_norm)))
             return self._norm(hidden, self.norm)
         eps = self.config.rms_norm_eps
-        normed = add_rms_norm(None, hidden, self.layers[0].input_norm, eps)  # hidden: the residual, updated in place
+        normed = add_norm(None, hidden, self.layers[0].input_norm, eps)
         for index, (layer, layer_cache) in enumerate(zip(self.layers, kv_cache)):
-            attention = self._paged_layer_attention(normed, layer, layer_cache, batch)
-            normed = add_rms_norm(attention, hidden, layer.post_attention_norm, eps)
+            normed = add_norm(attention(normed, layer, layer_cache), hidden, layer.post_attention_norm, eps)
             mlp = self.collectives.all_reduce(layer.mlp(normed))
             following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.norm
-            normed = add_rms_norm(mlp, hidden, following, eps)
+            normed = add_norm(mlp, hidden, following, eps)
         return normed
 
     def _paged_layer_attention(self, x: torch.Tensor, layer: LayerWeights, cache: torch.Tensor,
@@ -257,12 +265,12 @@ class LlamaModel:
     def _gathered_attention(self, q: torch.Tensor, cache: torch.Tensor, group: AttentionGroup,
                             mask: torch.Tensor) -> torch.Tensor:
         """Attention for one group: keys gathered from the cache into a padded [Bg, H, Lmax, d] view (decodes
-        in float32 or bfloat16 on CPU: read where they lie, by cpu_attention's kernel)."""
+        in float32 or bfloat16 on CPU: read where they lie, by cpu_kernels' attention kernel)."""
         uniform_heads = self._kv_of_q is None and self.alibi_slopes is None
-        if group.one_query_each and uniform_heads and cpu_attention.applies(q):
+        if group.one_query_each and uniform_heads and cpu_kernels.attention_applies(q):
             rows = q if group.all_decodes else q.index_select(0, group.token_index)
-            out = cpu_attention.paged_decode_attention(rows, cache[0], cache[1], group.key_blocks, group.context_lens,
-                                                       self.block_size, self.softmax_scale or q.shape[-1] ** -0.5)
+            out = cpu_kernels.paged_decode_attention(rows, cache[0], cache[1], group.key_blocks, group.context_lens,
+                                                     self.block_size, self.softmax_scale or q.shape[-1] ** -0.5)
             return out.view(rows.shape[0], -1)
         keys = self._gather_blocks(cache[0], group.key_blocks)    # [Bg, Hkv, Lmax, d]
         values = self._gather_blocks(cache[1], group.key_blocks)
