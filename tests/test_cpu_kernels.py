@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_attention_kernels import BLOCK_SIZE, Heads, PagedCache, paged_cache, reference
+from tests.test_attention_kernels import BLOCK_SIZE, DEVICE, Heads, PagedCache, paged_cache, reference
 from tests.test_paged_engine import make_engine, run_scenario
 from worker.torch_engine import cpu_kernels
 from worker.torch_engine.model import rms_norm
@@ -23,6 +23,18 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ comp
 
 HEADS = [Heads(9, 3, 64), Heads(32, 8, 128), Heads(8, 8, 64, scale=0.05), Heads(4, 2, 80)]
 LENS = [1, 15, 16, 17, 100, 255, 257, 1030]
+
+
+def cpu_cache(lens: list[int], heads: Heads, dtype: torch.dtype) -> PagedCache:
+    """test_attention_kernels' paged cache (made on the GPU where there is one), on the CPU."""
+    cache = paged_cache(lens, heads, dtype)
+    return PagedCache(cache.k.cpu(), cache.v.cpu(), cache.tables.cpu(), cache.lens.cpu())
+
+
+def cpu_reference(q: torch.Tensor, cache: PagedCache, heads: Heads) -> torch.Tensor:
+    """test_attention_kernels' SDPA reference for one query per sequence, computed where it computes."""
+    on_device = PagedCache(*(t.to(DEVICE) for t in (cache.k, cache.v, cache.tables, cache.lens)))
+    return reference(q.to(DEVICE), on_device, [1] * q.shape[0], heads).cpu()
 
 
 def kernel(q: torch.Tensor, cache: PagedCache, heads: Heads) -> torch.Tensor:
@@ -53,13 +65,13 @@ def test_decode_matches_sdpa_across_block_boundaries(heads: Heads, dtype: torch.
     and rounds once, so its output is SDPA's float32 result (over the same bfloat16 inputs) rounded, give or
     take one bfloat16 step."""
     torch.manual_seed(0)
-    cache = paged_cache(LENS, heads, dtype)
+    cache = cpu_cache(LENS, heads, dtype)
     # q as the engine holds it: the query heads of a [tokens, q heads + kv heads, dim] rotary output
     q = torch.randn(len(LENS), heads.q + heads.kv, heads.dim, dtype=dtype)[:, : heads.q]
     got = kernel(q, cache, heads)
     assert got.dtype == dtype
     assert torch.isfinite(got).all(), "non-finite output: the kernel read a slot outside a sequence's context"
-    expected = reference(q, cache, [1] * len(LENS), heads)
+    expected = cpu_reference(q, cache, heads)
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     else:
@@ -70,7 +82,7 @@ def test_decode_matches_sdpa_across_block_boundaries(heads: Heads, dtype: torch.
 def test_a_rows_output_is_bitwise_the_same_alone_and_inside_a_batch(dtype: torch.dtype) -> None:
     heads = Heads(9, 3, 64)
     torch.manual_seed(1)
-    cache = paged_cache(LENS, heads, dtype)
+    cache = cpu_cache(LENS, heads, dtype)
     q = torch.randn(len(LENS), heads.q, heads.dim, dtype=dtype)
     full = kernel(q, cache, heads)
     for row in range(len(LENS)):
@@ -179,7 +191,7 @@ def test_the_elementwise_kernels_refuse_what_they_do_not_handle() -> None:
 
 def test_a_context_past_its_table_or_a_block_past_the_cache_raises_instead_of_reading_outside() -> None:
     heads = Heads(9, 3, 64)
-    cache = paged_cache([20, 5], heads, torch.float32)
+    cache = cpu_cache([20, 5], heads, torch.float32)
     q = torch.randn(2, heads.q, heads.dim)
     too_long = PagedCache(cache.k, cache.v, cache.tables, torch.tensor([20, cache.tables.shape[1] * BLOCK_SIZE + 1]))
     with pytest.raises(RuntimeError, match="longer than its block table"):
@@ -188,3 +200,13 @@ def test_a_context_past_its_table_or_a_block_past_the_cache_raises_instead_of_re
     outside[0, 1] = cache.k.shape[0] // BLOCK_SIZE
     with pytest.raises(RuntimeError, match="outside the cache"):
         kernel(q, PagedCache(cache.k, cache.v, outside, cache.lens), heads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to hand the kernels GPU tensors")
+def test_gpu_tensors_are_refused_not_read_as_host_memory() -> None:
+    heads = Heads(9, 3, 64)
+    cache = cpu_cache([20, 5], heads, torch.float32)
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        kernel(torch.randn(2, heads.q, heads.dim, device="cuda"), cache, heads)
+    with pytest.raises(RuntimeError, match="CPU bfloat16"):
+        cpu_kernels.silu_mul(torch.zeros(2, 8, dtype=torch.bfloat16, device="cuda"))

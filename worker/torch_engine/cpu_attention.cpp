@@ -140,6 +140,8 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
               "paged_decode: float32 or bfloat16, the same for q and both caches");
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong,
               "paged_decode: int64 block tables and context lengths");
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
+              block_tables.device().is_cpu() && context_lens.device().is_cpu(), "paged_decode: CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "paged_decode: q [B, H, D], caches [slots, HKV, D]");
   TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1 && k_cache.stride(1) == q.size(2) &&
               v_cache.stride(1) == q.size(2) && block_tables.stride(1) == 1 && context_lens.is_contiguous(),
