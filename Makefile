@@ -29,7 +29,8 @@ $(GENERATED): $(PROTOS) $(INSTALLED)
 
 proto: $(GENERATED)
 
-# The CPU decode-attention kernel, built once for this CPU (the engine gathers K/V blocks where it cannot be).
+# The CPU kernels (decode attention; bf16 norms and SiLU), built once for this CPU (the engine keeps torch's ops
+# where they cannot be built).
 $(CPU_KERNELS): $(wildcard worker/torch_engine/cpu_*.cpp worker/torch_engine/cpu_*.h) $(INSTALLED)
 	$(PY) -m worker.torch_engine.cpu_kernels
 	touch $@
