@@ -43,6 +43,20 @@ def kernel(q: torch.Tensor, cache: PagedCache, heads: Heads) -> torch.Tensor:
                                               scale)
 
 
+def record_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> dict[str, list[torch.dtype]]:
+    """Wraps cpu_kernels' functions of these names; per name, the dtype of each call's first tensor."""
+    calls: dict[str, list[torch.dtype]] = {name: [] for name in names}
+    for name in names:
+        real = getattr(cpu_kernels, name)
+
+        def recorded(*args: torch.Tensor | None, name: str = name, real: object = real) -> torch.Tensor:
+            calls[name].append(next(a for a in args if a is not None).dtype)
+            return real(*args)
+
+        monkeypatch.setattr(cpu_kernels, name, recorded)
+    return calls
+
+
 @pytest.fixture(scope="module", autouse=True)
 def built_kernels() -> None:
     cpu_kernels.build()
@@ -95,16 +109,9 @@ def test_a_rows_output_is_bitwise_the_same_alone_and_inside_a_batch(dtype: torch
 def test_the_engine_gives_the_tokens_of_gather_and_sdpa(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prompt chunks, a prefix hit, mixed steps and decode-only steps, with the kernel and without it (MPT's
     ALiBi keeps the gather: its tokens are the same either way)."""
-    calls = []
-    real = cpu_kernels.paged_decode_attention
-
-    def counted(*args: object) -> torch.Tensor:
-        calls.append(args[0].shape[0])
-        return real(*args)
-
-    monkeypatch.setattr(cpu_kernels, "paged_decode_attention", counted)
+    calls = record_calls(monkeypatch, "paged_decode_attention")
     with_kernel = run_scenario(make_engine(model, "gathered"), monkeypatch)
-    assert bool(calls) == (model == "tiny-gqa"), calls
+    assert bool(calls["paged_decode_attention"]) == (model == "tiny-gqa"), calls
     monkeypatch.setattr(cpu_kernels, "attention_applies", lambda q: False)
     without = run_scenario(make_engine(model, "gathered"), monkeypatch)
     assert with_kernel[0] == without[0]
@@ -119,15 +126,7 @@ def test_bfloat16_steps_through_the_kernels_stay_within_bfloat16_noise_of_float3
     bfloat16, the kernel does not), so a near-tie may go either way and exact tokens are not comparable.
     What is: the logits of every step, while a sequence's tokens are still those of the float32 model, lie
     as close to float32's as the projections' own bfloat16 rounding puts them (torch's ops: 0.06 at most)."""
-    calls: dict[str, list[torch.dtype]] = {}
-    for name in ("paged_decode_attention", "add_rms_norm", "silu_mul"):
-        real = getattr(cpu_kernels, name)
-
-        def counted(*args: torch.Tensor | None, name: str = name, real: object = real) -> torch.Tensor:
-            calls.setdefault(name, []).append(next(a for a in args if a is not None).dtype)
-            return real(*args)
-
-        monkeypatch.setattr(cpu_kernels, name, counted)
+    calls = record_calls(monkeypatch, "paged_decode_attention", "add_rms_norm", "silu_mul")
     tokens, logits = run_scenario(make_engine("tiny-gqa", "gathered", "bfloat16"), monkeypatch)
     assert {name: set(dtypes) for name, dtypes in calls.items()} == {
         "paged_decode_attention": {torch.bfloat16}, "add_rms_norm": {torch.bfloat16}, "silu_mul": {torch.bfloat16}}
