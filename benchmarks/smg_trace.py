@@ -31,7 +31,7 @@ class Score:
 
 @dataclass
 class Decision:
-    worker: str
+    worker: str | None  # None: every worker was over an overload gate; SMG sent it to the least-loaded one
     branch: str
     in_flight: dict[str, int]  # SMG's own count of requests on each candidate
     scores: dict[str, Score]
@@ -39,7 +39,7 @@ class Decision:
     @property
     def chose_busier(self) -> bool:
         """Chose a worker holding more requests than the least-held one."""
-        return self.in_flight[self.worker] > min(self.in_flight.values())
+        return self.worker is not None and self.in_flight[self.worker] > min(self.in_flight.values())
 
 
 def decisions(log_path: Path) -> list[Decision]:
@@ -50,7 +50,7 @@ def decisions(log_path: Path) -> list[Decision]:
             continue
         selection = json.loads(line[at + len(_MARK):])["selections"][0]
         found.append(Decision(
-            worker=selection["worker"], branch=selection["prediction"].get("branch", ""),
+            worker=selection["worker"], branch=(selection["prediction"] or {}).get("branch", "all_overloaded"),
             in_flight={c["worker"]: c["load"] for c in selection["candidates"]},
             scores={s["worker"]: Score(s["score"], int(s["queued_tokens"]), int(s["running_estimated_tokens"]),
                                        int(s["since_poll_tokens"])) for s in selection.get("scores", [])}))
@@ -66,7 +66,8 @@ def main() -> None:
     for d in found:
         parts = "  ".join(f"{names[w]}: {d.in_flight[w]} in flight, {s.seconds:.2f} s = q{s.queued_tokens} "
                           f"r{s.running_estimated_tokens} d{s.since_poll_tokens}" for w, s in d.scores.items())
-        print(f"{'!' if d.chose_busier else ' '} {names[d.worker]} {d.branch:24s} {parts}")
+        chosen = names[d.worker] if d.worker else "--"
+        print(f"{'!' if d.chose_busier else ' '} {chosen} {d.branch:24s} {parts}")
     print(f"{sum(d.chose_busier for d in found)} of {len(found)} choices went to a worker holding more requests "
           "than the least-held one (marked !)")
 
