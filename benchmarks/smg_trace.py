@@ -43,14 +43,15 @@ class Decision:
 
 
 def decisions(log_path: Path) -> list[Decision]:
-    found = []
+    found: list[Decision] = []
     for line in _COLOURS.sub("", log_path.read_text(errors="replace")).splitlines():
         at = line.find(_MARK)
         if at < 0 or "Cache routing dispatch" not in line:
             continue
         selection = json.loads(line[at + len(_MARK):])["selections"][0]
+        prediction = selection["prediction"]  # None when every worker was over an overload gate
         found.append(Decision(
-            worker=selection["worker"], branch=(selection["prediction"] or {}).get("branch", "all_overloaded"),
+            worker=selection["worker"], branch=prediction.get("branch", "") if prediction else "all_overloaded",
             in_flight={c["worker"]: c["load"] for c in selection["candidates"]},
             scores={s["worker"]: Score(s["score"], int(s["queued_tokens"]), int(s["running_estimated_tokens"]),
                                        int(s["since_poll_tokens"])) for s in selection.get("scores", [])}))
