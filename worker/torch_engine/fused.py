@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from worker.torch_engine.triton_support import tl, triton
+from worker.torch_engine.triton_support import pdl_args, tl, triton
 
 if triton is not None:
+    from worker.torch_engine.triton_support import wait_for_predecessor
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, hidden, eps, stride_x, stride_r, stride_o,
-                             BLOCK: tl.constexpr, HAS_X: tl.constexpr):
+                             BLOCK: tl.constexpr, HAS_X: tl.constexpr, PDL: tl.constexpr):
+        wait_for_predecessor(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
@@ -33,7 +35,8 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(gate_up_ptr, out_ptr, width, stride_in, stride_out, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gate_up_ptr, out_ptr, width, stride_in, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        wait_for_predecessor(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < width
@@ -46,9 +49,10 @@ if triton is not None:
     def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, slots_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                            stride_qkv, stride_cos, stride_kt, stride_kh, stride_vt, stride_vh,
                            NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           DIM_PAD: tl.constexpr, HAS_ROPE: tl.constexpr):
+                           DIM_PAD: tl.constexpr, HAS_ROPE: tl.constexpr, PDL: tl.constexpr):
         """Token t, head h of q then k: rotated (rotate-half) into q_out or the key cache; k's program
         also copies the matching value head into the value cache."""
+        wait_for_predecessor(PDL)
         token = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         dims = tl.arange(0, DIM_PAD)
@@ -83,7 +87,8 @@ def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.T
     _add_rms_norm_kernel[(tokens,)](
         residual if x is None else x, residual, weight, out, hidden, eps,
         0 if x is None else x.stride(0), residual.stride(0), out.stride(0),
-        BLOCK=block, HAS_X=x is not None, num_warps=min(16, max(1, block // 256)), enable_fp_fusion=False)
+        BLOCK=block, HAS_X=x is not None, num_warps=min(16, max(1, block // 256)), enable_fp_fusion=False,
+        **pdl_args(residual.device, tokens))
     return out
 
 
@@ -93,7 +98,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = gate_up.new_empty(tokens, width)
     block = 1024
     _silu_mul_kernel[(tokens, triton.cdiv(width, block))](gate_up, out, width, gate_up.stride(0), out.stride(0),
-                                                          BLOCK=block, num_warps=4)
+                                                          BLOCK=block, num_warps=4,
+                                                          **pdl_args(gate_up.device, tokens))
     return out
 
 
@@ -114,5 +120,6 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor | None, signed_sin: torc
         qkv.stride(0), cos.stride(0) if cos is not None else 0, k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1),
         NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
-        HAS_ROPE=has_rope, num_warps=1, enable_fp_fusion=False)  # each product rounded, as eager rounds it
+        HAS_ROPE=has_rope, num_warps=1, enable_fp_fusion=False,  # each product rounded, as eager rounds it
+        **pdl_args(qkv.device, tokens))
     return q

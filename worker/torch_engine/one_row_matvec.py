@@ -17,34 +17,47 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.torch_engine.triton_support import tl, triton
+from worker.torch_engine.triton_support import pdl_args, tl, triton
 
 if triton is not None:
+    from worker.torch_engine.triton_support import wait_for_predecessor
+
+    @triton.jit
+    def _weight_tile(w_ptr, rows, in_range, cols, k, EVEN_K: tl.constexpr):
+        w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * k + cols[None, :]
+        if EVEN_K:  # every column in range: no column mask
+            return tl.load(w_ptrs, mask=in_range[:, None], other=0.0)
+        return tl.load(w_ptrs, mask=in_range[:, None] & (cols < k)[None, :], other=0.0)
+
+    @triton.jit
+    def _input_tile(x_ptr, cols, k, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
+        """x's columns in float32; with SILU_MUL, x is [gate | up], 2k wide, and this is silu(gate) * up, each
+        product rounded as eager rounds it."""
+        col_mask = cols < k
+        if EVEN_K:
+            first = tl.load(x_ptr + cols).to(tl.float32)
+            second = tl.load(x_ptr + k + cols).to(tl.float32) if SILU_MUL else first
+        else:
+            first = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            second = tl.load(x_ptr + k + cols, mask=col_mask, other=0.0).to(tl.float32) if SILU_MUL else first
+        if SILU_MUL:
+            activated = (first / (1.0 + tl.exp(-first))).to(x_ptr.dtype.element_ty).to(tl.float32)
+            return (activated * second).to(x_ptr.dtype.element_ty).to(tl.float32)
+        return first
 
     @triton.jit
     def _matvec_kernel(x_ptr, w_ptr, y_ptr, n, k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
+                       EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr, PDL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = rows < n
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for start in range(0, k, BLOCK_K):
+        cols = tl.arange(0, BLOCK_K)
+        w = _weight_tile(w_ptr, rows, in_range, cols, k, EVEN_K)  # weights: read before the predecessor ends
+        wait_for_predecessor(PDL)
+        acc = w.to(tl.float32) * _input_tile(x_ptr, cols, k, EVEN_K, SILU_MUL)[None, :]
+        for start in range(BLOCK_K, k, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
-            w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * k + cols[None, :]
-            col_mask = cols < k  # all true when EVEN_K: the loads below then need no column mask
-            if EVEN_K:
-                w = tl.load(w_ptrs, mask=in_range[:, None], other=0.0)
-                first = tl.load(x_ptr + cols).to(tl.float32)
-                second = tl.load(x_ptr + k + cols).to(tl.float32) if SILU_MUL else first
-            else:
-                w = tl.load(w_ptrs, mask=in_range[:, None] & col_mask[None, :], other=0.0)
-                first = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-                second = tl.load(x_ptr + k + cols, mask=col_mask, other=0.0).to(tl.float32) if SILU_MUL else first
-            if SILU_MUL:  # x is [gate | up], 2k wide: silu(gate) * up, each product rounded as eager rounds it
-                activated = (first / (1.0 + tl.exp(-first))).to(x_ptr.dtype.element_ty).to(tl.float32)
-                x = (activated * second).to(x_ptr.dtype.element_ty).to(tl.float32)
-            else:
-                x = first
-            acc += w.to(tl.float32) * x[None, :]
+            w = _weight_tile(w_ptr, rows, in_range, cols, k, EVEN_K)
+            acc += w.to(tl.float32) * _input_tile(x_ptr, cols, k, EVEN_K, SILU_MUL)[None, :]
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=in_range)
 
 
@@ -84,5 +97,6 @@ def one_row_matvec(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False
     t = tiles or tiling(n, k)
     _matvec_kernel[(triton.cdiv(n, t.block_n),)](x, weight, out, n, k, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
                                                   EVEN_K=k % t.block_k == 0, SILU_MUL=silu_mul,
-                                                  num_warps=t.num_warps, num_stages=t.num_stages)
+                                                  num_warps=t.num_warps, num_stages=t.num_stages,
+                                                  **pdl_args(x.device, rows=1))
     return out

@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 
 from worker.torch_engine.paged_prefill import paged_prefill_attention
-from worker.torch_engine.triton_support import available, dot_settings, tl, triton
+from worker.torch_engine.triton_support import available, dot_settings, pdl_args, tl, triton
 
 if triton is not None:
-    from worker.torch_engine.triton_support import attend
+    from worker.torch_engine.triton_support import attend, wait_for_predecessor
 
 __all__ = ["DECODE_TILE", "available", "paged_decode_attention", "paged_prefill_attention"]
 
@@ -46,9 +46,10 @@ if triton is not None:
         stride_table, max_splits,
         GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SUB_TILE: tl.constexpr, HAS_ALIBI: tl.constexpr,
-        PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+        PRECISION: tl.constexpr, WIDEN: tl.constexpr, PDL: tl.constexpr,
     ):
         """One split of one sequence for one KV head's query group: an online softmax over TILE keys."""
+        wait_for_predecessor(PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -91,9 +92,10 @@ if triton is not None:
     @triton.jit
     def _decode_merge_kernel(
         out_ptr, part_out_ptr, part_lse_ptr, context_lens_ptr, stride_ob, stride_oh, max_splits,
-        HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, TILE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, TILE: tl.constexpr, PDL: tl.constexpr,
     ):
         """One (sequence, query head): the splits' outputs weighted by exp2(their LSE - the largest)."""
+        wait_for_predecessor(PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
         context_len = tl.load(context_lens_ptr + seq)
@@ -146,10 +148,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, TILE=DECODE_TILE, SUB_TILE=DECODE_SUB_TILE, HAS_ALIBI=alibi_slopes is not None,
         PRECISION=precision, WIDEN=widen,
         num_warps=DECODE_WARPS_SMALL_HEAD if dim_pad <= 64 else DECODE_WARPS_LARGE_HEAD,
+        **pdl_args(q.device, num_seqs),
     )
     _decode_merge_kernel[(num_seqs, num_q_heads)](
         out, part_out, part_lse, context_lens, out.stride(0), out.stride(1), max_splits,
-        HEAD_DIM=head_dim, DIM_PAD=dim_pad, TILE=DECODE_TILE, num_warps=1,
+        HEAD_DIM=head_dim, DIM_PAD=dim_pad, TILE=DECODE_TILE, num_warps=1, **pdl_args(q.device, num_seqs),
     )
     return out
 
