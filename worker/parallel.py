@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from worker.peer_all_reduce import PeerAllReduce
+
+# A residual add fused with the RMSNorm after it: (x or None, residual (updated in place), weight, eps) -> normed.
+AddNorm = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,16 @@ class Collectives:
             return self.peer(tensor)
         dist.all_reduce(tensor)
         return tensor
+
+    def all_reduce_add_norm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                            add_norm: AddNorm, slot: int) -> torch.Tensor:
+        """add_norm(sum over ranks of partial, residual, weight, eps): residual += the sum, in place, and its
+        RMSNorm returned. One kernel through peer memory where it fits (worker/peer_add_norm.py; slot: which
+        half of its buffer, alternating from call to call), else all_reduce then add_norm."""
+        fused = self.peer.add_norm if self.tp_size > 1 and self.peer is not None else None
+        if fused is not None and fused.fits(partial, residual):
+            return fused(partial, residual, weight, eps, slot)
+        return add_norm(self.all_reduce(partial), residual, weight, eps)
 
     def all_gather_last_dim(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Concatenate each rank's [..., sizes[r]] slice along the last dimension."""

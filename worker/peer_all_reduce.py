@@ -9,15 +9,23 @@ maps (torch's symmetric memory), and one kernel per call:
   the same numbers in the same order, so all ranks hold the same bits.
 - two-shot (larger): each rank reduces its own slice of the buffer, then gathers the other slices.
 
-Tensors larger than the buffer, and groups where peer memory cannot be set up (no P2P between the
-GPUs, an old card), go to NCCL. CUDA graphs capture these kernels like any other.
+Where the sum goes straight into a residual add and an RMSNorm (every dense decoder layer, twice), add_norm
+can do all three in one kernel (worker/peer_add_norm.py) over a buffer of its own. It is off unless
+INFLIGHT_PEER_ADD_NORM=1: its bits are checked on one GPU (two ranks through CUDA IPC), but it has not yet
+run on two. Tensors larger than the buffer, and groups where peer memory cannot be set up (no P2P between
+the GPUs, an old card), go to NCCL. CUDA graphs capture these kernels like any other.
 """
 
 from __future__ import annotations
 
+import os
+
 import structlog
 import torch
 import torch.distributed as dist
+
+from worker.peer_add_norm import PeerAddNorm
+from worker.torch_engine.triton_support import triton
 
 log = structlog.get_logger()
 
@@ -40,6 +48,10 @@ class PeerAllReduce:
         self.buffer = symm_mem.empty(buffer_bytes, dtype=torch.uint8, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)
         self.one_shot_max_bytes = one_shot_max_bytes
+        world = dist.get_world_size()
+        # the fused kernel takes what one-shot takes: each rank's part of each half of its buffer holds that
+        fused = triton is not None and one_shot_max_bytes and os.environ.get("INFLIGHT_PEER_ADD_NORM") == "1"
+        self.add_norm = PeerAddNorm.symmetric(device, 2 * world * one_shot_max_bytes) if fused else None
 
     def fits(self, tensor: torch.Tensor) -> bool:
         nbytes = tensor.numel() * tensor.element_size()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from inflight.model_config import ModelConfig
-from worker.parallel import Collectives, ShardPlan
+from worker.parallel import AddNorm, Collectives, ShardPlan
 from worker.torch_engine import cpu_kernels, fused_moe
 from worker.torch_engine.batch import AttentionGroup, BatchInput
 from worker.torch_engine.fused import add_rms_norm, rope_and_cache
@@ -37,10 +37,8 @@ class LayerWeights:
     mlp: GatedMlp | GeluMlp | MixtureOfExperts  # this rank's partial sum; the model all-reduces it
 
 
-# One layer's attention block: (normed rows, the layer, its cache) -> its output, all-reduced.
+# One layer's attention block: (normed rows, the layer, its cache) -> this rank's part of its output.
 LayerAttention = Callable[[torch.Tensor, "LayerWeights", torch.Tensor], torch.Tensor]
-# A residual add fused with the RMSNorm after it: (x or None, residual (updated in place), weight, eps) -> normed.
-AddNorm = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -178,16 +176,19 @@ class LlamaModel:
         the RMSNorm that follows it (hidden, the residual, updated in place), or None for torch's ops."""
         if add_norm is None:
             for layer, layer_cache in zip(self.layers, kv_cache):
-                hidden = hidden + attention(self._norm(hidden, layer.input_norm), layer, layer_cache)
+                hidden = hidden + self.collectives.all_reduce(attention(self._norm(hidden, layer.input_norm), layer,
+                                                                        layer_cache))
                 hidden = hidden + self.collectives.all_reduce(layer.mlp(self._norm(hidden, layer.post_attention_norm)))
             return self._norm(hidden, self.norm)
         eps = self.config.rms_norm_eps
+        reduce_add_norm = self.collectives.all_reduce_add_norm
         normed = add_norm(None, hidden, self.layers[0].input_norm, eps)
         for index, (layer, layer_cache) in enumerate(zip(self.layers, kv_cache)):
-            normed = add_norm(attention(normed, layer, layer_cache), hidden, layer.post_attention_norm, eps)
-            mlp = self.collectives.all_reduce(layer.mlp(normed))
+            # slot 0 / 1: the two halves of a layer alternate, as the peer kernel's buffer halves must
+            normed = reduce_add_norm(attention(normed, layer, layer_cache), hidden, layer.post_attention_norm, eps,
+                                     add_norm, slot=0)
             following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.norm
-            normed = add_norm(mlp, hidden, following, eps)
+            normed = reduce_add_norm(layer.mlp(normed), hidden, following, eps, add_norm, slot=1)
         return normed
 
     def _paged_layer_attention(self, x: torch.Tensor, layer: LayerWeights, cache: torch.Tensor,
@@ -200,7 +201,7 @@ class LlamaModel:
         q = rope_and_cache(qkv, rope.cos if rope else None, rope.signed_sin if rope else None, batch.positions,
                            batch.slot_mapping, cache, self.num_q_heads, self.num_kv_heads)
         out = self._paged_attention(q, cache, batch.paged)
-        return self.collectives.all_reduce(layer.o(out.view(x.shape[0], -1)))
+        return layer.o(out.view(x.shape[0], -1))
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, weight, self.config.rms_norm_eps)
@@ -242,7 +243,7 @@ class LlamaModel:
             out = q.new_empty(num_tokens, q_size)
             for group, mask in zip(batch.groups, masks):
                 out[group.token_index] = self._gathered_attention(q, cache, group, mask)
-        return self.collectives.all_reduce(layer.o(out))
+        return layer.o(out)
 
     def _paged_attention(self, q: torch.Tensor, cache: torch.Tensor, paged: PagedAttention) -> torch.Tensor:
         """Prompt chunks' rows through the prefill kernel, single-token rows through the decode kernel."""
