@@ -21,19 +21,22 @@ def load(path: Path) -> dict | None:
 def main(folder: str) -> None:
     out = Path(folder)
     summary: dict[str, object] = {}
-    one, two = load(out / "tp1_fp32.json"), load(out / "tp2_fp32.json")
-    if one and two:
-        summary["fp32_greedy_tokens_identical"] = one["greedy_tokens"] == two["greedy_tokens"]
-        summary["fp32_first_difference_per_prompt"] = [first_difference(a, b) for a, b in
-                                                       zip(one["greedy_tokens"], two["greedy_tokens"])]
-    runs = {name: load(out / f"{name}_bf16.json") for name in ("tp1", "tp2", "tp2nccl")}
+    one = load(out / "tp1_fp32.json")
+    for name in ("tp2", "tp2fused"):
+        two = load(out / f"{name}_fp32.json")
+        if one and two:
+            prefix = "fp32" if name == "tp2" else f"{name}_fp32"
+            summary[f"{prefix}_greedy_tokens_identical"] = one["greedy_tokens"] == two["greedy_tokens"]
+            summary[f"{prefix}_first_difference_per_prompt"] = [first_difference(a, b) for a, b in
+                                                                zip(one["greedy_tokens"], two["greedy_tokens"])]
+    runs = {name: load(out / f"{name}_bf16.json") for name in ("tp1", "tp2", "tp2nccl", "tp2fused")}
     if runs["tp1"]:
         summary["gpu"], summary["torch"] = runs["tp1"]["gpu"], runs["tp1"]["torch"]
         steps = []
         for row in runs["tp1"]["decode"]:
             key = (row["batch"], row["context"])
             entry: dict[str, object] = {"batch": key[0], "context": key[1], "tp1_ms": round(row["median_ms"], 3)}
-            for name in ("tp2", "tp2nccl"):
+            for name in ("tp2", "tp2nccl", "tp2fused"):
                 match = [r for r in (runs[name] or {}).get("decode", []) if (r["batch"], r["context"]) == key]
                 if match:
                     entry[f"{name}_ms"] = round(match[0]["median_ms"], 3)

@@ -2,17 +2,19 @@
 # Tensor parallelism on a host with 2+ NVIDIA GPUs (run on the device machine from the repository
 # root; $OUT receives the JSON reports):
 #   bash benchmarks/gpu_tp.sh
-# Parts (PARTS="allreduce tests steps tokens profile"): all-reduce per call, NCCL against GPU peer
+# Parts (PARTS="allreduce tests steps tokens fused profile"): all-reduce per call, NCCL against GPU peer
 # memory; the two-GPU tests; bf16 decode steps at TP=1, TP=2 with the peer all-reduce and TP=2 with
-# NCCL alone, each beside its own floor; fp32 greedy tokens at TP=1 and TP=2; where the decode step's
-# GPU time goes (profile_decode.py). compare_tp.py sums up all but the profiles.
+# NCCL alone, each beside its own floor; fp32 greedy tokens at TP=1 and TP=2; the fused peer all-reduce
+# + residual add + RMSNorm (INFLIGHT_PEER_ADD_NORM=1): its bits and time per call, then TP=2 steps and
+# fp32 tokens with it; where the decode step's GPU time goes (profile_decode.py). compare_tp.py sums up
+# all but the profiles.
 # Wheels in .carry/wheels (see gpu_env.sh) fill in what the host lacks.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD
 PY=${PY:-python3}
-PARTS=${PARTS:-allreduce tests steps tokens profile}
+PARTS=${PARTS:-allreduce tests steps tokens fused profile}
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 nvidia-smi topo -m | head -4
@@ -26,7 +28,7 @@ if has allreduce; then
 fi
 if has tests; then
   echo "## two-GPU tests"
-  $PY -m pytest -q -p no:cacheprovider tests/test_peer_all_reduce.py 2>&1 | tail -3
+  $PY -m pytest -q -p no:cacheprovider tests/test_peer_all_reduce.py tests/test_peer_add_norm.py 2>&1 | tail -3
 fi
 if has steps; then
   mpiexec -n 1 $PY benchmarks/tp_decode.py --model "$MODEL" --dtype bfloat16 --batches "$BATCHES" --out "$OUT/tp1_bf16.json" | tail -1 | cut -c1-400
@@ -37,6 +39,12 @@ if has tokens; then
   for tp in 1 2; do
     mpiexec -n $tp $PY benchmarks/tp_decode.py --model "$MODEL" --dtype float32 --batches "" --out "$OUT/tp${tp}_fp32.json" | tail -1 | cut -c1-200
   done
+fi
+if has fused; then
+  echo "## fused peer all-reduce + add + RMSNorm: bits, then us per call (fused / peer then add_norm / NCCL then add_norm)"
+  mpiexec -n 2 $PY benchmarks/peer_add_norm.py --out "$OUT/peer_add_norm.json" || echo "peer_add_norm failed"
+  INFLIGHT_PEER_ADD_NORM=1 mpiexec -n 2 $PY benchmarks/tp_decode.py --model "$MODEL" --dtype bfloat16 --batches "$BATCHES" --out "$OUT/tp2fused_bf16.json" | tail -1 | cut -c1-400
+  INFLIGHT_PEER_ADD_NORM=1 mpiexec -n 2 $PY benchmarks/tp_decode.py --model "$MODEL" --dtype float32 --batches "" --out "$OUT/tp2fused_fp32.json" | tail -1 | cut -c1-200
 fi
 if has profile; then
   echo "## decode step kernels (bf16, context 128)"

@@ -210,7 +210,9 @@ def main() -> None:
             "cuda_graphs": engine.graphs is not None,
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "torch": torch.__version__, "load_seconds": round(load_seconds, 2),
-            "peer_all_reduce": getattr(engine.model.collectives, "peer", None) is not None, "batch_invariant": args.batch_invariant,
+            "peer_all_reduce": getattr(engine.model.collectives, "peer", None) is not None,
+            "peer_add_norm": getattr(getattr(engine.model.collectives, "peer", None), "add_norm", None) is not None,
+            "batch_invariant": args.batch_invariant,
             "weight_bytes_per_rank": weight_bytes, "floor_per_rank": floor,
             "greedy_tokens": tokens, "decode": timings, "prefill": prefill,
         }

@@ -8,6 +8,7 @@ tokens (prompts joining while others decode, CUDA graphs on) at TP=1 and at TP=2
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.devi
                                 reason="needs two CUDA GPUs")
 
 
-def mpi(ranks: int, script: str, *args: str) -> None:
+def mpi(ranks: int, script: str, *args: str, env: dict[str, str] | None = None) -> None:
     subprocess.run([find_mpiexec(""), "-n", str(ranks), sys.executable, str(ROOT / "benchmarks" / script), *args],
-                   check=True, cwd=ROOT, timeout=900)
+                   check=True, cwd=ROOT, timeout=900, env={**os.environ, **(env or {})})
 
 
 def test_peer_sums_are_nccls_bit_for_bit(tmp_path: Path) -> None:
@@ -35,13 +36,15 @@ def test_peer_sums_are_nccls_bit_for_bit(tmp_path: Path) -> None:
     assert len(checks) == 4 * 2 * 2 and all(checks.values()), rows  # sizes x dtypes x (one-shot, two-shot)
 
 
-def test_tp2_with_peer_all_reduce_gives_tp1_float32_tokens(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["peer_all_reduce", "peer_add_norm"])
+def test_tp2_with_peer_all_reduce_gives_tp1_float32_tokens(tmp_path: Path, fused: bool) -> None:
     tokens = {}
     for ranks in (1, 2):
         out = tmp_path / f"tp{ranks}.json"
         mpi(ranks, "tp_decode.py", "--model", "random:llama-3-1b", "--dtype", "float32", "--batches", "",
-            "--out", str(out))
+            "--out", str(out), env={"INFLIGHT_PEER_ADD_NORM": "1" if fused else "0"})
         report = json.loads(out.read_text())
         assert report["peer_all_reduce"] == (ranks == 2)
+        assert report["peer_add_norm"] == (fused and ranks == 2)
         tokens[ranks] = report["greedy_tokens"]
     assert tokens[2] == tokens[1]
