@@ -9,12 +9,17 @@ weight tile before the wait (weights do not depend on the predecessor).
 
 from __future__ import annotations
 
-import time
+import functools
+import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.graph_timing import graphed_calls_us  # noqa: E402
 
 
 @triton.jit
@@ -38,32 +43,16 @@ def matvec(x_ptr, w_ptr, y_ptr, n, k: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK
     tl.store(y_ptr + rows, (tl.sum(acc, axis=1) * 0.01).to(y_ptr.dtype.element_ty))
 
 
-def run(pdl: bool, early: bool, weights, xs) -> float:
+def run(pdl: bool, early: bool, weights: list[torch.Tensor], xs: list[torch.Tensor]) -> float:
+    """GPU microseconds per matvec of the chain, captured in one CUDA graph."""
     n, k = weights[0].shape
+    kwargs = {"launch_pdl": True} if pdl else {}
 
-    def chain() -> None:
-        for i, w in enumerate(weights):
-            kwargs = {"launch_pdl": True} if pdl else {}
-            matvec[(n // 16,)](xs[i], w, xs[i + 1], n, k, BLOCK_N=16, BLOCK_K=1024, PDL=pdl, EARLY=early,
-                               num_warps=8, num_stages=2, **kwargs)
+    def call(i: int) -> None:
+        matvec[(n // 16,)](xs[i], weights[i], xs[i + 1], n, k, BLOCK_N=16, BLOCK_K=1024, PDL=pdl, EARLY=early,
+                           num_warps=8, num_stages=2, **kwargs)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chain()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain()
-    graph.replay()
-    torch.cuda.synchronize()
-    out_first = xs[-1].clone()
-    start = time.perf_counter()
-    for _ in range(50):
-        graph.replay()
-    torch.cuda.synchronize()
-    us = (time.perf_counter() - start) / (50 * len(weights)) * 1e6
-    return us, out_first
+    return graphed_calls_us([functools.partial(call, i) for i in range(len(weights))], replays=50)
 
 
 def main() -> None:
@@ -76,8 +65,8 @@ def main() -> None:
     for name, pdl, early in (("plain", False, False), ("pdl", True, False), ("pdl_early", True, True),
                              ("plain_again", False, False)):
         xs[1:] = [torch.zeros_like(x) for x in xs[1:]]
-        us, out = run(pdl, early, weights, xs)
-        results[name] = (round(us, 2), out)
+        us = run(pdl, early, weights, xs)
+        results[name] = (round(us, 2), xs[-1].clone())
         print(name, round(us, 2), "us per call;", round(floor_bytes / (us * 1e-6) / 1e12, 2), "TB/s", flush=True)
     base = results["plain"][1]
     print("same output:", {name: bool(torch.equal(out, base)) for name, (_, out) in results.items()})

@@ -17,10 +17,10 @@ path the engine takes without it (PeerAllReduce, then add_rms_norm) and against 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
+from benchmarks.graph_timing import graphed_calls_us  # noqa: E402
 from worker.peer_add_norm import PeerAddNorm  # noqa: E402
 from worker.peer_all_reduce import PeerAllReduce  # noqa: E402
 from worker.torch_engine.distributed import init_distributed  # noqa: E402
@@ -84,25 +85,6 @@ def check_bits(fused: PeerAddNorm, comm: MPI.Comm, hidden: int, device: torch.de
     return results
 
 
-def per_call_us(step, repeats: int = 20) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    torch.cuda.synchronize()
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / (repeats * CALLS) * 1e6
-
-
 def time_paths(fused: PeerAddNorm, peer: PeerAllReduce, device: torch.device, hidden: int,
                rows: int) -> dict[str, float]:
     dtype = torch.bfloat16
@@ -110,22 +92,23 @@ def time_paths(fused: PeerAddNorm, peer: PeerAllReduce, device: torch.device, hi
     partials = [torch.randn(rows, hidden, device=device).to(dtype) for _ in range(CALLS)]
     residual = torch.randn(rows, hidden, device=device).to(dtype)
 
-    def fused_step() -> None:
-        for index, part in enumerate(partials):
-            fused(part, residual, weight, EPS, slot=index % 2)
+    def nccl_then_add_norm(part: torch.Tensor) -> None:
+        reduced = part.clone()
+        dist.all_reduce(reduced)
+        add_rms_norm(reduced, residual, weight, EPS)
 
-    def peer_step() -> None:
-        for part in partials:
-            add_rms_norm(peer(part), residual, weight, EPS)
-
-    def nccl_step() -> None:
-        for part in partials:
-            reduced = part.clone()
-            dist.all_reduce(reduced)
-            add_rms_norm(reduced, residual, weight, EPS)
-
-    return {"fused_us": round(per_call_us(fused_step), 2), "peer_then_add_norm_us": round(per_call_us(peer_step), 2),
-            "nccl_then_add_norm_us": round(per_call_us(nccl_step), 2)}
+    paths = {
+        "fused_us": [functools.partial(fused, part, residual, weight, EPS, slot=index % 2)
+                     for index, part in enumerate(partials)],
+        "peer_then_add_norm_us": [functools.partial(lambda p: add_rms_norm(peer(p), residual, weight, EPS), part)
+                                  for part in partials],
+        "nccl_then_add_norm_us": [functools.partial(nccl_then_add_norm, part) for part in partials],
+    }
+    timings = {}
+    for name, calls in paths.items():
+        dist.barrier()
+        timings[name] = round(graphed_calls_us(calls, replays=20), 2)
+    return timings
 
 
 def main() -> None:

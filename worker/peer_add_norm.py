@@ -96,6 +96,7 @@ class PeerAddNorm:
 
         buffer = symm_mem.empty(buffer_bytes, dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(buffer, dist.group.WORLD.group_name)
+
         def table(pointers: list[int]) -> torch.Tensor:
             return torch.tensor(pointers, dtype=torch.int64, device=device)
 
