@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,7 +31,7 @@ import torch.distributed as dist  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from benchmarks.graph_timing import graphed_calls_us  # noqa: E402
-from worker.peer_add_norm import PeerAddNorm  # noqa: E402
+from worker.peer_add_norm import PeerAddNorm, fill_empty  # noqa: E402
 from worker.peer_all_reduce import PeerAllReduce  # noqa: E402
 from worker.torch_engine.distributed import init_distributed  # noqa: E402
 from worker.torch_engine.fused import add_rms_norm  # noqa: E402
@@ -38,21 +39,19 @@ from worker.torch_engine.fused import add_rms_norm  # noqa: E402
 CALLS = 64
 EPS = 1e-5
 BUFFER_BYTES = 16 << 20
-PAD_BYTES = 4096
 
 
-def ipc_add_norm(comm: MPI.Comm, device: torch.device, buffer_bytes: int, pad_bytes: int) -> PeerAddNorm:
-    """A PeerAddNorm over buffers and pads each rank allocates and the others map through CUDA IPC."""
+def ipc_add_norm(comm: MPI.Comm, device: torch.device, buffer_bytes: int, dtype: torch.dtype) -> PeerAddNorm:
+    """A PeerAddNorm over buffers each rank allocates and the others map through CUDA IPC."""
     from torch.multiprocessing.reductions import reduce_tensor
 
-    own = (torch.zeros(buffer_bytes, dtype=torch.uint8, device=device),
-           torch.zeros(pad_bytes // 4, dtype=torch.int32, device=device))
-    shared = comm.allgather(tuple(reduce_tensor(t) for t in own))
-    mapped = [own if r == comm.Get_rank() else tuple(rebuild(*args) for rebuild, args in handles)
-              for r, handles in enumerate(shared)]
-    buffer_ptrs = torch.tensor([b.data_ptr() for b, _ in mapped], dtype=torch.int64, device=device)
-    pad_ptrs = torch.tensor([p.data_ptr() for _, p in mapped], dtype=torch.int64, device=device)
-    return PeerAddNorm(buffer_ptrs, pad_ptrs, comm.Get_rank(), buffer_bytes, pad_bytes, keep=mapped)
+    own = torch.empty(buffer_bytes, dtype=torch.uint8, device=device)
+    fill_empty(own, dtype)
+    torch.cuda.synchronize()
+    shared = comm.allgather(reduce_tensor(own))  # after every rank's fill: no rank writes before it
+    mapped = [own if r == comm.Get_rank() else rebuild(*args) for r, (rebuild, args) in enumerate(shared)]
+    pointers = torch.tensor([b.data_ptr() for b in mapped], dtype=torch.int64, device=device)
+    return PeerAddNorm(pointers, comm.Get_rank(), buffer_bytes, dtype, keep=mapped)
 
 
 def draw(seed: int, rows: int, hidden: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -60,11 +59,12 @@ def draw(seed: int, rows: int, hidden: int, dtype: torch.dtype, device: torch.de
     return torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
 
 
-def check_bits(fused: PeerAddNorm, comm: MPI.Comm, hidden: int, device: torch.device, rows_list: list[int],
-               calls: int) -> dict[str, bool]:
+def check_bits(build: Callable[[torch.dtype], PeerAddNorm], comm: MPI.Comm, hidden: int, device: torch.device,
+               rows_list: list[int], calls: int) -> dict[str, bool]:
     rank, size = comm.Get_rank(), comm.Get_size()
     results = {}
     for dtype in (torch.bfloat16, torch.float32):
+        fused = build(dtype)
         weight = draw(7, 1, hidden, dtype, device)[0]
         for rows in rows_list:
             ok = True
@@ -125,20 +125,20 @@ def main() -> None:
     if shared_gpu:
         torch.cuda.set_device(0)
         device = torch.device("cuda", 0)
-        fused = ipc_add_norm(comm, device, BUFFER_BYTES, PAD_BYTES)
+        build = functools.partial(ipc_add_norm, comm, device, BUFFER_BYTES)
     else:
         init_distributed(comm, "cuda", comm.allgather(MPI.Get_processor_name()))
         device = torch.device("cuda", torch.cuda.current_device())
-        fused = PeerAddNorm.symmetric(device, BUFFER_BYTES)
+        build = functools.partial(PeerAddNorm.symmetric, device, BUFFER_BYTES)
     report: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "ranks": size, "shared_gpu": shared_gpu,
-                                 "torch": torch.__version__, "hidden": args.hidden, "programs": fused.programs,
-                                 "slot_bytes": fused.slot_bytes}
-    report["bits"] = check_bits(fused, comm, args.hidden, device, [int(r) for r in args.rows.split(",")], args.calls)
+                                 "torch": torch.__version__, "hidden": args.hidden}
+    report["bits"] = check_bits(build, comm, args.hidden, device, [int(r) for r in args.rows.split(",")], args.calls)
     if rank == 0:
         print(json.dumps(report["bits"]), flush=True)
     if not shared_gpu and size > 1:
         timings = []
         peer = PeerAllReduce(device)
+        fused = build(torch.bfloat16)
         for rows in [int(r) for r in args.time_rows.split(",") if r]:
             row = {"rows": rows, **time_paths(fused, peer, device, args.hidden, rows)}
             timings.append(row)

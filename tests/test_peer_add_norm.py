@@ -1,11 +1,12 @@
 """The fused peer all-reduce + residual add + RMSNorm kernel (worker/peer_add_norm.py) against add_rms_norm.
 
 Real MPI ranks (benchmarks/peer_add_norm.py). Two: on two GPUs over torch's symmetric memory, on one GPU
-over buffers mapped through CUDA IPC with the kernels time-sliced. One: over torch's symmetric memory as the
-engine sets it up (its pointer and signal-pad tables). Each rank knows every rank's partials
-(the same seeds), so the sum is known; runs of calls alternate the buffer's halves with new data each
-call, and the normed rows and the updated residual must equal add_rms_norm's of that sum, bit for bit,
-and be the same on both ranks.
+over buffers mapped through CUDA IPC with the kernels time-sliced. One: over torch's symmetric memory as
+the engine sets it up (its pointer table, its buffer emptied before the rendezvous). Each rank knows every
+rank's partials (the same seeds), so the sum is known; runs of calls alternate the buffer's halves with
+new data each call, and the normed rows and the updated residual must equal add_rms_norm's of that sum,
+bit for bit, and be the same on both ranks. A rank that read a half before its peer had refilled it
+(stale rows, or one not emptied) would give another call's sum.
 """
 
 from __future__ import annotations
@@ -32,5 +33,5 @@ def test_fused_sums_equal_all_reduce_then_add_rms_norm(tmp_path: Path, ranks: in
                     "--rows", "1,5,64,130", "--calls", "8", "--time-rows", "", "--out", str(out)],
                    check=True, cwd=ROOT, timeout=600)
     report = json.loads(out.read_text())
-    assert report["ranks"] == ranks and report["programs"] >= 1
+    assert report["ranks"] == ranks
     assert len(report["bits"]) == 2 * 4 and all(report["bits"].values()), report["bits"]

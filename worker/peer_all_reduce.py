@@ -41,7 +41,8 @@ class PeerAllReduce:
     """Sum-all-reduce over the default process group through a symmetric buffer (CUDA only)."""
 
     def __init__(self, device: torch.device, buffer_bytes: int = BUFFER_BYTES,
-                 one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES) -> None:
+                 one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES, dtype: torch.dtype = torch.bfloat16) -> None:
+        """dtype: the model's, which the fused add-norm kernel (if on) is set up for."""
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name = dist.group.WORLD.group_name
@@ -51,7 +52,7 @@ class PeerAllReduce:
         world = dist.get_world_size()
         # the fused kernel takes what one-shot takes: each rank's part of each half of its buffer holds that
         fused = triton is not None and one_shot_max_bytes and os.environ.get("INFLIGHT_PEER_ADD_NORM") == "1"
-        self.add_norm = PeerAddNorm.symmetric(device, 2 * world * one_shot_max_bytes) if fused else None
+        self.add_norm = PeerAddNorm.symmetric(device, 2 * world * one_shot_max_bytes, dtype) if fused else None
 
     def fits(self, tensor: torch.Tensor) -> bool:
         nbytes = tensor.numel() * tensor.element_size()
@@ -70,8 +71,8 @@ class PeerAllReduce:
         return tensor
 
 
-def peer_all_reduce(device: torch.device) -> PeerAllReduce | None:
-    """A PeerAllReduce where every rank of the group can set one up, else None (NCCL alone).
+def peer_all_reduce(device: torch.device, dtype: torch.dtype) -> PeerAllReduce | None:
+    """A PeerAllReduce where every rank of the group can set one up, else None (NCCL alone); dtype: the model's.
 
     Collective: every rank calls it at the same point, after torch.distributed is up.
     """
@@ -80,7 +81,7 @@ def peer_all_reduce(device: torch.device) -> PeerAllReduce | None:
     if device.type != "cuda" or dist.get_world_size() not in WORLD_SIZES:
         return None
     try:
-        built = PeerAllReduce(device)
+        built = PeerAllReduce(device, dtype=dtype)
     except Exception as error:  # no P2P between these GPUs, a torch without symmetric memory, ...
         reason = f"{type(error).__name__}: {error}"
     agreed = torch.tensor([1 if built is not None else 0], device=device)

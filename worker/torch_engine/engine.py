@@ -33,7 +33,8 @@ GRAPH_TOKENS = 2048  # steps of up to this many tokens (or max_num_seqs, if more
 _T = TypeVar("_T")
 
 
-def _resolve_dtype(config: WorkerConfig) -> torch.dtype:
+def resolve_dtype(config: WorkerConfig) -> torch.dtype:
+    """The model's dtype: config.dtype, with auto as float32 on CPU and bfloat16 on GPUs."""
     if config.dtype == "auto":
         return torch.float32 if config.device == "cpu" else torch.bfloat16
     return _DTYPES[config.dtype]
@@ -54,7 +55,7 @@ class TorchEngine:
     def __init__(self, config: WorkerConfig, shard: ShardPlan, collectives: Collectives) -> None:
         self.config = config
         self.device = torch.device(config.device, torch.cuda.current_device()) if config.device == "cuda" else torch.device("cpu")
-        self.dtype = _resolve_dtype(config)
+        self.dtype = resolve_dtype(config)
         if self.device.type == "cuda":
             # cuDNN's SDPA builds a new graph for every new context length: ~2 ms of CPU per layer call.
             torch.backends.cuda.enable_cudnn_sdp(False)

@@ -11,7 +11,7 @@ from worker.config import WorkerConfig
 from worker.parallel import Collectives, ShardPlan
 from worker.peer_all_reduce import peer_all_reduce
 from worker.torch_engine.distributed import init_distributed
-from worker.torch_engine.engine import TorchEngine
+from worker.torch_engine.engine import TorchEngine, resolve_dtype
 
 log = structlog.get_logger()
 
@@ -25,7 +25,7 @@ def create_torch_engine(config: WorkerConfig, comm: MPI.Comm) -> TorchEngine:
     if size > 1:
         init_distributed(comm, config.device, hosts)
         if config.device == "cuda" and config.peer_all_reduce:
-            peer = peer_all_reduce(torch.device("cuda", torch.cuda.current_device()))
+            peer = peer_all_reduce(torch.device("cuda", torch.cuda.current_device()), resolve_dtype(config))
     elif config.device == "cuda":
         torch.cuda.set_device(0)
     engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size, peer))
