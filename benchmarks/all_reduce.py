@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
+from benchmarks.mpi_ranks import end_ranks  # noqa: E402
 from worker.peer_all_reduce import PeerAllReduce  # noqa: E402
 from worker.torch_engine.distributed import init_distributed  # noqa: E402
 
@@ -105,9 +105,7 @@ def main() -> None:
         report = {"gpu": torch.cuda.get_device_name(), "ranks": size, "torch": torch.__version__,
                   "hidden": args.hidden, "calls_per_graph": CALLS, "sizes": rows}
         Path(args.out).write_text(json.dumps(report, indent=1))
-    comm.Barrier()
-    MPI.Finalize()
-    os._exit(0)  # skip NCCL's teardown, which can hang at interpreter exit
+    end_ranks(comm)
 
 
 if __name__ == "__main__":

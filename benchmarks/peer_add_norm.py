@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.distributed as dist  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from benchmarks.graph_timing import graphed_calls_us  # noqa: E402
+from benchmarks.mpi_ranks import end_ranks  # noqa: E402
 from worker.peer_add_norm import PeerAddNorm, fill_empty  # noqa: E402
 from worker.peer_all_reduce import PeerAllReduce  # noqa: E402
 from worker.torch_engine.distributed import init_distributed  # noqa: E402
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--rows", default="1,3,64,100")
     parser.add_argument("--calls", type=int, default=20)
-    parser.add_argument("--time-rows", default="1,8,32,64")
+    parser.add_argument("--time-rows", default="1,8,32,64,128")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
@@ -147,9 +147,7 @@ def main() -> None:
         report["per_call"] = timings
     if rank == 0:
         Path(args.out).write_text(json.dumps(report, indent=1))
-    comm.Barrier()
-    MPI.Finalize()
-    os._exit(0)  # skip NCCL's teardown, which can hang at interpreter exit
+    end_ranks(comm)
 
 
 if __name__ == "__main__":
