@@ -10,7 +10,10 @@ engine's (worker/torch_engine/one_row_matvec.py): its own tiling per shape, and 
 Each case is timed as the decode step runs it: the projection over enough copies of its weight to
 defeat the L2 cache, one after the other, inside a CUDA graph; a figure is microseconds per call.
 
-    python benchmarks/gemv_m1.py [--check]
+    python benchmarks/gemv_m1.py [--check] [--tp 2]
+
+--tp N takes one rank's shapes at tensor parallelism N (column-parallel qkv, gate-up and head, row-parallel
+o and down).
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ per_call_us = functools.partial(graphed_calls_us, replays=20)  # the calls in on
 # (name, out features N, in features K) of random Llama-3-8B at TP=1
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
           ("lm_head", 128256, 4096)]
+ROW_PARALLEL = ("o", "down")  # split along K at tensor parallelism; the others along N
+
+
+def rank_shapes(tp: int) -> list[tuple[str, int, int]]:
+    """One rank's (name, N, K) at tensor parallelism tp."""
+    return [(name, n, k // tp) if name in ROW_PARALLEL else (name, -(-n // tp), k) for name, n, k in SHAPES]
 CONFIGS = [Tiling(n, k, w, s) for n, k, w, s in itertools.product((4, 8, 16), (512, 1024), (4, 8), (2, 4))]
 
 
@@ -44,11 +53,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only compare results against F.linear")
     parser.add_argument("--out", default="", help="write the figures as JSON here")
+    parser.add_argument("--tp", type=int, default=1, help="one rank's shapes at this tensor parallelism")
     args = parser.parse_args()
+    shapes = rank_shapes(args.tp)
     torch.manual_seed(0)
     dtype, device = torch.bfloat16, "cuda"
     if args.check:
-        for name, n, k in SHAPES:
+        for name, n, k in shapes:
             w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
             x = torch.randn(k, device=device, dtype=dtype)
             want = F.linear(x.float(), w.float())
@@ -59,8 +70,8 @@ def main() -> None:
     bandwidth = measure_bandwidth_gb_s() * 1e9  # bytes per second, as the engine's floors use it
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s")
     report: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "copy_gb_s": round(bandwidth / 1e9, 1),
-                                 "shapes": {}}
-    for name, n, k in SHAPES:
+                                 "tp": args.tp, "shapes": {}}
+    for name, n, k in shapes:
         copies = max(2, math.ceil((256 << 20) / (n * k * 2)))
         weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
         floor_us = n * k * 2 / bandwidth * 1e6
