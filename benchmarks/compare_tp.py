@@ -56,6 +56,10 @@ def main(folder: str) -> None:
         summary["all_reduce_per_layer_in_graphs"] = layers
         summary["all_reduce_bit_for_bit_nccl"] = all(v for row in reduce["sizes"] for k, v in row.items()
                                                      if k.endswith("_equals_nccl"))
+    fused = load(out / "peer_add_norm.json")
+    if fused:
+        summary["peer_add_norm_bits_equal"] = all(fused["bits"].values())
+        summary["peer_add_norm_us_per_call"] = fused.get("per_call", [])
     text = json.dumps(summary, indent=1)
     (out / "summary.json").write_text(text)
     print(text)
