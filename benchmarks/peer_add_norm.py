@@ -92,6 +92,9 @@ def time_paths(fused: PeerAddNorm, peer: PeerAllReduce, device: torch.device, hi
     partials = [torch.randn(rows, hidden, device=device).to(dtype) for _ in range(CALLS)]
     residual = torch.randn(rows, hidden, device=device).to(dtype)
 
+    def peer_then_add_norm(part: torch.Tensor) -> None:
+        add_rms_norm(peer(part), residual, weight, EPS)
+
     def nccl_then_add_norm(part: torch.Tensor) -> None:
         reduced = part.clone()
         dist.all_reduce(reduced)
@@ -100,8 +103,7 @@ def time_paths(fused: PeerAddNorm, peer: PeerAllReduce, device: torch.device, hi
     paths = {
         "fused_us": [functools.partial(fused, part, residual, weight, EPS, slot=index % 2)
                      for index, part in enumerate(partials)],
-        "peer_then_add_norm_us": [functools.partial(lambda p: add_rms_norm(peer(p), residual, weight, EPS), part)
-                                  for part in partials],
+        "peer_then_add_norm_us": [functools.partial(peer_then_add_norm, part) for part in partials],
         "nccl_then_add_norm_us": [functools.partial(nccl_then_add_norm, part) for part in partials],
     }
     timings = {}
