@@ -29,18 +29,23 @@ def main(folder: str) -> None:
             summary[f"{prefix}_greedy_tokens_identical"] = one["greedy_tokens"] == two["greedy_tokens"]
             summary[f"{prefix}_first_difference_per_prompt"] = [first_difference(a, b) for a, b in
                                                                 zip(one["greedy_tokens"], two["greedy_tokens"])]
-    runs = {name: load(out / f"{name}_bf16.json") for name in ("tp1", "tp2", "tp2nccl", "tp2fused")}
+    # tp2alone: one rank of TP=2 with no all-reduce, on one GPU (tp_decode.py --rank-alone 2); its speedup is
+    # TP=2's ceiling were the all-reduces free
+    runs = {name: load(out / f"{name}_bf16.json") for name in ("tp1", "tp2", "tp2nccl", "tp2fused", "tp2alone")}
     if runs["tp1"]:
         summary["gpu"], summary["torch"] = runs["tp1"]["gpu"], runs["tp1"]["torch"]
         steps = []
         for row in runs["tp1"]["decode"]:
             key = (row["batch"], row["context"])
-            entry: dict[str, object] = {"batch": key[0], "context": key[1], "tp1_ms": round(row["median_ms"], 3)}
-            for name in ("tp2", "tp2nccl", "tp2fused"):
+            entry: dict[str, object] = {"batch": key[0], "context": key[1], "tp1_ms": round(row["median_ms"], 3),
+                                        "tp1_pipelined_ms": round(row["pipelined_ms"], 3)}
+            for name in ("tp2", "tp2nccl", "tp2fused", "tp2alone"):
                 match = [r for r in (runs[name] or {}).get("decode", []) if (r["batch"], r["context"]) == key]
                 if match:
                     entry[f"{name}_ms"] = round(match[0]["median_ms"], 3)
                     entry[f"{name}_speedup"] = round(row["median_ms"] / match[0]["median_ms"], 3)
+                    entry[f"{name}_pipelined_ms"] = round(match[0]["pipelined_ms"], 3)
+                    entry[f"{name}_pipelined_speedup"] = round(row["pipelined_ms"] / match[0]["pipelined_ms"], 3)
             steps.append(entry)
         summary["bf16_decode"] = steps
         summary["floor_ms_per_rank"] = {name: [f["floor_ms"] for f in run["floor_per_rank"]]

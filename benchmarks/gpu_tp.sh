@@ -7,7 +7,9 @@
 # NCCL alone, each beside its own floor; fp32 greedy tokens at TP=1 and TP=2; the fused peer all-reduce
 # + residual add + RMSNorm (INFLIGHT_PEER_ADD_NORM=1): its bits and time per call, then TP=2 steps and
 # fp32 tokens with it; where the decode step's GPU time goes (profile_decode.py). compare_tp.py sums up
-# all but the profiles.
+# all but the profiles. PARTS="alone" runs on one GPU: TP=1 steps beside rank 0's slice of TP=2 with no
+# all-reduce (tp_decode.py --rank-alone 2), and both profiled: what a TP=2 step costs apart from its
+# all-reduces.
 # Wheels in .carry/wheels (see gpu_env.sh) fill in what the host lacks.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -45,6 +47,15 @@ if has fused; then
   mpiexec -n 2 $PY benchmarks/peer_add_norm.py --out "$OUT/peer_add_norm.json" || echo "peer_add_norm failed"
   INFLIGHT_PEER_ADD_NORM=1 mpiexec -n 2 $PY benchmarks/tp_decode.py --model "$MODEL" --dtype bfloat16 --batches "$BATCHES" --out "$OUT/tp2fused_bf16.json" | tail -1 | cut -c1-400
   INFLIGHT_PEER_ADD_NORM=1 mpiexec -n 2 $PY benchmarks/tp_decode.py --model "$MODEL" --dtype float32 --batches "" --out "$OUT/tp2fused_fp32.json" | tail -1 | cut -c1-200
+fi
+if has alone; then
+  echo "## one GPU: TP=1 against one rank of TP=2 with no all-reduce (bf16, context 128)"
+  $PY benchmarks/tp_decode.py --model "$MODEL" --dtype bfloat16 --batches "$BATCHES" --out "$OUT/tp1_bf16.json" | tail -1 | cut -c1-400
+  $PY benchmarks/tp_decode.py --model "$MODEL" --dtype bfloat16 --batches "$BATCHES" --rank-alone 2 --out "$OUT/tp2alone_bf16.json" | tail -1 | cut -c1-400
+  for batch in ${BATCHES//,/ }; do
+    $PY benchmarks/profile_decode.py --model "$MODEL" --batch $batch | grep '^{' | tee -a "$OUT/profiles_alone.jsonl"
+    $PY benchmarks/profile_decode.py --model "$MODEL" --batch $batch --rank-alone 2 | grep '^{' | tee -a "$OUT/profiles_alone.jsonl"
+  done
 fi
 if has profile; then
   echo "## decode step kernels (bf16, context 128)"

@@ -3,6 +3,9 @@
     mpiexec -n N python benchmarks/tp_decode.py --model random:llama-3-8b --device cuda --out tp.json
 
 Every rank builds the same steps, so the engine and the all-reduces are all that run.
+--rank-alone N: one process runs rank 0's slice of a TP=N split with no collective at all (each
+all-reduce returns its input), on one GPU: what a TP=N step costs a rank apart from its all-reduces.
+Its tokens are meaningless.
 Part 1: greedy generation of a few random prompts, batched; the tokens go in the report so
 runs at different N can be compared. Part 2: decode step time at the given batch sizes.
 """
@@ -26,9 +29,35 @@ from mpi4py import MPI  # noqa: E402
 
 from inflight.step_contract import PREVIOUS_TOKEN  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
+from worker.parallel import Collectives, ShardPlan  # noqa: E402
 from worker.step import Admission, PendingStep, Step  # noqa: E402
 from worker.torch_engine.engine import TorchEngine  # noqa: E402
 from worker.torch_engine.factory import create_torch_engine  # noqa: E402
+
+
+class RankAlone(Collectives):
+    """Rank 0's collectives in a TP=tp_size group of one: every all-reduce is its input, every gather repeats it."""
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_reduce_add_norm(self, partial, residual, weight, eps, add_norm, slot):  # noqa: ANN001, ANN201
+        return add_norm(partial, residual, weight, eps)
+
+    def all_gather_last_dim(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        width = max(sizes)
+        padded = torch.nn.functional.pad(tensor, (0, width - tensor.shape[-1]))
+        return torch.cat([padded[..., :size] for size in sizes], dim=-1)
+
+
+def build_engine(config: WorkerConfig, comm: MPI.Comm, rank_alone: int = 0) -> TorchEngine:
+    """The worker's own setup (devices, torch.distributed, all-reduce), or with rank_alone N, rank 0 of a TP=N
+    split in this one process with RankAlone's collectives."""
+    if not rank_alone:
+        return create_torch_engine(config, comm)
+    if config.device == "cuda":
+        torch.cuda.set_device(0)
+    return TorchEngine(config, ShardPlan(0, rank_alone), RankAlone(rank_alone))
 
 
 class Driver:
@@ -170,6 +199,8 @@ def main() -> None:
     parser.add_argument("--peer-all-reduce", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--prefill-tokens", type=int, default=0, help="also time one prompt of this many tokens")
+    parser.add_argument("--rank-alone", type=int, default=0, metavar="N",
+                        help="one process: rank 0's slice of a TP=N split, no collectives (see the docstring)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b]
     contexts = [int(c) for c in args.contexts.split(",") if c]
@@ -183,7 +214,7 @@ def main() -> None:
                           max_num_seqs=args.max_num_seqs or max([64] + batches), max_model_len=4096 + 64, seed=0,
                           log_level="warning", cuda_graphs=args.cuda_graphs, **changed)
     began = time.perf_counter()
-    engine = create_torch_engine(config, comm)  # the worker's own setup: devices, torch.distributed, all-reduce
+    engine = build_engine(config, comm, args.rank_alone)
     engine.warmup()
     load_seconds = time.perf_counter() - began
     sync = (lambda: torch.cuda.synchronize()) if args.device == "cuda" else (lambda: None)
@@ -206,7 +237,8 @@ def main() -> None:
         floor = comm.gather(floor, root=0)
     if rank == 0:
         report = {
-            "model": args.model, "tp": size, "device": args.device, "dtype": args.dtype,
+            "model": args.model, "tp": args.rank_alone or size, "rank_alone": bool(args.rank_alone),
+            "device": args.device, "dtype": args.dtype,
             "cuda_graphs": engine.graphs is not None,
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "torch": torch.__version__, "load_seconds": round(load_seconds, 2),
