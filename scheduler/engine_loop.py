@@ -140,6 +140,11 @@ class EngineLoop:
                 self.tracing.finished(request, common_pb2.FINISH_REASON_ABORT)
         return request is not None
 
+    def requests_held(self) -> int:
+        """Requests running or waiting: what the queue bound (max_num_seqs + max_waiting_requests) counts."""
+        planner = self.planner
+        return 0 if planner is None else len(planner.waiting) + len(planner.running)
+
     def stats(self) -> common_pb2.Stats:
         planner = self.planner
         if planner is None:
@@ -170,7 +175,7 @@ class EngineLoop:
         if not submit.request_id:
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
         capacity = self.config.max_waiting_requests + limits.max_num_seqs
-        if len(planner.waiting) + len(planner.running) >= capacity:
+        if self.requests_held() >= capacity:
             raise RequestRejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"the queue is full ({capacity} requests running or waiting)")
         if (submit.tenant, submit.request_id) in self.streams:

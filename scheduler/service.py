@@ -51,7 +51,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 await outbox.ready.wait()
                 events = outbox.take()
                 if events:
-                    yield scheduler_pb2.SessionEvents(events=events)
+                    yield scheduler_pb2.SessionEvents(events=events, requests_held=self.loop.requests_held())
             await reader  # its error, if it failed
         finally:
             reader.cancel()

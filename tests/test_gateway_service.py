@@ -29,6 +29,8 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.release.set()
         self.submit_failure: tuple[grpc.StatusCode, str] | None = None
         self.stats_failure: tuple[grpc.StatusCode, str] | None = None
+        self.sessions = False   # ModelInfo.sessions: the gateway then sends every request on one Session
+        self.held_elsewhere = 0  # Session messages count this many requests of other gateways as held
 
     async def Submit(self, request, context):  # type: ignore[no-untyped-def]
         self.submits.append(request)
@@ -39,6 +41,37 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
             last = index == len(self.reply_ids) - 1
             yield scheduler_pb2.TokenEvent(token_ids=[token],
                                            finish_reason=common_pb2.FINISH_REASON_LENGTH if last else 0)
+
+    async def Session(self, requests, context):  # type: ignore[no-untyped-def]
+        """Each submit: a message at once (what is held now), then its reply in one event once released."""
+        outbox: asyncio.Queue[list[scheduler_pb2.SessionEvent]] = asyncio.Queue()
+        live: set[str] = set()
+
+        async def answer(submit: scheduler_pb2.SubmitRequest) -> None:
+            await self.release.wait()
+            live.discard(submit.request_id)
+            outbox.put_nowait([scheduler_pb2.SessionEvent(
+                tenant=submit.tenant, request_id=submit.request_id,
+                event=scheduler_pb2.TokenEvent(token_ids=self.reply_ids, finish_reason=common_pb2.FINISH_REASON_LENGTH))])
+
+        async def read() -> None:
+            async for message in requests:
+                if message.HasField("submit"):
+                    self.submits.append(message.submit)
+                    live.add(message.submit.request_id)
+                    outbox.put_nowait([])
+                    answers.add(asyncio.ensure_future(answer(message.submit)))
+
+        answers: set[asyncio.Future[None]] = set()
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                events = await outbox.get()
+                yield scheduler_pb2.SessionEvents(events=events, requests_held=len(live) + self.held_elsewhere)
+        finally:
+            reader.cancel()
+            for task in answers:
+                task.cancel()
 
     async def Abort(self, request, context):  # type: ignore[no-untyped-def]
         self.aborts.append((request.tenant, request.request_id))
@@ -51,7 +84,8 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
     async def GetModelInfo(self, request, context):  # type: ignore[no-untyped-def]
         return scheduler_pb2.ModelInfo(model_name="scripted", vocab_size=49152, max_model_len=2048, eos_token_ids=[2],
-                                       tp_size=1, engine="scripted", device="cpu", instance_id=self.instance_id)
+                                       tp_size=1, engine="scripted", device="cpu", instance_id=self.instance_id,
+                                       sessions=self.sessions)
 
 
 async def start_scheduler(scripted: ScriptedScheduler, socket: str) -> grpc.aio.Server:
@@ -84,11 +118,13 @@ class Harness:
         return self.gateway.metrics.requests.labels(rpc, code)._value.get()
 
 
-def run(body: Callable[[Harness], Awaitable[None]], model_dir: Path, tmp_path: Path, **limits) -> None:
+def run(body: Callable[[Harness], Awaitable[None]], model_dir: Path, tmp_path: Path, sessions: bool = False,
+        **limits) -> None:
     async def main() -> None:
         from services.text.codec import TextCodec
 
         scripted = ScriptedScheduler(TextCodec(model_dir).encode(REPLY))
+        scripted.sessions = sessions
         socket = f"unix://{tmp_path}/scheduler.sock"
         scheduler_server = await start_scheduler(scripted, socket)
         config = GatewayConfig(model=str(model_dir), scheduler=socket, host="127.0.0.1", port=free_port(),
@@ -137,6 +173,40 @@ def test_admission_is_decided_before_tokenizing_or_calling_the_scheduler(model_d
         assert h.count("Complete", "RESOURCE_EXHAUSTED") == 20
 
     run(body, model_dir, tmp_path, in_flight=4)
+
+
+def test_what_the_scheduler_holds_for_other_gateway_processes_counts_against_the_bound(model_dir, tmp_path):
+    """Gateway processes sharing a scheduler: each refuses, before any work, once its own requests and what the
+    scheduler's latest session message says it holds for the others reach the bound; an old figure is dropped."""
+    async def body(h: Harness) -> None:
+        h.scheduler.release.clear()
+        h.scheduler.held_elsewhere = 3
+        encodes = 0
+        encode_chat = h.gateway.generation.codec.encode_chat
+
+        def counting(*args):  # type: ignore[no-untyped-def]
+            nonlocal encodes
+            encodes += 1
+            return encode_chat(*args)
+
+        h.gateway.generation.codec.encode_chat = counting  # type: ignore[method-assign]
+        first = asyncio.ensure_future(h.complete(tenant="a"))
+        while h.gateway.scheduler.held_elsewhere() != 3:
+            await asyncio.sleep(0.01)
+        for _ in range(5):  # 1 here + 3 elsewhere = the bound of 4
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await h.complete(tenant="late")
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert encodes == 1 and len(h.scheduler.submits) == 1  # the refused did no work
+        await asyncio.sleep(0.6)  # no message since: the others' requests may have ended, the figure is dropped
+        second = asyncio.ensure_future(h.complete(tenant="b"))
+        while len(h.scheduler.submits) < 2:
+            await asyncio.sleep(0.01)
+        h.scheduler.release.set()
+        assert [r.text for r in await asyncio.gather(first, second)] == [REPLY, REPLY]
+        assert h.count("Complete", "RESOURCE_EXHAUSTED") == 5
+
+    run(body, model_dir, tmp_path, sessions=True, in_flight=4)
 
 
 def test_request_ids_are_scoped_by_tenant(model_dir, tmp_path):

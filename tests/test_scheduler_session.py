@@ -189,3 +189,26 @@ def test_clients_that_go_away_mid_submit_end_their_own_requests_and_no_other(tmp
         await session.close()
 
     with_session(body, tmp_path, answer=paced)
+
+
+def test_each_session_learns_what_the_scheduler_holds_for_the_other_sessions(tmp_path):
+    """Two gateway processes' sessions on one scheduler: each message says how many requests it holds in all,
+    and each gateway's session takes its own away (held_elsewhere). With no fresh message the figure is 0."""
+    async def body(h: Harness, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+        first, second = SchedulerSession(stub), SchedulerSession(stub)
+        theirs = [await first.submit(submit(f"a{i}", max_new_tokens=100).submit) for i in range(3)]
+        mine = await second.submit(submit("b", max_new_tokens=100).submit)
+        await until(lambda: second.held_elsewhere() == 3 and first.held_elsewhere() == 1)
+        for i in range(3):
+            first.abort("", f"a{i}")
+        await until(lambda: second.held_elsewhere() == 0 and h.loop.requests_held() == 1)
+        assert all(queue.empty() or not isinstance(queue.get_nowait(), SessionBroken) for queue in theirs)
+        second.abort("", "b")
+        await until(lambda: h.loop.requests_held() == 0)
+        await asyncio.sleep(0.6)  # no session has events now: a figure this old counts for nothing
+        assert first.held_elsewhere() == second.held_elsewhere() == 0
+        assert mine.qsize() > 0  # b had streamed tokens
+        await first.close()
+        await second.close()
+
+    with_session(body, tmp_path, answer=paced)

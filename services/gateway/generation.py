@@ -149,7 +149,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         """The admission decision, made before any costly work (tokenizing, templating, the scheduler)."""
         if self.draining:
             raise Rejected(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
-        if len(self.in_flight) >= self.limits.max_inflight_requests:
+        # with other gateway processes on the same scheduler, what it holds for them counts against the bound too
+        if len(self.in_flight) + self.scheduler.held_elsewhere() >= self.limits.max_inflight_requests:
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"the server is at its limit of {self.limits.max_inflight_requests} requests in flight; "
                            "retry later")

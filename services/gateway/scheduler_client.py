@@ -73,6 +73,10 @@ class SchedulerClient:
             on_ready_change(False)
             await asyncio.sleep(0.2)
 
+    def held_elsewhere(self) -> int:
+        """Requests the scheduler holds for other gateway processes, as far as this one knows (0 without sessions)."""
+        return self.session.held_elsewhere() if self.use_sessions else 0
+
     async def generate(self, submit: scheduler_pb2.SubmitRequest, timeout: float | None
                        ) -> AsyncIterator[scheduler_pb2.TokenEvent]:
         """A request's events until its last; raises SchedulerError. Closing it early stops the request."""

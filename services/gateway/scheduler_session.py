@@ -4,11 +4,17 @@ Submits and aborts are written to the stream; a reader hands each SessionEvent t
 step's tokens for every request arrive in one message instead of one message per request. When the stream
 breaks (the scheduler restarted or went away) every request on it ends with that status, and the next submit
 opens a new session.
+
+Each message also says how many requests the scheduler holds from every gateway. What it holds beyond this
+session's own requests (held_elsewhere) is what other gateway processes on the same scheduler have sent, so a
+gateway can refuse past the common bound before any work. A figure older than HELD_FRESH_SECONDS counts as 0:
+the scheduler writes only to sessions with events, and another gateway's requests may have ended since.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 
@@ -18,6 +24,7 @@ from inflight.connection import STREAM_GONE
 from inflight.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 RequestKey = tuple[str, str]  # (tenant, request id)
+HELD_FRESH_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,12 @@ class SchedulerSession:
         self._queues: dict[RequestKey, asyncio.Queue[SessionItem]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._writing = asyncio.Lock()  # one write at a time on a stream
+        self._held_elsewhere = 0  # the latest message's requests_held less this session's own, and when it came
+        self._held_at = 0.0
+
+    def held_elsewhere(self) -> int:
+        """Requests the scheduler holds from other sessions (other gateway processes), by its latest message."""
+        return self._held_elsewhere if time.monotonic() - self._held_at <= HELD_FRESH_SECONDS else 0
 
     async def submit(self, submit: scheduler_pb2.SubmitRequest) -> asyncio.Queue[SessionItem]:
         """Send a request; its events (and a SessionBroken if the stream ends first) arrive on the queue."""
@@ -95,6 +108,9 @@ class SchedulerSession:
                     queue.put_nowait(event)
                     if event.status_code or event.event.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                         del queues[key]
+                # this session's requests not yet ended count in the figure, save those the scheduler has yet to
+                # read: the estimate errs towards admitting, and the scheduler's own bound has the last word
+                self._held_elsewhere, self._held_at = max(0, batch.requests_held - len(queues)), time.monotonic()
         except grpc.aio.AioRpcError as error:
             broken = SessionBroken(error.code(), error.details() or error.code().name)
         finally:
