@@ -50,9 +50,9 @@ class ScriptedScheduler(scheduler_pb2_grpc.SchedulerServicer):
         async def answer(submit: scheduler_pb2.SubmitRequest) -> None:
             await self.release.wait()
             live.discard(submit.request_id)
-            outbox.put_nowait([scheduler_pb2.SessionEvent(
-                tenant=submit.tenant, request_id=submit.request_id,
-                event=scheduler_pb2.TokenEvent(token_ids=self.reply_ids, finish_reason=common_pb2.FINISH_REASON_LENGTH))])
+            reply = scheduler_pb2.TokenEvent(token_ids=self.reply_ids, finish_reason=common_pb2.FINISH_REASON_LENGTH)
+            outbox.put_nowait([scheduler_pb2.SessionEvent(tenant=submit.tenant, request_id=submit.request_id,
+                                                          event=reply)])
 
         async def read() -> None:
             async for message in requests:
@@ -114,6 +114,17 @@ class Harness:
         return await self.generation.Complete(request, metadata=[("x-tenant-id", tenant)] if tenant else None,
                                               timeout=timeout)
 
+    def count_encodes(self) -> None:
+        """From now on, self.encodes counts the gateway's tokenizing of chat requests."""
+        self.encodes = 0
+        encode_chat = self.gateway.generation.codec.encode_chat
+
+        def counting(*args):  # type: ignore[no-untyped-def]
+            self.encodes += 1
+            return encode_chat(*args)
+
+        self.gateway.generation.codec.encode_chat = counting  # type: ignore[method-assign]
+
     def count(self, rpc: str, code: str) -> float:
         return self.gateway.metrics.requests.labels(rpc, code)._value.get()
 
@@ -151,15 +162,7 @@ def run(body: Callable[[Harness], Awaitable[None]], model_dir: Path, tmp_path: P
 def test_admission_is_decided_before_tokenizing_or_calling_the_scheduler(model_dir, tmp_path):
     async def body(h: Harness) -> None:
         h.scheduler.release.clear()
-        encodes = 0
-        encode_chat = h.gateway.generation.codec.encode_chat
-
-        def counting(*args):  # type: ignore[no-untyped-def]
-            nonlocal encodes
-            encodes += 1
-            return encode_chat(*args)
-
-        h.gateway.generation.codec.encode_chat = counting  # type: ignore[method-assign]
+        h.count_encodes()
         held = [asyncio.ensure_future(h.complete(tenant=f"t{i}")) for i in range(4)]
         while len(h.scheduler.submits) < 4:
             await asyncio.sleep(0.01)
@@ -167,7 +170,7 @@ def test_admission_is_decided_before_tokenizing_or_calling_the_scheduler(model_d
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await h.complete(tenant="late")
             assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert encodes == 4 and len(h.scheduler.submits) == 4  # the rejected did no work
+        assert h.encodes == 4 and len(h.scheduler.submits) == 4  # the rejected did no work
         h.scheduler.release.set()
         assert all(r.text == REPLY for r in await asyncio.gather(*held))
         assert h.count("Complete", "RESOURCE_EXHAUSTED") == 20
@@ -181,15 +184,7 @@ def test_what_the_scheduler_holds_for_other_gateway_processes_counts_against_the
     async def body(h: Harness) -> None:
         h.scheduler.release.clear()
         h.scheduler.held_elsewhere = 3
-        encodes = 0
-        encode_chat = h.gateway.generation.codec.encode_chat
-
-        def counting(*args):  # type: ignore[no-untyped-def]
-            nonlocal encodes
-            encodes += 1
-            return encode_chat(*args)
-
-        h.gateway.generation.codec.encode_chat = counting  # type: ignore[method-assign]
+        h.count_encodes()
         first = asyncio.ensure_future(h.complete(tenant="a"))
         while h.gateway.scheduler.held_elsewhere() != 3:
             await asyncio.sleep(0.01)
@@ -197,7 +192,7 @@ def test_what_the_scheduler_holds_for_other_gateway_processes_counts_against_the
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await h.complete(tenant="late")
             assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert encodes == 1 and len(h.scheduler.submits) == 1  # the refused did no work
+        assert h.encodes == 1 and len(h.scheduler.submits) == 1  # the refused did no work
         await asyncio.sleep(0.6)  # no message since: the others' requests may have ended, the figure is dropped
         second = asyncio.ensure_future(h.complete(tenant="b"))
         while len(h.scheduler.submits) < 2:
