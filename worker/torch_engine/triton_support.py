@@ -8,7 +8,8 @@ start while the one before finishes: they may read what no kernel writes (weight
 wait_for_predecessor blocks them until the predecessor's memory is complete before anything else. Each
 kernel lets its own dependents start right after that wait, so a kernel starts only when every kernel
 before it has completed, except the one right before, which it waits for. On one H200 a chain of 64
-one-row matvecs went from 12.0 to 10.2 us a call (`benchmarks/pdl_probe.py`). INFLIGHT_PDL=0 turns it off.
+one-row matvecs went from 12.0 to 10.2 us a call (`benchmarks/pdl_probe.py`). INFLIGHT_PDL=0 turns it off;
+INFLIGHT_PDL_ROWS moves the widest launch that takes it (default 32, see pdl_args).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ except ImportError:  # no Triton, or one without PDL
 # Triton's CPU interpreter multiplies bf16 tiles as raw 16-bit integers (and computes bf16 arithmetic on
 # the bit patterns), so there the kernels widen tl.dot's operands to fp32; compiled kernels keep bf16.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+PDL_ROWS = int(os.environ.get("INFLIGHT_PDL_ROWS", "32"))  # launches over up to this many rows take PDL
 
 
 def available(device: torch.device) -> bool:
@@ -49,11 +51,13 @@ def _dependent_launch(device_index: int) -> bool:
 def pdl_args(device: torch.device, rows: int) -> dict[str, bool]:
     """A kernel launch's keyword arguments for PDL on device: its PDL constexpr, and Triton's launch_pdl when on.
 
-    On for launches over one row (batch-1 decode steps) only. At more rows the kernels before are cuBLAS's
+    On for launches over up to PDL_ROWS rows (decode steps of up to 32 sequences). On one H200 (random
+    Llama-3-8B, bf16, pipelined) that made steps of 8 to 32 sequences 1-1.4% faster than PDL on one row only,
+    and one TP=2 rank's 1.4-2.5% (`benchmarks/gpu_pdl_rows.sh`). At more rows the kernels before are cuBLAS's
     GEMMs and attention kernels of many programs, and dependents that start early and wait hold SM room they
-    could use: on one H200, batch-64 and batch-128 steps got 2.5% and 4.7% slower with PDL everywhere.
+    could use: batch-64 and batch-128 steps got 2.5% and 4.7% slower with PDL everywhere.
     """
-    if rows != 1 or device.type != "cuda" or not _dependent_launch(
+    if rows > PDL_ROWS or device.type != "cuda" or not _dependent_launch(
             device.index if device.index is not None else torch.cuda.current_device()):
         return {"PDL": False}
     return {"PDL": True, "launch_pdl": True}
