@@ -27,7 +27,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if has kernels; then
   echo "## kernels"
-  $PY -m pytest -q tests/test_attention_kernels.py tests/test_fused_kernels.py tests/test_one_row_matvec.py \
+  $PY -m pytest -q tests/test_attention_kernels.py tests/test_fused_kernels.py tests/test_matvec.py \
     tests/test_paged_engine.py 2>&1 | tail -3
   $PY benchmarks/check_paged_attention.py 2>&1 | tail -30
 fi

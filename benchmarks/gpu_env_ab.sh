@@ -20,7 +20,7 @@ with() { env ${1//,/ } "${@:2}"; }  # run a command under one setting
 
 echo "## tests, $LAST"
 TESTS=${TESTS:-tests/test_attention_kernels.py tests/test_fused_kernels.py tests/test_paged_engine.py \
-  tests/test_paged_step.py tests/test_one_row_matvec.py tests/test_batch_invariance.py}
+  tests/test_paged_step.py tests/test_matvec.py tests/test_batch_invariance.py}
 with "$LAST" $PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -2
 
 echo "## greedy tokens, CUDA graphs against eager, $LAST"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Batch-1 projections through one Triton matrix-vector kernel (worker/torch_engine/one_row_matvec.py),
+# Batch-1 projections through one Triton matrix-vector kernel (worker/torch_engine/matvec.py),
 # against the base tree, same card, same session. Run from the repo root on the device machine:
 #   BASE=.carry/base OUT=out bash benchmarks/gpu_one_row.sh     # BASE: a `git archive` of the base commit
 # Prints the CUDA kernel tests, the projection kernel against cuBLAS per shape (GEMV=1), bf16 greedy tokens with
@@ -17,7 +17,7 @@ MODEL=${MODEL:-random:llama-3-8b}
 cp benchmarks/tp_decode.py benchmarks/profile_decode.py benchmarks/profile_step.py "$BASE"/benchmarks/
 
 echo "## kernels"
-$PY -m pytest -q tests/test_one_row_matvec.py tests/test_fused_kernels.py tests/test_paged_engine.py 2>&1 | tail -3
+$PY -m pytest -q tests/test_matvec.py tests/test_fused_kernels.py tests/test_paged_engine.py 2>&1 | tail -3
 [ -n "${GEMV:-}" ] && $PY benchmarks/gemv_m1.py --out "$OUT/gemv_m1.json" 2>&1 | tail -7
 
 echo "## bf16 greedy tokens, CUDA graphs against eager"

@@ -31,7 +31,7 @@ KINDS = {  # kind: substrings of kernel names, tried in this order
     "fused": ("_add_rms_norm_kernel", "_rope_cache_kernel", "_silu_mul_kernel"),
     "all_reduce": ("all_reduce", "allreduce", "nccl"),
     "gemm_split_k_reduce": ("splitkreduce",),  # the second half of a split-K GEMM
-    "gemm": ("gemm", "xmma", "cutlass", "nvjet", "cublas", "_matvec_kernel"),  # the last: one_row_matvec.py
+    "gemm": ("gemm", "xmma", "cutlass", "nvjet", "cublas", "_matvec_kernel"),  # the last: matvec.py
 }
 
 

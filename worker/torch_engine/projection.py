@@ -11,8 +11,8 @@ bfloat16 GEMM runs at about half the float32 rate (the CI machine: 184 against 3
 Wide steps (prompt chunks, big batches) are bound by arithmetic, not by reading weights, so
 there they upcast weights and rows to float32, multiply, and round back: the same accumulation
 in float32 that oneDNN's bfloat16 GEMM does, at the float32 rate. A probe at load decides.
-CUDA keeps plain weights. There a single half-precision row goes through one Triton matrix-vector
-kernel (one_row_matvec.py), and a projection may be batch-invariant (invariant_matmul.py): each row's
+CUDA keeps plain weights. There one or two half-precision rows go through a Triton matrix-vector
+kernel (matvec.py), and a projection may be batch-invariant (invariant_matmul.py): each row's
 result the same whatever the other rows of the step.
 """
 
@@ -27,11 +27,13 @@ import torch.nn.functional as F
 
 from worker.torch_engine.fused import silu_mul
 from worker.torch_engine.invariant_matmul import invariant_matmul
-from worker.torch_engine.one_row_matvec import applies as matvec_applies
-from worker.torch_engine.one_row_matvec import one_row_matvec
+from worker.torch_engine.matvec import applies as matvec_applies
+from worker.torch_engine.matvec import matvec
 
 # Rows from which a step is bound by arithmetic rather than by reading the weights, on CPU.
 WIDE_ROWS = 32
+# Outputs up to this wide take the matrix-vector kernel for two rows too; cuBLAS reads wider ones faster there.
+MATVEC_TWO_ROWS_MAX_OUT = 4096
 
 
 def _onednn_available() -> bool:
@@ -64,7 +66,8 @@ class Projection:
         self.packed: torch.Tensor | None = None
         self.wide_in_float32 = False
         self.batch_invariant = False  # CUDA: rows through invariant_matmul rather than cuBLAS
-        self.one_row_kernel = matvec_applies(weight)  # CUDA, half precision: a single row through one_row_matvec
+        self.one_row_kernel = matvec_applies(weight)  # CUDA, half precision: a single row through matvec
+        self.two_row_kernel = self.one_row_kernel and weight.shape[0] <= MATVEC_TWO_ROWS_MAX_OUT  # and two rows
         if pack_for_cpu and weight.device.type == "cpu" and _onednn_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
             self.wide_in_float32 = weight.dtype != torch.float32 and float32_is_faster_than(weight.dtype)
@@ -72,8 +75,8 @@ class Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant:
             return invariant_matmul(x, self.weight)
-        if self.one_row_kernel and x.shape[0] == 1:
-            return one_row_matvec(x, self.weight)
+        if self.one_row_kernel and (x.shape[0] == 1 or x.shape[0] == 2 and self.two_row_kernel):
+            return matvec(x, self.weight)
         if self.packed is None:
             return F.linear(x, self.weight)
         rows = x.shape[0]
@@ -86,7 +89,7 @@ class Projection:
     def after_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """self(silu(gate) * up) of a gate-up projection's CUDA output: one kernel for a single row."""
         if self.one_row_kernel and not self.batch_invariant and gate_up.shape[0] == 1:
-            return one_row_matvec(gate_up, self.weight, silu_mul=True)
+            return matvec(gate_up, self.weight, silu_mul=True)
         return self(silu_mul(gate_up))
 
     @property
