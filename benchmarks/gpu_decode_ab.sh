@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# A decode-step change against the base tree, same card, same session (run from the repo root on the device
-# machine; BASE: a `git archive` of the base commit, with its generated protos):
-#   BASE=.carry/base OUT=out bash benchmarks/gpu_decode_ab.sh
-# The CUDA kernel and engine tests; greedy tokens with CUDA graphs against eager, bf16 and fp32 (decode-only
-# steps replay graphs, mixed steps and eager steps do not); then decode steps at TP=1 and for one rank of
-# TP=2 with no all-reduce (tp_decode.py --rank-alone 2), the two trees alternating, ROUNDS times.
+# A decode-step change against the base tree, or engine settings read from the environment against each
+# other, same card, same session (run from the repo root on the device machine):
+#   BASE=.carry/base OUT=out bash benchmarks/gpu_decode_ab.sh     # BASE: a `git archive` of the base commit,
+#                                                                 # with its generated protos
+#   SETTINGS="A=1 A=32,B=2" OUT=out bash benchmarks/gpu_decode_ab.sh
+# SETTINGS: space-separated settings, each comma-separated VAR=value pairs, all in this tree (e.g.
+# INFLIGHT_PDL_ROWS in worker/torch_engine/triton_support.py). The CUDA kernel and engine tests and greedy
+# tokens with CUDA graphs against eager, bf16 and fp32 (decode-only steps replay graphs, mixed steps and eager
+# steps do not), in this tree under the last setting; then decode steps at TP=1 and for one rank of TP=2 with
+# no all-reduce (tp_decode.py --rank-alone 2), the trees or settings alternating, ROUNDS times.
 set -uo pipefail
 BASE=${BASE:-.carry/base}
 OUT=${OUT:-out}
@@ -16,16 +20,27 @@ MODEL=${MODEL:-random:llama-3-8b}
 BATCHES=${BATCHES:-1,32,64}
 CONTEXTS=${CONTEXTS:-128,512}
 ROUNDS=${ROUNDS:-2}
+SETTINGS=${SETTINGS:-}
+# Each variant: name:tree:setting. The trees: the base and this one; or this one under each setting.
+if [ -n "$SETTINGS" ]; then
+  VARIANTS=$(for s in $SETTINGS; do echo "${s//[,=]/_}:.:$s"; done)
+  LAST=${SETTINGS##* }
+else
+  VARIANTS="base:$BASE: this:.:"
+  LAST=
+fi
+with() { env ${1//,/ } "${@:2}"; }  # run a command under one setting ("" for none)
 
-echo "## tests"
+echo "## tests${LAST:+, $LAST}"
 TESTS=${TESTS:-tests/test_attention_kernels.py tests/test_fused_kernels.py tests/test_paged_engine.py \
-  tests/test_paged_step.py tests/test_batch_invariance.py}
-$PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -3
+  tests/test_paged_step.py tests/test_matvec.py tests/test_batch_invariance.py}
+with "$LAST" $PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -3
 
-echo "## greedy tokens, CUDA graphs against eager"
+echo "## greedy tokens, CUDA graphs against eager${LAST:+, $LAST}"
 for dtype in bfloat16 float32; do
-  $PY benchmarks/tp_decode.py --model "$MODEL" --dtype $dtype --batches "" --out "$OUT/graphs_$dtype.json" >/dev/null 2>&1
-  $PY benchmarks/tp_decode.py --model "$MODEL" --dtype $dtype --batches "" --no-cuda-graphs \
+  with "$LAST" $PY benchmarks/tp_decode.py --model "$MODEL" --dtype $dtype --batches "" \
+    --out "$OUT/graphs_$dtype.json" >/dev/null 2>&1
+  with "$LAST" $PY benchmarks/tp_decode.py --model "$MODEL" --dtype $dtype --batches "" --no-cuda-graphs \
     --out "$OUT/eager_$dtype.json" >/dev/null 2>&1
   $PY - "$OUT" $dtype <<'PYEOF'
 import json, sys
@@ -36,12 +51,12 @@ done
 
 echo "## decode steps (ms): median one at a time / pipelined"
 for round in $(seq "$ROUNDS"); do
-  for tree in "$BASE" .; do
-    name=$( [ "$tree" = . ] && echo this || echo base )
+  for variant in $VARIANTS; do
+    IFS=: read -r name tree setting <<< "$variant"
     for alone in 0 2; do
-      (cd "$tree" && $PY benchmarks/tp_decode.py --model "$MODEL" --batches "$BATCHES" --contexts "$CONTEXTS" \
-         --rank-alone $alone --steps 30 --new-tokens 4 --out "$OUT/steps_${name}_alone${alone}_r$round.json" \
-         >/dev/null 2>&1)
+      (cd "$tree" && with "$setting" $PY benchmarks/tp_decode.py --model "$MODEL" --batches "$BATCHES" \
+         --contexts "$CONTEXTS" --rank-alone $alone --steps 30 --new-tokens 4 \
+         --out "$OUT/steps_${name}_alone${alone}_r$round.json" >/dev/null 2>&1)
       $PY - "$OUT/steps_${name}_alone${alone}_r$round.json" "$name r$round" <<'PYEOF'
 import json, sys
 r = json.load(open(sys.argv[1]))

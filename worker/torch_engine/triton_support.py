@@ -53,9 +53,10 @@ def pdl_args(device: torch.device, rows: int) -> dict[str, bool]:
 
     On for launches over up to PDL_ROWS rows (decode steps of up to 32 sequences). On one H200 (random
     Llama-3-8B, bf16, pipelined) that made steps of 8 to 32 sequences 1-1.4% faster than PDL on one row only,
-    and one TP=2 rank's 1.4-2.5% (`benchmarks/gpu_env_ab.sh`). At more rows the kernels before are cuBLAS's
-    GEMMs and attention kernels of many programs, and dependents that start early and wait hold SM room they
-    could use: batch-64 and batch-128 steps got 2.5% and 4.7% slower with PDL everywhere.
+    and one TP=2 rank's 1.4-2.5% (`SETTINGS=... benchmarks/gpu_decode_ab.sh`). At more rows the kernels
+    before are cuBLAS's GEMMs and attention kernels of many programs, and dependents that start early and
+    wait hold SM room they could use: batch-64 and batch-128 steps got 2.5% and 4.7% slower with PDL
+    everywhere.
     """
     if rows > PDL_ROWS or device.type != "cuda" or not _dependent_launch(
             device.index if device.index is not None else torch.cuda.current_device()):
