@@ -10,10 +10,11 @@ engine's (worker/torch_engine/matvec.py): its own tiling per shape, and the best
 Each case is timed as the decode step runs it: the projection over enough copies of its weight to
 defeat the L2 cache, one after the other, inside a CUDA graph; a figure is microseconds per call.
 
-    python benchmarks/gemv_m1.py [--check] [--tp 2]
+    python benchmarks/gemv_m1.py [--check] [--tp 2] [--rows 2]
 
 --tp N takes one rank's shapes at tensor parallelism N (column-parallel qkv, gate-up and head, row-parallel
-o and down).
+o and down). --rows 2 times two rows (decode steps of two sequences): the kernel's two-row tiling, the
+one-row tiling, and the sweep.
 """
 
 from __future__ import annotations

@@ -114,8 +114,7 @@ def applies(weight: torch.Tensor) -> bool:
             and weight.dim() == 2 and weight.is_contiguous())
 
 
-def matvec(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
-                   tiles: Tiling | None = None) -> torch.Tensor:
+def matvec(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, tiles: Tiling | None = None) -> torch.Tensor:
     """x [m, k] @ weight [n, k].T as [m, n], m from 1 to MAX_INPUTS; with silu_mul, x is [m, 2k] = [gate | up]
     and the product is taken with silu(gate) * up. tiles: the shape's own tiling unless given (sweeps)."""
     n, k = weight.shape
