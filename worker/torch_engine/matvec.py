@@ -94,9 +94,9 @@ SWEPT = {(3072, 4096): Tiling(8, 1024, 8, 2), (4096, 2048): Tiling(4, 1024, 4, 2
 
 
 def tiling(n: int, k: int, inputs: int = 1) -> Tiling:
-    """Fixed by the weight's shape alone (never tuned at run time, so a row's sum is the same every start).
-    From a sweep on an H200 (`benchmarks/gemv_m1.py`): narrow outputs want long rows per program, wide ones
-    more programs."""
+    """Fixed by the weight's shape and the row count alone (never tuned at run time, so a row's sum is the same
+    every start). From a sweep on an H200 (`benchmarks/gemv_m1.py`): narrow outputs want long rows per program,
+    wide ones more programs."""
     if inputs == 2:  # two accumulators: narrower programs (the sweep at TP=2 rank shapes, `--rows 2`)
         return Tiling(4, 1024 if k > 4096 else 512, 4, 2)
     if (n, k) in SWEPT:
