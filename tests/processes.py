@@ -1,9 +1,20 @@
-"""Finding a stack's processes through /proc: the worker ranks under a launcher."""
+"""The processes a test starts: the environment they get, and finding a stack's worker ranks through /proc."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment to start a child process with: this one's as os.environ has it, plus extra.
+
+    Importing mpi4py's MPI initialises MPI in the test process (the engine tests do). Open MPI's singleton
+    start then adds its runtime variables to the C environment, which os.environ does not see; a child started
+    with env=None inherits them, and an mpiexec started under it exits 1 at once. Passed explicitly, they are
+    left out.
+    """
+    return {**os.environ, **(extra or {})}
 
 
 def _parent(pid: int) -> int | None:

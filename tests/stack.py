@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from inflight.v1 import common_pb2
 from services.client import InflightClient
+from tests.processes import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,7 +59,7 @@ class ServedStack:
         command = [sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1",
                    "--port", str(self.port), *args]
         self.process = subprocess.Popen(command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, env={**os.environ, **env} if env else None)
+                                        start_new_session=True, env=child_env(env))
         self.tls = tls
         self.address = f"localhost:{self.port}" if tls else f"127.0.0.1:{self.port}"
         self.client = self.make_client(token=token)

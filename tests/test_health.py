@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2
 
 from inflight.v1 import generation_pb2
 from services.client import InflightClient
+from tests.processes import child_env
 from tests.stack import REPO, free_port, health_status
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -21,7 +22,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def spawn(*args: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([*args], cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen([*args], cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env=child_env())
 
 
 def wait_for(predicate, timeout: float) -> bool:

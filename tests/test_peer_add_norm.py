@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from services.launcher import find_mpiexec
+from tests.processes import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -31,7 +32,7 @@ def test_fused_sums_equal_all_reduce_then_add_rms_norm(tmp_path: Path, ranks: in
     out = tmp_path / "peer_add_norm.json"
     subprocess.run([find_mpiexec(""), "-n", str(ranks), sys.executable, str(ROOT / "benchmarks" / "peer_add_norm.py"),
                     "--rows", "1,5,64,130", "--calls", "8", "--time-rows", "", "--out", str(out)],
-                   check=True, cwd=ROOT, timeout=600)
+                   check=True, cwd=ROOT, timeout=600, env=child_env())
     report = json.loads(out.read_text())
     assert report["ranks"] == ranks
     assert len(report["bits"]) == 2 * 4 and all(report["bits"].values()), report["bits"]

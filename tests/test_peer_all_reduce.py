@@ -8,7 +8,6 @@ tokens (prompts joining while others decode, CUDA graphs on) at TP=1 and at TP=2
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from services.launcher import find_mpiexec
+from tests.processes import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.devi
 
 def mpi(ranks: int, script: str, *args: str, env: dict[str, str] | None = None) -> None:
     subprocess.run([find_mpiexec(""), "-n", str(ranks), sys.executable, str(ROOT / "benchmarks" / script), *args],
-                   check=True, cwd=ROOT, timeout=900, env={**os.environ, **(env or {})})
+                   check=True, cwd=ROOT, timeout=900, env=child_env(env))
 
 
 def test_peer_sums_are_nccls_bit_for_bit(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from inflight import sampling
 from inflight.v1 import worker_pb2, worker_pb2_grpc
+from tests.processes import child_env
 from tests.stack import REPO
 from tests.steps import Row, make_step, same_step
 from worker.fanout import decode_step, encode_step
@@ -43,7 +44,8 @@ def worker(model_dir, tmp_path_factory):
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
     process = subprocess.Popen([mpiexec, "-n", "1", sys.executable, "-m", "worker", "--model", str(model_dir),
                                 "--listen", f"unix://{socket}", "--num-kv-blocks", "32", "--max-num-seqs", "4",
-                                "--max-num-batched-tokens", "64"], cwd=REPO, start_new_session=True)
+                                "--max-num-batched-tokens", "64"], cwd=REPO, start_new_session=True,
+                               env=child_env())
     channel = grpc.insecure_channel(f"unix://{socket}")
     stub = worker_pb2_grpc.WorkerStub(channel)
     description = stub.Describe(worker_pb2.DescribeRequest(), wait_for_ready=True, timeout=120)
