@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# A decode-step change against the base tree, or engine settings read from the environment against each
-# other, same card, same session (run from the repo root on the device machine):
+# A decode-step change against the base tree, or engine settings against each other, same card, same session
+# (run from the repo root on the device machine):
 #   BASE=.carry/base OUT=out bash benchmarks/gpu_decode_ab.sh     # BASE: a `git archive` of the base commit,
 #                                                                 # with its generated protos
-#   SETTINGS="A=1 A=32,B=2" OUT=out bash benchmarks/gpu_decode_ab.sh
-# SETTINGS: space-separated settings, each comma-separated VAR=value pairs, all in this tree (e.g.
-# INFLIGHT_PDL_ROWS in worker/torch_engine/triton_support.py). The CUDA kernel and engine tests and greedy
-# tokens with CUDA graphs against eager, bf16 and fp32 (decode-only steps replay graphs, mixed steps and eager
-# steps do not), in this tree under the last setting; then decode steps at TP=1 and for one rank of TP=2 with
-# no all-reduce (tp_decode.py --rank-alone 2), the trees or settings alternating, ROUNDS times.
+#   SETTINGS="--no-pdl --pdl-max-rows=1 --pdl-max-rows=64,--peer-add-norm" OUT=out bash benchmarks/gpu_decode_ab.sh
+# SETTINGS: space-separated settings, each comma-separated flags of benchmarks/tp_decode.py (the worker's
+# engine flags), all in this tree. The CUDA kernel and engine tests in this tree; greedy tokens with CUDA
+# graphs against eager, bf16 and fp32 (decode-only steps replay graphs, mixed steps and eager steps do not),
+# in this tree under the last setting; then decode steps at TP=1 and for one rank of TP=2 with no
+# all-reduce (tp_decode.py --rank-alone 2), the trees or settings alternating, ROUNDS times.
 set -uo pipefail
 BASE=${BASE:-.carry/base}
 OUT=${OUT:-out}
@@ -23,24 +23,24 @@ ROUNDS=${ROUNDS:-2}
 SETTINGS=${SETTINGS:-}
 # Each variant: name:tree:setting. The trees: the base and this one; or this one under each setting.
 if [ -n "$SETTINGS" ]; then
-  VARIANTS=$(for s in $SETTINGS; do echo "${s//[,=]/_}:.:$s"; done)
+  VARIANTS=$(for s in $SETTINGS; do n=${s//-/}; echo "${n//[,=]/_}:.:$s"; done)
   LAST=${SETTINGS##* }
 else
   VARIANTS="base:$BASE: this:.:"
   LAST=
 fi
-with() { env ${1//,/ } "${@:2}"; }  # run a command under one setting ("" for none)
+flags() { echo "${1//,/ }"; }  # one setting's flags ("" for none)
 
-echo "## tests${LAST:+, $LAST}"
+echo "## tests"
 TESTS=${TESTS:-tests/test_attention_kernels.py tests/test_fused_kernels.py tests/test_paged_engine.py \
   tests/test_paged_step.py tests/test_matvec.py tests/test_batch_invariance.py}
-with "$LAST" $PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -3
+$PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -3
 
 echo "## greedy tokens, CUDA graphs against eager${LAST:+, $LAST}"
 for dtype in bfloat16 float32; do
-  with "$LAST" $PY benchmarks/tp_decode.py --model "$MODEL" --dtype $dtype --batches "" \
+  $PY benchmarks/tp_decode.py --model "$MODEL" --dtype $dtype --batches "" $(flags "$LAST") \
     --out "$OUT/graphs_$dtype.json" >/dev/null 2>&1
-  with "$LAST" $PY benchmarks/tp_decode.py --model "$MODEL" --dtype $dtype --batches "" --no-cuda-graphs \
+  $PY benchmarks/tp_decode.py --model "$MODEL" --dtype $dtype --batches "" $(flags "$LAST") --no-cuda-graphs \
     --out "$OUT/eager_$dtype.json" >/dev/null 2>&1
   $PY - "$OUT" $dtype <<'PYEOF'
 import json, sys
@@ -54,7 +54,7 @@ for round in $(seq "$ROUNDS"); do
   for variant in $VARIANTS; do
     IFS=: read -r name tree setting <<< "$variant"
     for alone in 0 2; do
-      (cd "$tree" && with "$setting" $PY benchmarks/tp_decode.py --model "$MODEL" --batches "$BATCHES" \
+      (cd "$tree" && $PY benchmarks/tp_decode.py $(flags "$setting") --model "$MODEL" --batches "$BATCHES" \
          --contexts "$CONTEXTS" --rank-alone $alone --steps 30 --new-tokens 4 \
          --out "$OUT/steps_${name}_alone${alone}_r$round.json" >/dev/null 2>&1)
       $PY - "$OUT/steps_${name}_alone${alone}_r$round.json" "$name r$round" <<'PYEOF'

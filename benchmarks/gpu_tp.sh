@@ -5,7 +5,7 @@
 # Parts (PARTS="allreduce tests steps tokens fused profile"): all-reduce per call, NCCL against GPU peer
 # memory; the two-GPU tests; bf16 decode steps at TP=1, TP=2 with the peer all-reduce and TP=2 with
 # NCCL alone, each beside its own floor; fp32 greedy tokens at TP=1 and TP=2; the fused peer all-reduce
-# + residual add + RMSNorm (INFLIGHT_PEER_ADD_NORM=1): its bits and time per call, then TP=2 steps and
+# + residual add + RMSNorm (--peer-add-norm): its bits and time per call, then TP=2 steps and
 # fp32 tokens with it; where the decode step's GPU time goes (profile_decode.py). compare_tp.py sums up
 # all but the profiles. PARTS="alone" runs on one GPU: TP=1 steps beside rank 0's slice of TP=2 with no
 # all-reduce (tp_decode.py --rank-alone 2), and both profiled: what a TP=2 step costs apart from its
@@ -45,8 +45,8 @@ fi
 if has fused; then
   echo "## fused peer all-reduce + add + RMSNorm: bits, then us per call (fused / peer then add_norm / NCCL then add_norm)"
   mpiexec -n 2 $PY benchmarks/peer_add_norm.py --out "$OUT/peer_add_norm.json" || echo "peer_add_norm failed"
-  INFLIGHT_PEER_ADD_NORM=1 mpiexec -n 2 $PY benchmarks/tp_decode.py --model "$MODEL" --dtype bfloat16 --batches "$BATCHES" --out "$OUT/tp2fused_bf16.json" | tail -1 | cut -c1-400
-  INFLIGHT_PEER_ADD_NORM=1 mpiexec -n 2 $PY benchmarks/tp_decode.py --model "$MODEL" --dtype float32 --batches "" --out "$OUT/tp2fused_fp32.json" | tail -1 | cut -c1-200
+  mpiexec -n 2 $PY benchmarks/tp_decode.py --model "$MODEL" --dtype bfloat16 --batches "$BATCHES" --peer-add-norm --out "$OUT/tp2fused_bf16.json" | tail -1 | cut -c1-400
+  mpiexec -n 2 $PY benchmarks/tp_decode.py --model "$MODEL" --dtype float32 --batches "" --peer-add-norm --out "$OUT/tp2fused_fp32.json" | tail -1 | cut -c1-200
 fi
 if has alone; then
   echo "## one GPU: TP=1 against one rank of TP=2 with no all-reduce (bf16, context 128)"

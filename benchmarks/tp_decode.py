@@ -197,6 +197,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--peer-all-reduce", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--peer-add-norm", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--pdl-max-rows", type=int, default=32)
     parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--prefill-tokens", type=int, default=0, help="also time one prompt of this many tokens")
     parser.add_argument("--rank-alone", type=int, default=0, metavar="N",
@@ -207,8 +210,9 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     # Flags away from their defaults only, so that this script still runs in older trees (gpu_engine.sh).
-    changed = {**({"batch_invariant": True} if args.batch_invariant else {}),
-               **({} if args.peer_all_reduce else {"peer_all_reduce": False})}
+    defaults = {"batch_invariant": False, "peer_all_reduce": True, "peer_add_norm": False, "pdl": True,
+                "pdl_max_rows": 32}
+    changed = {name: getattr(args, name) for name, default in defaults.items() if getattr(args, name) != default}
     config = WorkerConfig(model=args.model, listen="", device=args.device, dtype=args.dtype, block_size=16,
                           num_kv_blocks=args.num_kv_blocks, kv_cache_gb=0, max_num_batched_tokens=2048,
                           max_num_seqs=args.max_num_seqs or max([64] + batches), max_model_len=4096 + 64, seed=0,

@@ -65,6 +65,9 @@ class ServeConfig:
     cpu_threads: int
     batch_invariant: bool  # CUDA: a sequence's tokens independent of its batch (worker/torch_engine/invariant_matmul.py)
     peer_all_reduce: bool  # tp > 1 on CUDA: small all-reduces through GPU peer memory (worker/peer_all_reduce.py)
+    peer_add_norm: bool    # with peer_all_reduce: all-reduce, residual add and RMSNorm in one kernel
+    pdl: bool              # Hopper and later: Triton kernels launched as programmatic dependents
+    pdl_max_rows: int
     log_level: str
     otlp_traces_endpoint: str  # both the gateway and the scheduler trace to it
     gateway_processes: int     # gateway processes sharing the port (SO_REUSEPORT), each with its own session
@@ -109,6 +112,14 @@ class ServeConfig:
         parser.add_argument("--peer-all-reduce", action=argparse.BooleanOptionalAction, default=True,
                             help="with --tp above 1 on CUDA, all-reduce each layer's activations through GPU peer "
                                  "memory (NVLink) in one kernel where the GPUs allow it; NCCL for the rest")
+        parser.add_argument("--peer-add-norm", action=argparse.BooleanOptionalAction, default=False,
+                            help="with --peer-all-reduce: fold each all-reduce with the residual add and RMSNorm "
+                                 "after it into one kernel (not yet timed on two GPUs)")
+        parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                            help="on Hopper and later GPUs, launch the Triton kernels as programmatic dependents "
+                                 "(each starts while the one before finishes)")
+        parser.add_argument("--pdl-max-rows", type=int, default=32,
+                            help="with --pdl: the most rows (sequences of a decode step) a launch may have to take it")
         parser.add_argument("--mpi-hosts", default="",
                             help="run the worker group's ranks across hosts: HOST[:SLOTS],... in rank order, this "
                                  "host first (rank 0 serves the scheduler here); given to mpiexec as -host. Every "
@@ -198,6 +209,8 @@ class Stack:
             "--max-num-seqs", str(c.max_num_seqs), "--max-model-len", str(c.max_model_len),
             "--keepalive-seconds", str(c.keepalive_seconds), "--log-level", c.log_level,
             "--cpu-threads", str(c.cpu_threads), "--peer-all-reduce" if c.peer_all_reduce else "--no-peer-all-reduce",
+            "--peer-add-norm" if c.peer_add_norm else "--no-peer-add-norm", "--pdl" if c.pdl else "--no-pdl",
+            "--pdl-max-rows", str(c.pdl_max_rows),
             *(["--batch-invariant"] if c.batch_invariant else []),
         ])
 

@@ -20,7 +20,7 @@ from worker.parallel import Collectives, ShardPlan
 from tests.steps import make_step
 from worker.step import Admission, Step, StepOutput
 from worker.torch_engine import engine as engine_module
-from worker.torch_engine import paged_attention
+from worker.torch_engine import paged_attention, triton_support
 from worker.torch_engine.cuda_graphs import StepGraphs
 from worker.torch_engine.engine import TorchEngine
 from worker.torch_engine.block_tables import DeviceBlockTables
@@ -34,10 +34,11 @@ BLOCK = 16
 NEW_TOKENS = 6
 
 
-def make_engine(model: str, path: str, dtype: str = "float32") -> TorchEngine:
+def make_engine(model: str, path: str, dtype: str = "float32", pdl: bool = True) -> TorchEngine:
     config = WorkerConfig(model=f"random:{model}", listen="", device="cuda" if CUDA else "cpu", dtype=dtype,
                           block_size=BLOCK, num_kv_blocks=96, kv_cache_gb=0, max_num_batched_tokens=128,
-                          max_num_seqs=8, max_model_len=0, seed=3, log_level="warning", cuda_graphs=path == "graphs")
+                          max_num_seqs=8, max_model_len=0, seed=3, log_level="warning", cuda_graphs=path == "graphs",
+                          pdl=pdl)
     engine = TorchEngine(config, ShardPlan(0, 1), Collectives(1))
     if path == "gathered":
         engine.tables, engine.graphs = None, None
@@ -128,6 +129,22 @@ def test_a_mixed_steps_rows_get_what_they_get_alone(monkeypatch: pytest.MonkeyPa
     assert alone_tokens == mixed_tokens
     worst = max(float((a - m).abs().max()) for s in mixed_logits for a, m in zip(alone_logits[s], mixed_logits[s]))
     assert worst < 1e-4, worst
+
+
+def test_dependent_launch_is_the_configured_one_and_leaves_every_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--pdl (the default) and --no-pdl: the launches take PDL only when on (on Hopper and later), and the
+    captured graphs give the same tokens and the same logits bit for bit."""
+    for name in ("enabled", "max_rows"):  # restored after the test: engines set this process-wide
+        monkeypatch.setattr(triton_support.DependentLaunch, name, getattr(triton_support.DependentLaunch, name))
+    supported = CUDA and triton_support.gdc_wait is not None and torch.cuda.get_device_capability() >= (9, 0)
+    results = {}
+    for pdl in (True, False):
+        engine = make_engine("tiny-gqa", "graphs", pdl=pdl)
+        assert triton_support.pdl_args(engine.device, rows=1)["PDL"] == (pdl and supported)
+        results[pdl] = run_scenario(engine, monkeypatch)
+    assert results[True][0] == results[False][0]
+    for slot, logits in results[True][1].items():
+        assert all(torch.equal(a, b) for a, b in zip(logits, results[False][1][slot], strict=True)), slot
 
 
 @pytest.mark.parametrize("path", ["eager", "graphs"])

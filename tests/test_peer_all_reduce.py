@@ -23,9 +23,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.devi
                                 reason="needs two CUDA GPUs")
 
 
-def mpi(ranks: int, script: str, *args: str, env: dict[str, str] | None = None) -> None:
+def mpi(ranks: int, script: str, *args: str) -> None:
     subprocess.run([find_mpiexec(""), "-n", str(ranks), sys.executable, str(ROOT / "benchmarks" / script), *args],
-                   check=True, cwd=ROOT, timeout=900, env=child_env(env))
+                   check=True, cwd=ROOT, timeout=900, env=child_env())
 
 
 def test_peer_sums_are_nccls_bit_for_bit(tmp_path: Path) -> None:
@@ -42,7 +42,7 @@ def test_tp2_with_peer_all_reduce_gives_tp1_float32_tokens(tmp_path: Path, fused
     for ranks in (1, 2):
         out = tmp_path / f"tp{ranks}.json"
         mpi(ranks, "tp_decode.py", "--model", "random:llama-3-1b", "--dtype", "float32", "--batches", "",
-            "--out", str(out), env={"INFLIGHT_PEER_ADD_NORM": "1" if fused else "0"})
+            "--out", str(out), *(["--peer-add-norm"] if fused else []))
         report = json.loads(out.read_text())
         assert report["peer_all_reduce"] == (ranks == 2)
         assert report["peer_add_norm"] == (fused and ranks == 2)

@@ -26,6 +26,9 @@ class WorkerConfig:
     cpu_threads: int = 0      # on cpu, compute threads per rank; 0: this host's usable CPUs over its ranks
     batch_invariant: bool = False  # CUDA: a row's result independent of the rest of its step (slower GEMMs)
     peer_all_reduce: bool = True  # on CUDA with tp > 1, small all-reduces through GPU peer memory, not NCCL
+    peer_add_norm: bool = False   # with peer_all_reduce: each all-reduce, residual add and RMSNorm in one kernel
+    pdl: bool = True              # Hopper and later: Triton kernels start as programmatic dependents
+    pdl_max_rows: int = 32        # the widest launch (rows) that takes PDL
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +55,14 @@ class WorkerConfig:
         parser.add_argument("--peer-all-reduce", action=argparse.BooleanOptionalAction, default=True,
                             help="on CUDA with several ranks, all-reduce a step's activations through GPU peer memory "
                                  "(NVLink) in one kernel where the GPUs allow it; NCCL otherwise and for large tensors")
+        parser.add_argument("--peer-add-norm", action=argparse.BooleanOptionalAction, default=False,
+                            help="with --peer-all-reduce: fold each all-reduce with the residual add and RMSNorm "
+                                 "after it into one kernel (worker/peer_add_norm.py; not yet timed on two GPUs)")
+        parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                            help="on Hopper and later, launch the Triton kernels as programmatic dependents, so each "
+                                 "starts while the one before finishes (worker/torch_engine/triton_support.py)")
+        parser.add_argument("--pdl-max-rows", type=int, default=32,
+                            help="with --pdl: the most rows (sequences of a decode step) a launch may have to take it")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:

@@ -10,15 +10,13 @@ maps (torch's symmetric memory), and one kernel per call:
 - two-shot (larger): each rank reduces its own slice of the buffer, then gathers the other slices.
 
 Where the sum goes straight into a residual add and an RMSNorm (every dense decoder layer, twice), add_norm
-can do all three in one kernel (worker/peer_add_norm.py) over a buffer of its own. It is off unless
-INFLIGHT_PEER_ADD_NORM=1: its bits are checked on one GPU (two ranks through CUDA IPC), but it has not yet
+can do all three in one kernel (worker/peer_add_norm.py) over a buffer of its own. It is off unless the
+worker runs with --peer-add-norm: its bits are checked on one GPU (two ranks through CUDA IPC), but it has not yet
 run on two. Tensors larger than the buffer, and groups where peer memory cannot be set up (no P2P between
 the GPUs, an old card), go to NCCL. CUDA graphs capture these kernels like any other.
 """
 
 from __future__ import annotations
-
-import os
 
 import structlog
 import torch
@@ -41,8 +39,9 @@ class PeerAllReduce:
     """Sum-all-reduce over the default process group through a symmetric buffer (CUDA only)."""
 
     def __init__(self, device: torch.device, buffer_bytes: int = BUFFER_BYTES,
-                 one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES, dtype: torch.dtype = torch.bfloat16) -> None:
-        """dtype: the model's, which the fused add-norm kernel (if on) is set up for."""
+                 one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES, dtype: torch.dtype = torch.bfloat16,
+                 fused_add_norm: bool = False) -> None:
+        """dtype: the model's, which the fused add-norm kernel (with fused_add_norm) is set up for."""
         import torch.distributed._symmetric_memory as symm_mem
 
         self.group_name = dist.group.WORLD.group_name
@@ -51,7 +50,7 @@ class PeerAllReduce:
         self.one_shot_max_bytes = one_shot_max_bytes
         world = dist.get_world_size()
         # the fused kernel takes what one-shot takes: each rank's part of each half of its buffer holds that
-        fused = triton is not None and one_shot_max_bytes and os.environ.get("INFLIGHT_PEER_ADD_NORM") == "1"
+        fused = fused_add_norm and triton is not None and one_shot_max_bytes
         self.add_norm = PeerAddNorm.symmetric(device, 2 * world * one_shot_max_bytes, dtype) if fused else None
 
     def fits(self, tensor: torch.Tensor) -> bool:
@@ -71,8 +70,9 @@ class PeerAllReduce:
         return tensor
 
 
-def peer_all_reduce(device: torch.device, dtype: torch.dtype) -> PeerAllReduce | None:
-    """A PeerAllReduce where every rank of the group can set one up, else None (NCCL alone); dtype: the model's.
+def peer_all_reduce(device: torch.device, dtype: torch.dtype, fused_add_norm: bool = False) -> PeerAllReduce | None:
+    """A PeerAllReduce where every rank of the group can set one up, else None (NCCL alone); dtype: the model's;
+    fused_add_norm: also set up the kernel that adds and normalises with the sum (PeerAllReduce.add_norm).
 
     Collective: every rank calls it at the same point, after torch.distributed is up.
     """
@@ -81,7 +81,7 @@ def peer_all_reduce(device: torch.device, dtype: torch.dtype) -> PeerAllReduce |
     if device.type != "cuda" or dist.get_world_size() not in WORLD_SIZES:
         return None
     try:
-        built = PeerAllReduce(device, dtype=dtype)
+        built = PeerAllReduce(device, dtype=dtype, fused_add_norm=fused_add_norm)
     except Exception as error:  # no P2P between these GPUs, a torch without symmetric memory, ...
         reason = f"{type(error).__name__}: {error}"
     agreed = torch.tensor([1 if built is not None else 0], device=device)

@@ -25,6 +25,7 @@ from worker.torch_engine.paged_step import StepLayout, eager_attention, lay_out,
 from worker.torch_engine.random_models import random_model
 from worker.torch_engine.sampler import PendingSample, SequenceSampling, sample
 from worker.torch_engine.transfer import to_device
+from worker.torch_engine.triton_support import set_dependent_launch
 from worker.torch_engine.weights import SafetensorsWeights, WeightSource
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,6 +57,7 @@ class TorchEngine:
         self.config = config
         self.device = torch.device(config.device, torch.cuda.current_device()) if config.device == "cuda" else torch.device("cpu")
         self.dtype = resolve_dtype(config)
+        set_dependent_launch(config.pdl, config.pdl_max_rows)  # before any kernel is compiled or captured
         if self.device.type == "cuda":
             # cuDNN's SDPA builds a new graph for every new context length: ~2 ms of CPU per layer call.
             torch.backends.cuda.enable_cudnn_sdp(False)

@@ -25,7 +25,8 @@ def create_torch_engine(config: WorkerConfig, comm: MPI.Comm) -> TorchEngine:
     if size > 1:
         init_distributed(comm, config.device, hosts)
         if config.device == "cuda" and config.peer_all_reduce:
-            peer = peer_all_reduce(torch.device("cuda", torch.cuda.current_device()), resolve_dtype(config))
+            peer = peer_all_reduce(torch.device("cuda", torch.cuda.current_device()), resolve_dtype(config),
+                                   config.peer_add_norm)
     elif config.device == "cuda":
         torch.cuda.set_device(0)
     engine = TorchEngine(config, ShardPlan(rank, size), Collectives(size, peer))

@@ -8,8 +8,8 @@ start while the one before finishes: they may read what no kernel writes (weight
 wait_for_predecessor blocks them until the predecessor's memory is complete before anything else. Each
 kernel lets its own dependents start right after that wait, so a kernel starts only when every kernel
 before it has completed, except the one right before, which it waits for. On one H200 a chain of 64
-one-row matvecs went from 12.0 to 10.2 us a call (`benchmarks/pdl_probe.py`). INFLIGHT_PDL=0 turns it off;
-INFLIGHT_PDL_ROWS moves the widest launch that takes it (default 32, see pdl_args).
+one-row matvecs went from 12.0 to 10.2 us a call (`benchmarks/pdl_probe.py`). The worker's --no-pdl turns it
+off; --pdl-max-rows moves the widest launch that takes it (default 32, see pdl_args).
 """
 
 from __future__ import annotations
@@ -34,7 +34,18 @@ except ImportError:  # no Triton, or one without PDL
 # Triton's CPU interpreter multiplies bf16 tiles as raw 16-bit integers (and computes bf16 arithmetic on
 # the bit patterns), so there the kernels widen tl.dot's operands to fp32; compiled kernels keep bf16.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-PDL_ROWS = int(os.environ.get("INFLIGHT_PDL_ROWS", "32"))  # launches over up to this many rows take PDL
+
+
+class DependentLaunch:
+    """This process's PDL setting, set once from the worker's configuration (set_dependent_launch)."""
+
+    enabled = True
+    max_rows = 32  # launches over up to this many rows take PDL
+
+
+def set_dependent_launch(enabled: bool, max_rows: int) -> None:
+    """Whether this process's Triton launches take PDL, and up to how many rows (WorkerConfig.pdl, pdl_max_rows)."""
+    DependentLaunch.enabled, DependentLaunch.max_rows = enabled, max_rows
 
 
 def available(device: torch.device) -> bool:
@@ -43,23 +54,23 @@ def available(device: torch.device) -> bool:
 
 
 @functools.cache
-def _dependent_launch(device_index: int) -> bool:
-    return (gdc_wait is not None and not INTERPRET and os.environ.get("INFLIGHT_PDL", "1") != "0"
-            and torch.cuda.get_device_capability(device_index) >= (9, 0))
+def _supports_dependent_launch(device_index: int) -> bool:
+    return gdc_wait is not None and not INTERPRET and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 def pdl_args(device: torch.device, rows: int) -> dict[str, bool]:
     """A kernel launch's keyword arguments for PDL on device: its PDL constexpr, and Triton's launch_pdl when on.
 
-    On for launches over up to PDL_ROWS rows (decode steps of up to 32 sequences). On one H200 (random
-    Llama-3-8B, bf16, pipelined) that made steps of 8 to 32 sequences 1-1.4% faster than PDL on one row only,
-    and one TP=2 rank's 1.4-2.5% (`SETTINGS=... benchmarks/gpu_decode_ab.sh`). At more rows the kernels
-    before are cuBLAS's GEMMs and attention kernels of many programs, and dependents that start early and
-    wait hold SM room they could use: batch-64 and batch-128 steps got 2.5% and 4.7% slower with PDL
-    everywhere.
+    On for launches over up to DependentLaunch.max_rows rows (default 32: decode steps of up to 32 sequences).
+    On one H200 (random Llama-3-8B, bf16, pipelined) that made steps of 8 to 32 sequences 1-1.4% faster than
+    PDL on one row only, and one TP=2 rank's 1.4-2.5% (`SETTINGS=... benchmarks/gpu_decode_ab.sh`). At more
+    rows the kernels before are cuBLAS's GEMMs and attention kernels of many programs, and dependents that
+    start early and wait hold SM room they could use: batch-64 and batch-128 steps got 2.5% and 4.7% slower
+    with PDL everywhere.
     """
-    if rows > PDL_ROWS or device.type != "cuda" or not _dependent_launch(
-            device.index if device.index is not None else torch.cuda.current_device()):
+    if not DependentLaunch.enabled or rows > DependentLaunch.max_rows or device.type != "cuda":
+        return {"PDL": False}
+    if not _supports_dependent_launch(device.index if device.index is not None else torch.cuda.current_device()):
         return {"PDL": False}
     return {"PDL": True, "launch_pdl": True}
 
