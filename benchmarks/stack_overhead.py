@@ -82,8 +82,8 @@ def stack(model: str, tokenizer_dir: str, runs: list[Workload], part: str, profi
              "--max-num-batched-tokens", str(BUDGET), "--max-num-seqs", str(MAX_SEQS), "--no-prefix-caching",
              "--max-inflight-per-client", "1024", "--log-level", "warning", *STACKS[part]]
     first, last = PROFILED_STEPS
-    served = ServedStack(*flags, env={"INFLIGHT_PROFILE_STEPS": f"{first}:{last}:{profile}",
-                                        "INFLIGHT_PROFILE_TRACER": tracer}).wait_ready(timeout=900)
+    served = ServedStack(*flags, "--profile-steps", f"{first}:{last}:{profile}",
+                         "--profile-tracer", tracer).wait_ready(timeout=900)
     results, cpus = [], []
     try:
         processes = stack_processes(served.process.pid)

@@ -68,6 +68,8 @@ class ServeConfig:
     peer_add_norm: bool    # with peer_all_reduce: all-reduce, residual add and RMSNorm in one kernel
     pdl: bool              # Hopper and later: Triton kernels launched as programmatic dependents
     pdl_max_rows: int
+    profile_steps: str     # FIRST:LAST:FILE, for benchmarks: the worker's device timeline over those steps
+    profile_tracer: str
     log_level: str
     otlp_traces_endpoint: str  # both the gateway and the scheduler trace to it
     gateway_processes: int     # gateway processes sharing the port (SO_REUSEPORT), each with its own session
@@ -120,6 +122,11 @@ class ServeConfig:
                                  "(each starts while the one before finishes)")
         parser.add_argument("--pdl-max-rows", type=int, default=32,
                             help="with --pdl: the most rows (sequences of a decode step) a launch may have to take it")
+        parser.add_argument("--profile-steps", default="", metavar="FIRST:LAST:FILE",
+                            help="CUDA, for benchmarks: trace the device over the worker's steps FIRST..LAST and "
+                                 "write a JSON summary of its busy and idle time to FILE (worker/step_profiler.py)")
+        parser.add_argument("--profile-tracer", default="torch", choices=["torch", "cupti"],
+                            help="with --profile-steps: torch.profiler, or CUPTI at CUDA-graph granularity")
         parser.add_argument("--mpi-hosts", default="",
                             help="run the worker group's ranks across hosts: HOST[:SLOTS],... in rank order, this "
                                  "host first (rank 0 serves the scheduler here); given to mpiexec as -host. Every "
@@ -210,7 +217,8 @@ class Stack:
             "--keepalive-seconds", str(c.keepalive_seconds), "--log-level", c.log_level,
             "--cpu-threads", str(c.cpu_threads), "--peer-all-reduce" if c.peer_all_reduce else "--no-peer-all-reduce",
             "--peer-add-norm" if c.peer_add_norm else "--no-peer-add-norm", "--pdl" if c.pdl else "--no-pdl",
-            "--pdl-max-rows", str(c.pdl_max_rows),
+            "--pdl-max-rows", str(c.pdl_max_rows), "--profile-steps", c.profile_steps,
+            "--profile-tracer", c.profile_tracer,
             *(["--batch-invariant"] if c.batch_invariant else []),
         ])
 

@@ -21,6 +21,7 @@ from worker.engine import create_engine
 from worker.engine_thread import EngineThread
 from worker.group import WorkerGroup, follow
 from worker.service import WorkerService
+from worker.step_profiler import StepProfiler
 from worker.watchdog import StepWatchdog
 
 
@@ -57,7 +58,8 @@ def serve(config: WorkerConfig, group: WorkerGroup, log: object) -> None:
                *KeepalivePolicy(config.keepalive_seconds).server_options()]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
     engine_thread = EngineThread()
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(group, StepWatchdog(), engine_thread), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(group, StepWatchdog(), engine_thread,
+                                                                 StepProfiler.from_config(config)), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(config.listen) == 0:

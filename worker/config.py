@@ -29,6 +29,8 @@ class WorkerConfig:
     peer_add_norm: bool = False   # with peer_all_reduce: each all-reduce, residual add and RMSNorm in one kernel
     pdl: bool = True              # Hopper and later: Triton kernels start as programmatic dependents
     pdl_max_rows: int = 32        # the widest launch (rows) that takes PDL
+    profile_steps: str = ""       # FIRST:LAST:FILE: rank 0's device timeline over those steps (worker/step_profiler.py)
+    profile_tracer: str = "torch"  # with profile_steps: torch (torch.profiler) or cupti (CUDA graph launches)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +65,11 @@ class WorkerConfig:
                                  "starts while the one before finishes (worker/torch_engine/triton_support.py)")
         parser.add_argument("--pdl-max-rows", type=int, default=32,
                             help="with --pdl: the most rows (sequences of a decode step) a launch may have to take it")
+        parser.add_argument("--profile-steps", default="", metavar="FIRST:LAST:FILE",
+                            help="CUDA, for benchmarks: trace the device over rank 0's steps FIRST..LAST, time as many "
+                                 "again with CUDA events, and write a JSON summary to FILE (worker/step_profiler.py)")
+        parser.add_argument("--profile-tracer", default="torch", choices=["torch", "cupti"],
+                            help="with --profile-steps: torch.profiler, or CUPTI at CUDA-graph granularity")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:

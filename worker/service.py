@@ -43,13 +43,15 @@ class _Launched:
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, group: WorkerGroup, watchdog: StepWatchdog, engine_thread: EngineThread) -> None:
+    def __init__(self, group: WorkerGroup, watchdog: StepWatchdog, engine_thread: EngineThread,
+                 profiler: StepProfiler | None = None) -> None:
+        """profiler: a look at the device's timeline over some steps, for benchmarks (--profile-steps)."""
         self.group = group
         self.watchdog = watchdog
         self.engine_thread = engine_thread
         self.description = group.describe()
         self._stream_lock = threading.Lock()
-        self.profiler = StepProfiler.from_environment()  # None unless a benchmark asks for a profile
+        self.profiler = profiler
 
     def Describe(self, request: worker_pb2.DescribeRequest, context: grpc.ServicerContext) -> worker_pb2.WorkerDescription:
         return description_to_proto(self.description)

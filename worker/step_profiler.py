@@ -1,7 +1,7 @@
-"""An optional look at the device's timeline over rank 0's steps, for benchmarks: INFLIGHT_PROFILE_STEPS=FIRST:LAST:FILE.
+"""An optional look at the device's timeline over rank 0's steps, for benchmarks: --profile-steps FIRST:LAST:FILE.
 
 Steps FIRST..LAST (counted from the first step this process launches) run under a tracer of the device's
-activity: torch.profiler (the default), or with INFLIGHT_PROFILE_TRACER=cupti, CUPTI at CUDA-graph granularity
+activity: torch.profiler (the default), or with --profile-tracer cupti, CUPTI at CUDA-graph granularity
 (worker/cupti_timeline.py, one record per graph launch, as Nsight Systems traces graphs). As many steps again,
 starting EVENTS_AFTER steps after LAST (so that the tracer's own wind-down, which stalls the steps in flight,
 stays out), are timed with CUDA events alone (one before and one after each step's work), which costs the host
@@ -16,7 +16,6 @@ steps.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +23,7 @@ import structlog
 import torch
 
 if TYPE_CHECKING:
+    from worker.config import WorkerConfig
     from worker.cupti_timeline import CuptiTimeline
 
 log = structlog.get_logger()
@@ -50,10 +50,11 @@ class StepProfiler:
         self._profiled_decode_only: list[bool] = []  # each marked step under the profiler, in launch order
 
     @staticmethod
-    def from_environment() -> StepProfiler | None:
-        spec = os.environ.get("INFLIGHT_PROFILE_STEPS", "")
-        tracer = os.environ.get("INFLIGHT_PROFILE_TRACER", "torch")
-        return StepProfiler(spec, tracer) if spec and torch.cuda.is_available() else None
+    def from_config(config: WorkerConfig) -> StepProfiler | None:
+        """The profiler config.profile_steps asks for; None without it, or without CUDA."""
+        if not config.profile_steps or not torch.cuda.is_available():
+            return None
+        return StepProfiler(config.profile_steps, config.profile_tracer)
 
     def launching(self, decode_only: bool) -> None:
         """Before a step's work is queued (on the engine's thread)."""
