@@ -1,7 +1,9 @@
 """Find a model folder for --model: an HF folder, a GGUF file, or the embedded default.
 
-GGUF files are converted once into a cache folder keyed by the file's size and mtime;
-later starts load that folder directly.
+GGUF files are converted once into a cache folder named by the file's content (its SHA-256), so the same
+file at another path or with another mtime (a reinstalled wheel, a fresh virtual environment, a copy) reuses
+the conversion instead of adding another ~0.5 GB per 135M parameters. A marker per path, size and mtime
+remembers which folder a file converted to, so later starts neither convert nor hash: they load the folder.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
-
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,29 +34,53 @@ def embedded_gguf_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF
 
 
-def _cache_key(gguf_path: Path) -> str:
+def _file_marker(cache_dir: Path, gguf_path: Path) -> Path:
+    """Where the folder that gguf_path, as it is now (path, size, mtime), converted to is remembered."""
     stat = gguf_path.stat()
-    digest = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_FORMAT_VERSION}".encode())
-    return f"{gguf_path.stem}-{digest.hexdigest()[:12]}"
+    digest = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return cache_dir / ".files" / digest.hexdigest()[:16]
+
+
+def _content_folder_name(gguf_path: Path) -> str:
+    """The cache folder's name for gguf_path: its stem and the SHA-256 of its bytes and the converter's version."""
+    digest = hashlib.sha256(f"{_FORMAT_VERSION}|".encode())
+    with open(gguf_path, "rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return f"{gguf_path.stem}-{digest.hexdigest()[:16]}"
+
+
+def _converted(cache_dir: Path, marker: Path) -> Path | None:
+    """The converted folder marker names, if both are there."""
+    if not marker.is_file():
+        return None
+    target = cache_dir / marker.read_text().strip()
+    return target if (target / "config.json").exists() else None
 
 
 def prepare_gguf(gguf_path: Path, cache_dir: Path, name: str) -> Path:
-    """Convert gguf_path into a cached model folder once; safe against concurrent callers."""
+    """Convert gguf_path into a cached model folder once per content; safe against concurrent callers."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / _cache_key(gguf_path)
-    if (target / "config.json").exists():
-        return target
+    marker = _file_marker(cache_dir, gguf_path)
+    if (known := _converted(cache_dir, marker)) is not None:
+        return known
     with open(cache_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").exists():
-            return target
-        staging = cache_dir / f".{target.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        from inflight.gguf_import import convert_gguf  # needs the gguf package; only for conversion
+        if (known := _converted(cache_dir, marker)) is not None:
+            return known
+        target = cache_dir / _content_folder_name(gguf_path)
+        if not (target / "config.json").exists():
+            staging = cache_dir / f".{target.name}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            from inflight.gguf_import import convert_gguf  # needs the gguf package; only for conversion
 
-        convert_gguf(gguf_path, staging, name)
-        staging.rename(target)
+            convert_gguf(gguf_path, staging, name)
+            staging.rename(target)
+        marker.parent.mkdir(exist_ok=True)
+        written = marker.with_suffix(".partial")
+        written.write_text(target.name)
+        written.replace(marker)
     return target
 
 
