@@ -31,6 +31,7 @@ from inflight.tracing import add_otlp_traces_endpoint
 from scheduler.config import OVERLAP_MODES
 from services.child_health import LivenessProbe, ServingWatch
 from services.gateway.config import GatewayConfig
+from worker.config import WorkerConfig
 
 
 @dataclass(frozen=True)
@@ -111,22 +112,7 @@ class ServeConfig:
         parser.add_argument("--batch-invariant", action="store_true",
                             help="on CUDA, compute each sequence the same whatever else is in its batch, so its "
                                  "greedy tokens in bfloat16 do not depend on the traffic beside it; slower projections")
-        parser.add_argument("--peer-all-reduce", action=argparse.BooleanOptionalAction, default=True,
-                            help="with --tp above 1 on CUDA, all-reduce each layer's activations through GPU peer "
-                                 "memory (NVLink) in one kernel where the GPUs allow it; NCCL for the rest")
-        parser.add_argument("--peer-add-norm", action=argparse.BooleanOptionalAction, default=False,
-                            help="with --peer-all-reduce: fold each all-reduce with the residual add and RMSNorm "
-                                 "after it into one kernel (not yet timed on two GPUs)")
-        parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
-                            help="on Hopper and later GPUs, launch the Triton kernels as programmatic dependents "
-                                 "(each starts while the one before finishes)")
-        parser.add_argument("--pdl-max-rows", type=int, default=32,
-                            help="with --pdl: the most rows (sequences of a decode step) a launch may have to take it")
-        parser.add_argument("--profile-steps", default="", metavar="FIRST:LAST:FILE",
-                            help="CUDA, for benchmarks: trace the device over the worker's steps FIRST..LAST and "
-                                 "write a JSON summary of its busy and idle time to FILE (worker/step_profiler.py)")
-        parser.add_argument("--profile-tracer", default="torch", choices=["torch", "cupti"],
-                            help="with --profile-steps: torch.profiler, or CUPTI at CUDA-graph granularity")
+        WorkerConfig.add_kernel_arguments(parser)
         parser.add_argument("--mpi-hosts", default="",
                             help="run the worker group's ranks across hosts: HOST[:SLOTS],... in rank order, this "
                                  "host first (rank 0 serves the scheduler here); given to mpiexec as -host. Every "

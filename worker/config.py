@@ -54,6 +54,11 @@ class WorkerConfig:
         parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False,
                             help="on CUDA, compute every row of a step the same whatever else is in the step, so a "
                                  "sequence's tokens do not depend on its batch (bfloat16); slower projections")
+        WorkerConfig.add_kernel_arguments(parser)
+
+    @staticmethod
+    def add_kernel_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+        """The GPU kernel flags, which inflight serve takes too and passes on to the worker as they are."""
         parser.add_argument("--peer-all-reduce", action=argparse.BooleanOptionalAction, default=True,
                             help="on CUDA with several ranks, all-reduce a step's activations through GPU peer memory "
                                  "(NVLink) in one kernel where the GPUs allow it; NCCL otherwise and for large tensors")
