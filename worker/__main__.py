@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     log = configure_logging(f"worker-{rank}", config.log_level)
+    if rank == 0:
+        log.info("worker_starting", config=str(config), tp_size=comm.Get_size())
     die_with_parent()  # if the MPI launcher's proxy dies, take this rank down too
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     try:
