@@ -57,7 +57,7 @@ class WorkerConfig:
         WorkerConfig.add_kernel_arguments(parser)
 
     @staticmethod
-    def add_kernel_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    def add_kernel_arguments(parser: argparse.ArgumentParser) -> None:
         """The GPU kernel flags, which inflight serve takes too and passes on to the worker as they are."""
         parser.add_argument("--peer-all-reduce", action=argparse.BooleanOptionalAction, default=True,
                             help="on CUDA with several ranks, all-reduce a step's activations through GPU peer memory "

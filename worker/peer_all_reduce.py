@@ -11,8 +11,8 @@ maps (torch's symmetric memory), and one kernel per call:
 
 Where the sum goes straight into a residual add and an RMSNorm (every dense decoder layer, twice), add_norm
 can do all three in one kernel (worker/peer_add_norm.py) over a buffer of its own. It is off unless the
-worker runs with --peer-add-norm: its bits are checked on one GPU (two ranks through CUDA IPC), but it has not yet
-run on two. Tensors larger than the buffer, and groups where peer memory cannot be set up (no P2P between
+worker runs with --peer-add-norm: its bits are checked on one GPU (two ranks through CUDA IPC), but it has
+not yet run on two. Tensors larger than the buffer, and groups where peer memory cannot be set up (no P2P between
 the GPUs, an old card), go to NCCL. CUDA graphs capture these kernels like any other.
 """
 
