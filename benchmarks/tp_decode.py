@@ -210,9 +210,8 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     # Flags away from their defaults only, so that this script still runs in older trees (gpu_engine.sh).
-    defaults = {"batch_invariant": False, "peer_all_reduce": True, "peer_add_norm": False, "pdl": True,
-                "pdl_max_rows": 32}
-    changed = {name: getattr(args, name) for name, default in defaults.items() if getattr(args, name) != default}
+    engine_flags = ("batch_invariant", "peer_all_reduce", "peer_add_norm", "pdl", "pdl_max_rows")
+    changed = {name: getattr(args, name) for name in engine_flags if getattr(args, name) != parser.get_default(name)}
     config = WorkerConfig(model=args.model, listen="", device=args.device, dtype=args.dtype, block_size=16,
                           num_kv_blocks=args.num_kv_blocks, kv_cache_gb=0, max_num_batched_tokens=2048,
                           max_num_seqs=args.max_num_seqs or max([64] + batches), max_model_len=4096 + 64, seed=0,

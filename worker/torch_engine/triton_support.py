@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from worker.config import WorkerConfig
+
 try:
     import triton
     import triton.language as tl
@@ -39,8 +41,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 class DependentLaunch:
     """This process's PDL setting, set once from the worker's configuration (set_dependent_launch)."""
 
-    enabled = True
-    max_rows = 32  # launches over up to this many rows take PDL
+    enabled = WorkerConfig.pdl
+    max_rows = WorkerConfig.pdl_max_rows  # launches over up to this many rows take PDL
 
 
 def set_dependent_launch(enabled: bool, max_rows: int) -> None:
